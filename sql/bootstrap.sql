@@ -1,0 +1,162 @@
+-- pg_chunkwise bootstrap: the queue's tables and the DBA views.
+--
+-- The tables are private to the extension owner: callers reach them only through the
+-- chunkwise.* functions, which check task ownership and switch to the extension owner
+-- for their own bookkeeping. The views are readable by everybody but show a task only
+-- to members of its owner role and of pg_monitor.
+
+CREATE TABLE chunkwise.tasks (
+    task_id             int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    task                text NOT NULL UNIQUE,
+    owner               oid NOT NULL,
+    call                regprocedure,
+    statement           text,
+    after               text,
+    source              text,
+    workers             int,
+    max_items_per_cycle bigint,
+    max_attempts        int NOT NULL,
+    retry_backoff       interval NOT NULL,
+    retry_backoff_max   interval NOT NULL,
+    item_timeout        interval,
+    items_per_commit    int NOT NULL,
+    synchronous_commit  boolean NOT NULL,
+    sequential_groups   boolean NOT NULL,
+    rank_by_activity    boolean NOT NULL,
+    paused              boolean NOT NULL DEFAULT false,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    CHECK ((call IS NULL) <> (statement IS NULL))
+);
+
+-- One row per unit of work. Items are never moved between tables: a status change is
+-- one UPDATE in the same transaction as the item's effects.
+CREATE TABLE chunkwise.items (
+    item_id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    task_id         int NOT NULL,
+    key             bigint NOT NULL,
+    hi              bigint,
+    priority        bigint NOT NULL DEFAULT 0,
+    group_key       text,
+    payload         jsonb,
+    status          text NOT NULL DEFAULT 'pending'
+                    CHECK (status IN ('pending', 'done', 'dead')),
+    attempts        int NOT NULL DEFAULT 0,
+    not_before      timestamptz NOT NULL DEFAULT now(),
+    enqueued_at     timestamptz NOT NULL DEFAULT now(),
+    finished_at     timestamptz,
+    run_id          bigint,
+    last_sqlstate   text,
+    last_error      text,
+    last_failed_at  timestamptz
+);
+
+-- The claim walks this partial index in (priority, item_id) order: it holds only
+-- pending items, so its cost does not grow with the number of finished ones.
+CREATE INDEX items_claim_idx ON chunkwise.items (task_id, priority, item_id)
+    WHERE status = 'pending';
+-- Re-planning a key that is still pending updates it instead of adding a twin.
+CREATE UNIQUE INDEX items_pending_key_idx ON chunkwise.items (task_id, key)
+    WHERE status = 'pending';
+-- Progress, throughput over the last minute and per-run counts read finished items by time.
+CREATE INDEX items_done_idx ON chunkwise.items (task_id, finished_at)
+    WHERE status = 'done';
+-- chunkwise.failures lists items that failed at least once and are not done.
+CREATE INDEX items_failed_idx ON chunkwise.items (task_id, last_failed_at)
+    WHERE last_failed_at IS NOT NULL AND status <> 'done';
+
+-- One row per run, written by its workers in their own transactions (the caller of
+-- run() cannot commit before the run ends). Whether a run is still live is read from
+-- pg_stat_activity, so a run whose workers died is never shown as running.
+CREATE TABLE chunkwise.runs (
+    run_id            bigint PRIMARY KEY,
+    task_id           int NOT NULL,
+    started_at        timestamptz NOT NULL,
+    finished_at       timestamptz,
+    workers_requested int NOT NULL,
+    workers_started   int NOT NULL DEFAULT 0,
+    workers_exited    int NOT NULL DEFAULT 0,
+    max_items         bigint,
+    processed         bigint NOT NULL DEFAULT 0,
+    failed            bigint NOT NULL DEFAULT 0,
+    dead              bigint NOT NULL DEFAULT 0,
+    cancelled         boolean NOT NULL DEFAULT false
+);
+CREATE INDEX runs_task_idx ON chunkwise.runs (task_id, started_at);
+
+CREATE SEQUENCE chunkwise.run_id_seq AS bigint;
+
+-- pg_dump keeps the user's tasks, queue and history.
+SELECT pg_catalog.pg_extension_config_dump('chunkwise.tasks', '');
+SELECT pg_catalog.pg_extension_config_dump('chunkwise.items', '');
+SELECT pg_catalog.pg_extension_config_dump('chunkwise.runs', '');
+
+REVOKE ALL ON chunkwise.tasks, chunkwise.items, chunkwise.runs FROM PUBLIC;
+REVOKE ALL ON SEQUENCE chunkwise.run_id_seq FROM PUBLIC;
+
+-- Live workers, as pg_stat_activity shows them: application_name is
+-- 'chunkwise <task> #<run_id>' and the query column names the item in flight.
+CREATE VIEW chunkwise._live_workers WITH (security_barrier) AS
+SELECT a.pid,
+       substring(a.application_name FROM '#([0-9]+)$')::bigint AS run_id,
+       a.state,
+       a.query,
+       a.query_start,
+       a.backend_start
+  FROM pg_catalog.pg_stat_activity a
+ WHERE a.backend_type = 'chunkwise worker';
+REVOKE ALL ON chunkwise._live_workers FROM PUBLIC;
+
+CREATE VIEW chunkwise.task_status WITH (security_barrier) AS
+SELECT t.task,
+       t.owner::regrole AS owner,
+       t.paused,
+       c.pending,
+       c.waiting_retry,
+       coalesce(w.running, 0) AS running,
+       c.done,
+       c.dead,
+       coalesce(w.workers, 0) AS active_workers,
+       round(r.per_minute / 60.0, 2) AS items_per_second,
+       CASE WHEN r.per_minute > 0
+            THEN make_interval(secs => round((c.pending + c.waiting_retry) * 60.0 / r.per_minute))
+       END AS estimated_time_left
+  FROM chunkwise.tasks t
+ CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE i.status = 'pending' AND i.not_before <= now()) AS pending,
+               count(*) FILTER (WHERE i.status = 'pending' AND i.not_before > now()) AS waiting_retry,
+               count(*) FILTER (WHERE i.status = 'done') AS done,
+               count(*) FILTER (WHERE i.status = 'dead') AS dead
+          FROM chunkwise.items i
+         WHERE i.task_id = t.task_id) c
+ CROSS JOIN LATERAL (
+        SELECT count(*) AS per_minute
+          FROM chunkwise.items i
+         WHERE i.task_id = t.task_id AND i.status = 'done'
+           AND i.finished_at > now() - interval '1 minute') r
+  LEFT JOIN LATERAL (
+        SELECT count(*) AS workers,
+               count(*) FILTER (WHERE lw.state = 'active') AS running
+          FROM chunkwise._live_workers lw
+          JOIN chunkwise.runs ru USING (run_id)
+         WHERE ru.task_id = t.task_id) w ON true
+ WHERE pg_catalog.pg_has_role(t.owner, 'USAGE')
+    OR pg_catalog.pg_has_role('pg_monitor', 'USAGE');
+
+CREATE VIEW chunkwise.failures WITH (security_barrier) AS
+SELECT t.task,
+       i.key,
+       i.hi,
+       i.status,
+       i.attempts,
+       t.max_attempts,
+       i.last_sqlstate AS sqlstate,
+       i.last_error AS message,
+       i.last_failed_at,
+       CASE WHEN i.status = 'pending' THEN i.not_before END AS next_retry
+  FROM chunkwise.items i
+  JOIN chunkwise.tasks t USING (task_id)
+ WHERE i.last_failed_at IS NOT NULL AND i.status <> 'done'
+   AND (pg_catalog.pg_has_role(t.owner, 'USAGE')
+        OR pg_catalog.pg_has_role('pg_monitor', 'USAGE'));
+
+GRANT SELECT ON chunkwise.task_status, chunkwise.failures TO PUBLIC;

@@ -1,0 +1,313 @@
+//! Planning: `enqueue`, `plan`, `plan_by_activity`, `activity_tier`.
+//!
+//! A planning query runs as the caller (cursor fetches included), and only the insert of
+//! its rows into the queue runs as the extension owner.
+
+use std::collections::HashSet;
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use pgrx::spi::{SpiCursor, SpiHeapTupleData, SpiTupleTable};
+use pgrx::JsonB;
+
+use crate::catalog::{Task, required_task_name};
+use crate::error::{OrRaise, SqlError, SqlResult};
+use crate::ranking::{Activity, Ranking};
+use crate::security::{as_extension_owner, ensure_may_manage};
+use crate::target::ensure_single_statement;
+
+/// Rows fetched from a planning query and written to the queue at a time.
+const PLAN_BATCH: i64 = 10_000;
+
+/// Items on their way into the queue, column by column (they travel as SQL arrays).
+#[derive(Default)]
+pub struct ItemBatch {
+    keys: Vec<i64>,
+    his: Vec<Option<i64>>,
+    priorities: Vec<i64>,
+    group_keys: Vec<Option<String>>,
+    payloads: Vec<Option<JsonB>>,
+}
+
+impl ItemBatch {
+    pub fn push(&mut self, key: i64, hi: Option<i64>, priority: i64, group_key: Option<String>, payload: Option<JsonB>) {
+        self.keys.push(key);
+        self.his.push(hi);
+        self.priorities.push(priority);
+        self.group_keys.push(group_key);
+        self.payloads.push(payload);
+    }
+
+    /// Adds the batch to the task's queue: new keys become pending items in batch order,
+    /// keys already pending get the new priority. Returns the number of items added.
+    pub fn insert(self, task_id: i32, not_before: Option<TimestampWithTimeZone>) -> SqlResult<i64> {
+        if self.keys.is_empty() {
+            return Ok(0);
+        }
+        let added = as_extension_owner(|| {
+            Spi::get_one_with_args::<i64>(
+                "WITH added AS ( \
+                   INSERT INTO chunkwise.items AS i (task_id, key, hi, priority, group_key, payload, not_before) \
+                   SELECT $1, u.key, u.hi, u.priority, u.group_key, u.payload, coalesce($7, now()) \
+                     FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::jsonb[]) \
+                          WITH ORDINALITY AS u(key, hi, priority, group_key, payload, ord) \
+                    ORDER BY u.ord \
+                   ON CONFLICT (task_id, key) WHERE status = 'pending' DO UPDATE \
+                      SET priority = EXCLUDED.priority, hi = EXCLUDED.hi, \
+                          group_key = coalesce(EXCLUDED.group_key, i.group_key), \
+                          payload = coalesce(EXCLUDED.payload, i.payload) \
+                   RETURNING (xmax = 0) AS inserted) \
+                 SELECT count(*) FILTER (WHERE inserted) FROM added",
+                &[
+                    task_id.into(),
+                    self.keys.into(),
+                    self.his.into(),
+                    self.priorities.into(),
+                    self.group_keys.into(),
+                    self.payloads.into(),
+                    not_before.into(),
+                ],
+            )
+        })?;
+        Ok(added.unwrap_or(0))
+    }
+}
+
+/// The task a planning call writes to, after the caller's right to do so is checked.
+fn task_to_plan(task: Option<&str>) -> SqlResult<Task> {
+    let name = required_task_name(task)?;
+    let task = Task::by_name(name)?;
+    ensure_may_manage(name, task.owner, "plan into")?;
+    Ok(task)
+}
+
+fn null_argument(name: &str, hint: &str) -> SqlError {
+    SqlError::new(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, format!("{name} must not be NULL")).hint(hint.to_string())
+}
+
+/// Adds one item (or updates the priority of the pending item with that key).
+#[pg_extern(volatile, parallel_unsafe)]
+fn enqueue(
+    task: Option<&str>,
+    key: Option<i64>,
+    priority: default!(Option<i64>, 0),
+    group_key: default!(Option<&str>, "NULL"),
+    payload: default!(Option<JsonB>, "NULL"),
+    not_before: default!(Option<TimestampWithTimeZone>, "now()"),
+) -> i64 {
+    let run = || -> SqlResult<i64> {
+        let task = task_to_plan(task)?;
+        let key = key.ok_or_else(|| null_argument("key", "Every item needs a bigint key."))?;
+        let priority = priority.ok_or_else(|| null_argument("priority", "Leave priority out for 0; lower runs first."))?;
+        let not_before =
+            not_before.ok_or_else(|| null_argument("not_before", "Leave not_before out to make the item due now."))?;
+        let mut batch = ItemBatch::default();
+        batch.push(key, None, priority, group_key.map(str::to_string), payload);
+        batch.insert(task.id, Some(not_before))
+    };
+    run().or_raise()
+}
+
+/// Where the planning query's columns are, and how to read them.
+struct PlanColumns {
+    key: Column,
+    priority: Option<Column>,
+    group_key: Option<usize>,
+    payload: Option<usize>,
+    last_activity: Option<usize>,
+    actions: Option<Column>,
+}
+
+/// An integer column of any width.
+#[derive(Clone, Copy)]
+struct Column {
+    ordinal: usize,
+    type_oid: pg_sys::Oid,
+}
+
+impl Column {
+    fn get(&self, row: &SpiHeapTupleData) -> SqlResult<Option<i64>> {
+        Ok(match self.type_oid {
+            t if t == pg_sys::INT8OID => row.get::<i64>(self.ordinal)?,
+            t if t == pg_sys::INT4OID => row.get::<i32>(self.ordinal)?.map(i64::from),
+            _ => row.get::<i16>(self.ordinal)?.map(i64::from),
+        })
+    }
+}
+
+fn find_column(table: &SpiTupleTable, name: &str) -> Option<usize> {
+    table.column_ordinal(name).ok()
+}
+
+fn wrong_type(column: &str, wanted: &str) -> SqlError {
+    SqlError::new(
+        PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+        format!("column \"{column}\" of the planning query must be of type {wanted}"),
+    )
+    .hint(format!("Cast it in the query, e.g. SELECT ...::{wanted} AS {column}."))
+}
+
+fn integer_column(table: &SpiTupleTable, name: &str) -> SqlResult<Option<Column>> {
+    let Some(ordinal) = find_column(table, name) else { return Ok(None) };
+    let type_oid = table.column_type_oid(ordinal)?.value();
+    if [pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INT2OID].contains(&type_oid) {
+        Ok(Some(Column { ordinal, type_oid }))
+    } else {
+        Err(wrong_type(name, "bigint"))
+    }
+}
+
+fn typed_column(table: &SpiTupleTable, name: &str, type_oid: pg_sys::Oid, type_name: &str) -> SqlResult<Option<usize>> {
+    let Some(ordinal) = find_column(table, name) else { return Ok(None) };
+    if table.column_type_oid(ordinal)?.value() == type_oid {
+        Ok(Some(ordinal))
+    } else {
+        Err(wrong_type(name, type_name))
+    }
+}
+
+impl PlanColumns {
+    fn resolve(table: &SpiTupleTable, by_activity: bool) -> SqlResult<PlanColumns> {
+        let key = integer_column(table, "key")?.ok_or_else(|| {
+            SqlError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN, "the planning query returns no column \"key\"")
+                .hint("Name the item key column key, e.g. SELECT user_id AS key FROM ...")
+        })?;
+        let columns = PlanColumns {
+            key,
+            priority: integer_column(table, "priority")?,
+            group_key: typed_column(table, "group_key", pg_sys::TEXTOID, "text")?,
+            payload: typed_column(table, "payload", pg_sys::JSONBOID, "jsonb")?,
+            last_activity: typed_column(table, "last_activity", pg_sys::TIMESTAMPTZOID, "timestamptz")?,
+            actions: integer_column(table, "actions")?,
+        };
+        if by_activity && (columns.last_activity.is_none() || columns.actions.is_none()) {
+            return Err(SqlError::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                "plan_by_activity needs columns key, last_activity and actions",
+            )
+            .hint("For example SELECT user_id AS key, max(ts) AS last_activity, count(*) AS actions FROM ..."));
+        }
+        Ok(columns)
+    }
+}
+
+/// Runs the caller's planning query through a cursor, handing each fetched batch of rows
+/// to `on_rows` together with the resolved columns.
+fn for_each_batch(
+    query: Option<&str>,
+    by_activity: bool,
+    mut on_rows: impl FnMut(&PlanColumns, SpiTupleTable) -> SqlResult<()>,
+) -> SqlResult<()> {
+    let query = query.ok_or_else(|| null_argument("query", "Pass a SELECT returning a key column."))?;
+    ensure_single_statement(query, "planning query")?;
+    Spi::connect(|client| {
+        let mut cursor: SpiCursor = client.try_open_cursor(query, &[])?;
+        let mut columns: Option<PlanColumns> = None;
+        loop {
+            let table = cursor.fetch(PLAN_BATCH)?;
+            if columns.is_none() {
+                columns = Some(PlanColumns::resolve(&table, by_activity)?);
+            }
+            let done = table.len() < PLAN_BATCH as usize;
+            on_rows(columns.as_ref().expect("resolved above"), table)?;
+            if done {
+                return Ok(());
+            }
+        }
+    })
+}
+
+fn required_key(columns: &PlanColumns, row: &SpiHeapTupleData) -> SqlResult<i64> {
+    columns.key.get(row)?.ok_or_else(|| {
+        SqlError::new(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "the planning query returned a NULL key")
+            .hint("Filter out rows without a key: WHERE key IS NOT NULL.")
+    })
+}
+
+/// Plans the rows of `query` (column `key`, optional `priority`, `group_key`, `payload`).
+/// Without `priority`, the query's row order is the processing order.
+#[pg_extern(volatile, parallel_unsafe)]
+fn plan(task: Option<&str>, query: Option<&str>) -> i64 {
+    let run = || -> SqlResult<i64> {
+        let task = task_to_plan(task)?;
+        let mut seen = HashSet::new();
+        let mut position = 0i64;
+        let mut added = 0i64;
+        for_each_batch(query, false, |columns, table| {
+            let mut batch = ItemBatch::default();
+            for row in table {
+                position += 1;
+                let key = required_key(columns, &row)?;
+                if !seen.insert(key) {
+                    continue;
+                }
+                let priority = match &columns.priority {
+                    Some(c) => c.get(&row)?.unwrap_or(0),
+                    None => position,
+                };
+                let group_key = match columns.group_key {
+                    Some(ord) => row.get::<String>(ord)?,
+                    None => None,
+                };
+                let payload = match columns.payload {
+                    Some(ord) => row.get::<JsonB>(ord)?,
+                    None => None,
+                };
+                batch.push(key, None, priority, group_key, payload);
+            }
+            added += batch.insert(task.id, None)?;
+            Ok(())
+        })?;
+        Ok(added)
+    };
+    run().or_raise()
+}
+
+/// Plans the rows of `query` (`key`, `last_activity`, `actions`) in activity-recency order.
+#[pg_extern(volatile, parallel_unsafe)]
+fn plan_by_activity(task: Option<&str>, query: Option<&str>) -> i64 {
+    let run = || -> SqlResult<i64> {
+        let task = task_to_plan(task)?;
+        let ranking = Ranking::from_settings()?;
+        let mut seen = HashSet::new();
+        let mut entities = Vec::new();
+        for_each_batch(query, true, |columns, table| {
+            let last_activity = columns.last_activity.expect("checked by resolve");
+            let actions = columns.actions.expect("checked by resolve");
+            for row in table {
+                let key = required_key(columns, &row)?;
+                if seen.insert(key) {
+                    entities.push(Activity {
+                        key,
+                        last_activity: row.get::<TimestampWithTimeZone>(last_activity)?.map(i64::from),
+                        actions: actions.get(&row)?,
+                    });
+                }
+            }
+            Ok(())
+        })?;
+        let mut added = 0;
+        for chunk in ranking.prioritise(transaction_now(), &mut entities).chunks(PLAN_BATCH as usize) {
+            let mut batch = ItemBatch::default();
+            for &(key, priority) in chunk {
+                batch.push(key, None, priority, None, None);
+            }
+            added += batch.insert(task.id, None)?;
+        }
+        Ok(added)
+    };
+    run().or_raise()
+}
+
+/// `now()` in PostgreSQL microseconds.
+fn transaction_now() -> i64 {
+    // SAFETY: reads the current transaction's start timestamp.
+    unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
+}
+
+/// The combined activity-recency tier (1 = most urgent) the ranking gives an entity.
+#[pg_extern(stable, parallel_safe)]
+fn activity_tier(last_activity: Option<TimestampWithTimeZone>, actions: Option<i64>) -> i32 {
+    let ranking = Ranking::from_settings().or_raise();
+    ranking.tier(transaction_now(), last_activity.map(i64::from), actions)
+}

@@ -1,0 +1,92 @@
+//! Reading task definitions from `chunkwise.tasks`.
+
+use pgrx::prelude::*;
+use pgrx::spi::SpiHeapTupleData;
+
+use crate::error::{SqlError, SqlResult};
+use crate::security::as_extension_owner;
+
+/// A task as the engine uses it; intervals that only SQL needs stay in the table.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub id: i32,
+    pub name: String,
+    pub owner: pg_sys::Oid,
+    pub call: Option<pg_sys::Oid>,
+    pub statement: Option<String>,
+    pub after: Option<String>,
+    pub workers: Option<i32>,
+    pub max_attempts: i32,
+    /// `item_timeout` in milliseconds, if set.
+    pub item_timeout_ms: Option<i64>,
+    pub items_per_commit: i32,
+    pub synchronous_commit: bool,
+    pub paused: bool,
+}
+
+const TASK_COLUMNS: &str = "task_id, task, owner, call::oid, statement, after, workers, \
+     max_attempts, (extract(epoch FROM item_timeout) * 1000)::bigint, items_per_commit, \
+     synchronous_commit, paused";
+
+impl Task {
+    fn from_row(row: &SpiHeapTupleData) -> SqlResult<Task> {
+        let read = || -> Result<Task, pgrx::spi::SpiError> {
+            Ok(Task {
+                id: row.get(1)?.unwrap_or_default(),
+                name: row.get(2)?.unwrap_or_default(),
+                owner: row.get(3)?.unwrap_or(pg_sys::InvalidOid),
+                call: row.get(4)?,
+                statement: row.get(5)?,
+                after: row.get(6)?,
+                workers: row.get(7)?,
+                max_attempts: row.get(8)?.unwrap_or(1),
+                item_timeout_ms: row.get(9)?,
+                items_per_commit: row.get(10)?.unwrap_or(1),
+                synchronous_commit: row.get(11)?.unwrap_or(true),
+                paused: row.get(12)?.unwrap_or(false),
+            })
+        };
+        read().map_err(|e| {
+            SqlError::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("reading task: {e}"))
+        })
+    }
+
+    /// Looks a task up by name; an unknown name is the caller's error.
+    pub fn by_name(name: &str) -> SqlResult<Task> {
+        Task::find(&format!("SELECT {TASK_COLUMNS} FROM chunkwise.tasks WHERE task = $1"), name)?
+            .ok_or_else(|| unknown_task(name))
+    }
+
+    /// Looks a task up by id (workers); `None` when it was dropped meanwhile.
+    pub fn by_id(id: i32) -> SqlResult<Option<Task>> {
+        Task::find(&format!("SELECT {TASK_COLUMNS} FROM chunkwise.tasks WHERE task_id = $1"), id)
+    }
+
+    fn find<K: IntoDatum>(query: &str, key: K) -> SqlResult<Option<Task>> {
+        as_extension_owner(|| {
+            Spi::connect(|client| {
+                let table = client.select(query, Some(1), &[key.into()])?;
+                match table.into_iter().next() {
+                    Some(row) => Task::from_row(&row).map(Some),
+                    None => Ok(None),
+                }
+            })
+        })
+    }
+}
+
+pub fn unknown_task(name: &str) -> SqlError {
+    SqlError::new(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        format!("task \"{name}\" does not exist"),
+    )
+    .hint("See SELECT task FROM chunkwise.task_status for the tasks you can see, or create it with chunkwise.create_task().")
+}
+
+/// The task name argument of every function: required.
+pub fn required_task_name(name: Option<&str>) -> SqlResult<&str> {
+    name.ok_or_else(|| {
+        SqlError::new(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "task name must not be NULL")
+            .hint("Pass the name given to chunkwise.create_task().")
+    })
+}

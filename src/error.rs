@@ -1,0 +1,79 @@
+//! Errors as the SQL caller sees them: every refusal carries a SQLSTATE, a message and,
+//! where the caller can do something about it, a hint.
+
+use std::borrow::Cow;
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+/// An error to report at the SQL boundary. Built with [`SqlError::new`] and the
+/// `detail`/`hint` setters, raised with [`SqlError::raise`].
+#[derive(Debug, Clone)]
+pub struct SqlError {
+    code: PgSqlErrorCode,
+    message: Cow<'static, str>,
+    detail: Option<String>,
+    hint: Option<String>,
+}
+
+pub type SqlResult<T> = Result<T, SqlError>;
+
+impl SqlError {
+    pub fn new(code: PgSqlErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        SqlError { code, message: message.into(), detail: None, hint: None }
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn invalid_parameter(message: impl Into<Cow<'static, str>>) -> Self {
+        SqlError::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message)
+    }
+
+    /// Raises the error as a PostgreSQL ERROR: the current (sub)transaction aborts.
+    pub fn raise(self) -> ! {
+        let mut report = ErrorReport::new(self.code, self.message, "pg_chunkwise");
+        if let Some(detail) = self.detail {
+            report = report.set_detail(detail);
+        }
+        if let Some(hint) = self.hint {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("an ERROR report does not return")
+    }
+}
+
+/// Unwraps a result at the SQL boundary, raising the error if there is one.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for SqlResult<T> {
+    fn or_raise(self) -> T {
+        self.unwrap_or_else(|e| e.raise())
+    }
+}
+
+/// The five-character SQLSTATE of an error code (PostgreSQL packs it six bits a character).
+pub fn sqlstate(code: PgSqlErrorCode) -> String {
+    let packed = code as i32;
+    (0..5)
+        .map(|i| char::from(((packed >> (6 * i)) & 0x3f) as u8 + b'0'))
+        .collect()
+}
+
+/// pgrx's own SPI errors (type mismatches, bad ordinals) are bugs on our side, not the
+/// caller's: PostgreSQL errors inside SPI are raised directly.
+impl From<pgrx::spi::SpiError> for SqlError {
+    fn from(e: pgrx::spi::SpiError) -> Self {
+        SqlError::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("SPI: {e}"))
+    }
+}

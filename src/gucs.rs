@@ -1,0 +1,91 @@
+//! The extension's settings (`chunkwise.*`). Each is a private static with one public
+//! getter, so the rest of the code never touches a GUC's raw storage.
+
+use std::ffi::CString;
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
+static PROGRESS_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(10);
+static RETRY_WAIT_MAX: GucSetting<i32> = GucSetting::<i32>::new(30);
+static RECENCY_WINDOWS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"7,30,90"));
+static ACTIVITY_THRESHOLDS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"100,10"));
+
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"chunkwise.max_workers",
+        c"Most pg_chunkwise workers running at once, across all tasks and databases.",
+        c"A run asks for no more background-worker slots than this leaves free, and warns when it gets fewer than it wanted.",
+        &MAX_WORKERS,
+        1,
+        1024,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"chunkwise.progress_interval",
+        c"How often chunkwise.run() reports progress with a NOTICE.",
+        c"0 turns the progress NOTICEs off.",
+        &PROGRESS_INTERVAL,
+        0,
+        86_400,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"chunkwise.retry_wait_max",
+        c"Longest a run waits for a failed item's retry to fall due before it ends.",
+        c"Retries due later than this are left for the next run.",
+        &RETRY_WAIT_MAX,
+        0,
+        86_400,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"chunkwise.recency_windows",
+        c"Recency tiers of the activity ranking, in days, ascending (default '7,30,90').",
+        c"An item whose last activity is within the first window is in recency tier 1, and so on; older or never active is the last tier.",
+        &RECENCY_WINDOWS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"chunkwise.activity_thresholds",
+        c"Activity tiers of the activity ranking: action counts, descending (default '100,10').",
+        c"More actions than the first threshold is activity tier 1, more than the second tier 2, and so on.",
+        &ACTIVITY_THRESHOLDS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+pub fn max_workers() -> i32 {
+    MAX_WORKERS.get()
+}
+
+/// Seconds between progress NOTICEs; 0 means none.
+pub fn progress_interval_secs() -> i32 {
+    PROGRESS_INTERVAL.get()
+}
+
+pub fn retry_wait_max_secs() -> i32 {
+    RETRY_WAIT_MAX.get()
+}
+
+pub fn recency_windows() -> String {
+    guc_string(&RECENCY_WINDOWS)
+}
+
+pub fn activity_thresholds() -> String {
+    guc_string(&ACTIVITY_THRESHOLDS)
+}
+
+fn guc_string(setting: &GucSetting<Option<CString>>) -> String {
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,257 @@
+//! Starting a run: background-worker slots, launching the workers and waiting for them
+//! with progress NOTICEs. The launcher is the backend that called `chunkwise.run()`.
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
+use pgrx::prelude::*;
+
+use crate::catalog::Task;
+use crate::error::{SqlError, SqlResult};
+use crate::gucs;
+use crate::run_state::{RunState, SharedRun};
+use crate::security::{as_extension_owner, ensure_owner_can_run};
+use crate::worker::WorkerArgs;
+
+/// What `chunkwise.run()` returns.
+pub struct RunSummary {
+    pub run_id: Option<i64>,
+    pub processed: i64,
+    pub failed: i64,
+    pub dead: i64,
+    pub seconds: f64,
+}
+
+/// How often the launcher looks at its workers while it waits.
+const POLL: Duration = Duration::from_millis(200);
+/// Workers a run gets when neither run() nor the task says.
+const DEFAULT_WORKERS: i32 = 2;
+
+pub fn run_task(task: &Task, workers: Option<i32>, max_items: Option<i64>) -> SqlResult<RunSummary> {
+    ensure_runnable(task)?;
+    if let Some(limit) = max_items {
+        if limit < 1 {
+            return Err(SqlError::invalid_parameter(format!("max_items must be at least 1, not {limit}"))
+                .hint("Leave max_items out to run every pending item."));
+        }
+    }
+    let wanted = workers.or(task.workers).unwrap_or(DEFAULT_WORKERS.min(gucs::max_workers()));
+    if wanted < 1 || wanted > gucs::max_workers() {
+        return Err(SqlError::invalid_parameter(format!(
+            "workers must be between 1 and chunkwise.max_workers ({}), not {wanted}",
+            gucs::max_workers()
+        ))
+        .hint("Pass fewer workers, or raise chunkwise.max_workers."));
+    }
+    if task.paused {
+        notice!("task \"{}\" is paused; nothing runs until chunkwise.resume()", task.name);
+        return Ok(RunSummary { run_id: None, processed: 0, failed: 0, dead: 0, seconds: 0.0 });
+    }
+    let backlog = pending_backlog(task)?;
+    if backlog == 0 {
+        notice!("task \"{}\" has no pending items", task.name);
+        return Ok(RunSummary { run_id: None, processed: 0, failed: 0, dead: 0, seconds: 0.0 });
+    }
+    let total = max_items.map_or(backlog, |m| m.min(backlog));
+    let wanted = wanted.min(i32::try_from(total).unwrap_or(i32::MAX));
+    let slots = free_worker_slots(wanted)?;
+
+    let started = Instant::now();
+    let run_id = next_run_id()?;
+    let shared = SharedRun::create(max_items);
+    let handles = launch_workers(task, run_id, slots, &shared)?;
+    wait_for_workers(task, run_id, &handles, shared.state(), total, started);
+
+    let state = shared.state();
+    if state.workers_attached.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        return Err(SqlError::new(
+            PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+            format!("none of the {} workers of run {run_id} could start", handles.len()),
+        )
+        .hint("See the server log; workers connect to this database as the task's owner."));
+    }
+    Ok(RunSummary {
+        run_id: Some(run_id),
+        processed: RunState::count(&state.processed),
+        failed: RunState::count(&state.failed),
+        dead: RunState::count(&state.dead),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Workers see only committed rows and fresh snapshots: refuse what they could not see.
+fn ensure_runnable(task: &Task) -> SqlResult<()> {
+    // SAFETY: reads the transaction's isolation level.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Err(SqlError::new(
+            PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+            "chunkwise.run() needs READ COMMITTED isolation",
+        )
+        .hint("Call it outside a REPEATABLE READ or SERIALIZABLE transaction; each item commits on its own."));
+    }
+    let xmin = as_extension_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT xmin::text::bigint FROM chunkwise.tasks WHERE task_id = $1",
+            &[task.id.into()],
+        )
+    })?
+    .unwrap_or(0);
+    // SAFETY: checks whether an xid belongs to this transaction (or its subtransactions).
+    if unsafe { pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin as u32)) } {
+        return Err(SqlError::new(
+            PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+            format!("task \"{}\" was created in this transaction", task.name),
+        )
+        .hint("Commit before chunkwise.run(): workers see only committed tasks and items."));
+    }
+    ensure_owner_can_run(&task.name, task.owner)
+}
+
+/// Pending items that are due now or within `chunkwise.retry_wait_max`.
+fn pending_backlog(task: &Task) -> SqlResult<i64> {
+    let count = as_extension_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM chunkwise.items \
+              WHERE task_id = $1 AND status = 'pending' \
+                AND not_before <= now() + make_interval(secs => $2)",
+            &[task.id.into(), f64::from(gucs::retry_wait_max_secs()).into()],
+        )
+    })?;
+    Ok(count.unwrap_or(0))
+}
+
+/// How many of `wanted` workers `chunkwise.max_workers` leaves room for.
+fn free_worker_slots(wanted: i32) -> SqlResult<i32> {
+    let busy = as_extension_owner(|| {
+        Spi::get_one::<i64>(
+            "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'chunkwise worker'",
+        )
+    })?
+    .unwrap_or(0);
+    let max = gucs::max_workers();
+    let free = (i64::from(max) - busy).max(0) as i32;
+    if free == 0 {
+        return Err(SqlError::new(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!("all {max} pg_chunkwise workers allowed by chunkwise.max_workers are busy"),
+        )
+        .hint("Wait for other runs to finish, or raise chunkwise.max_workers."));
+    }
+    if free < wanted {
+        warning!(
+            "only {free} of {wanted} workers can start: chunkwise.max_workers is {max} and {busy} are busy"
+        );
+    }
+    Ok(free.min(wanted))
+}
+
+fn next_run_id() -> SqlResult<i64> {
+    let id = as_extension_owner(|| Spi::get_one::<i64>("SELECT nextval('chunkwise.run_id_seq')"))?;
+    Ok(id.unwrap_or_default())
+}
+
+fn launch_workers(task: &Task, run_id: i64, count: i32, shared: &SharedRun) -> SqlResult<Vec<DynamicBackgroundWorker>> {
+    let args = WorkerArgs {
+        database: unsafe { pg_sys::MyDatabaseId },
+        owner: task.owner,
+        task_id: task.id,
+        run_id,
+        workers: count,
+    };
+    let mut handles = Vec::new();
+    for _ in 0..count {
+        let launched = BackgroundWorkerBuilder::new(&format!("chunkwise worker {} #{run_id}", task.name))
+            .set_type("chunkwise worker")
+            .set_library("pg_chunkwise")
+            .set_function("chunkwise_worker_main")
+            .enable_spi_access()
+            .set_restart_time(None)
+            .set_argument(Some(pg_sys::Datum::from(shared.handle())))
+            .set_extra(&args.encode())
+            // SAFETY: reads this backend's pid.
+            .set_notify_pid(unsafe { pg_sys::MyProcPid })
+            .load_dynamic();
+        match launched {
+            Ok(handle) => handles.push(handle),
+            Err(_) => break,
+        }
+    }
+    if handles.is_empty() {
+        return Err(SqlError::new(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            "no background worker slot is free for pg_chunkwise",
+        )
+        .detail(format!("max_worker_processes is {}.", max_worker_processes()))
+        .hint("Raise max_worker_processes (needs a restart) or wait for other background workers to finish."));
+    }
+    if handles.len() < count as usize {
+        warning!(
+            "only {} of {count} workers could start: no more background worker slots (max_worker_processes = {})",
+            handles.len(),
+            max_worker_processes()
+        );
+    }
+    Ok(handles)
+}
+
+fn max_worker_processes() -> i32 {
+    // SAFETY: reads a GUC variable of this backend.
+    unsafe { pg_sys::max_worker_processes }
+}
+
+fn all_stopped(handles: &[DynamicBackgroundWorker]) -> bool {
+    handles.iter().all(|h| {
+        matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied))
+    })
+}
+
+/// Waits until every worker has exited, reporting progress. If the caller's statement is
+/// cancelled, the workers are told to stop after their current item and the cancel is
+/// re-raised.
+fn wait_for_workers(task: &Task, run_id: i64, handles: &[DynamicBackgroundWorker], state: &RunState, total: i64, started: Instant) {
+    let interval = Duration::from_secs(gucs::progress_interval_secs().max(0) as u64);
+    let mut next_report = started + interval;
+    PgTryBuilder::new(AssertUnwindSafe(|| {
+        while !all_stopped(handles) {
+            // SAFETY: waits on this backend's latch; workers' state changes set it too
+            // (bgw_notify_pid), and WL_EXIT_ON_PM_DEATH ends us with the postmaster.
+            unsafe {
+                pg_sys::WaitLatch(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                    POLL.as_millis() as i64,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+            check_for_interrupts!();
+            if !interval.is_zero() && Instant::now() >= next_report {
+                report_progress(task, run_id, state, total, started);
+                next_report += interval;
+            }
+        }
+    }))
+    .catch_others(|caught| {
+        state.cancel();
+        caught.rethrow()
+    })
+    .execute();
+}
+
+fn report_progress(task: &Task, run_id: i64, state: &RunState, total: i64, started: Instant) {
+    let done = RunState::count(&state.processed) + RunState::count(&state.dead);
+    let failed = RunState::count(&state.failed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let rate = if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 };
+    let percent = if total > 0 { 100.0 * done as f64 / total as f64 } else { 100.0 };
+    let eta = if rate > 0.0 {
+        format!("{:.0}s", (total - done).max(0) as f64 / rate)
+    } else {
+        "unknown".to_string()
+    };
+    notice!(
+        "task \"{}\" run {run_id}: {done}/{total} items ({percent:.0}%), {failed} failed attempts, {rate:.1} items/s, ETA {eta}",
+        task.name
+    );
+}

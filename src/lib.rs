@@ -1,0 +1,27 @@
+//! pg_chunkwise: parallel, chunked, crash-safe ETL inside PostgreSQL.
+//!
+//! SQL callers define tasks and plan items (`api`); `chunkwise.run()` launches a pool of
+//! dynamic background workers (`launcher`) that claim items in priority order and run
+//! each in its own transaction with its status update (`worker`).
+
+use pgrx::prelude::*;
+
+mod api;
+mod catalog;
+mod error;
+mod gucs;
+mod launcher;
+mod ranking;
+mod run_state;
+mod security;
+mod target;
+mod worker;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+}

@@ -1,0 +1,105 @@
+//! The state a run's launcher and workers share: a small dynamic shared memory segment
+//! with atomic counters. It makes `max_items` exact across workers without a lock, lets
+//! the launcher report progress without querying the queue, and carries the cancel flag.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+
+use pgrx::pg_sys;
+
+#[repr(C)]
+pub struct RunState {
+    /// Most items the run may claim; 0 = no limit.
+    max_items: i64,
+    claimed: AtomicI64,
+    pub processed: AtomicI64,
+    pub failed: AtomicI64,
+    pub dead: AtomicI64,
+    pub workers_attached: AtomicI32,
+    cancel: AtomicBool,
+}
+
+impl RunState {
+    /// Reserves up to `wanted` claims within the run's limit; returns how many it got.
+    pub fn reserve(&self, wanted: i64) -> i64 {
+        if self.max_items <= 0 {
+            return wanted;
+        }
+        let before = self.claimed.fetch_add(wanted, Ordering::SeqCst);
+        let granted = (self.max_items - before).clamp(0, wanted);
+        if granted < wanted {
+            self.claimed.fetch_sub(wanted - granted, Ordering::SeqCst);
+        }
+        granted
+    }
+
+    /// Gives back reservations that found no item.
+    pub fn release(&self, unused: i64) {
+        if self.max_items > 0 && unused > 0 {
+            self.claimed.fetch_sub(unused, Ordering::SeqCst);
+        }
+    }
+
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    pub fn count(counter: &AtomicI64) -> i64 {
+        counter.load(Ordering::SeqCst)
+    }
+}
+
+/// A mapping of a run's shared segment in this process; dropping it unmaps the segment,
+/// which PostgreSQL frees when the last process lets go.
+pub struct SharedRun {
+    segment: *mut pg_sys::dsm_segment,
+}
+
+impl SharedRun {
+    /// Creates the segment for a new run (launcher). It lives while any process maps it.
+    pub fn create(max_items: Option<i64>) -> SharedRun {
+        // SAFETY: dsm_create returns a mapped segment of the requested size or raises.
+        let segment = unsafe { pg_sys::dsm_create(std::mem::size_of::<RunState>(), 0) };
+        let state = RunState {
+            max_items: max_items.unwrap_or(0),
+            claimed: AtomicI64::new(0),
+            processed: AtomicI64::new(0),
+            failed: AtomicI64::new(0),
+            dead: AtomicI64::new(0),
+            workers_attached: AtomicI32::new(0),
+            cancel: AtomicBool::new(false),
+        };
+        // SAFETY: the segment is at least size_of::<RunState>() bytes, suitably aligned
+        // (DSM mappings are page aligned), and nobody else maps it yet.
+        unsafe { std::ptr::write(pg_sys::dsm_segment_address(segment).cast::<RunState>(), state) };
+        SharedRun { segment }
+    }
+
+    /// Maps an existing run's segment (worker); `None` when the run is already gone.
+    pub fn attach(handle: u32) -> Option<SharedRun> {
+        // SAFETY: dsm_attach returns NULL when no segment with this handle exists.
+        let segment = unsafe { pg_sys::dsm_attach(handle) };
+        (!segment.is_null()).then_some(SharedRun { segment })
+    }
+
+    pub fn handle(&self) -> u32 {
+        // SAFETY: `segment` is a live mapping owned by this value.
+        unsafe { pg_sys::dsm_segment_handle(self.segment) }
+    }
+
+    pub fn state(&self) -> &RunState {
+        // SAFETY: the segment was initialised with a RunState by `create` and stays mapped
+        // while `self` lives; all shared fields are atomics.
+        unsafe { &*pg_sys::dsm_segment_address(self.segment).cast::<RunState>() }
+    }
+}
+
+impl Drop for SharedRun {
+    fn drop(&mut self) {
+        // SAFETY: `segment` is this value's own live mapping and is not used afterwards.
+        unsafe { pg_sys::dsm_detach(self.segment) };
+    }
+}

@@ -1,0 +1,159 @@
+//! What a worker runs for each item: the task's `call` (a procedure or function) or its
+//! `statement`, and the optional `after` statement. Validated once at task creation and
+//! turned into parameterised SQL: item values always travel as SPI parameters.
+
+use std::ffi::CString;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::PgOid;
+use pgrx::prelude::*;
+use pgrx::{JsonB, spi};
+
+use crate::error::{SqlError, SqlResult};
+
+/// The kind of item a target takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemShape {
+    /// One entity key: `(bigint)`.
+    Key,
+    /// A key range `[lo, hi)`: `(bigint, bigint)`.
+    Range,
+}
+
+/// Parameterised SQL for one item.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub sql: String,
+    /// `None` for statements, which may use `$1` alone or `$1` and `$2`.
+    pub shape: Option<ItemShape>,
+    pub takes_payload: bool,
+}
+
+const SIGNATURE_HINT: &str = "The target must take (bigint) for key items or (bigint, bigint) for \
+     [lo, hi) range items, optionally followed by a jsonb payload argument.";
+
+impl Target {
+    /// A statement (`statement` or `after`): `$1` = key or lo, `$2` = hi, `$3` = payload.
+    pub fn for_statement(sql: &str) -> Target {
+        Target { sql: sql.to_string(), shape: None, takes_payload: true }
+    }
+
+    /// A procedure or function, checked to take one of the supported signatures.
+    pub fn for_call(proc: pg_sys::Oid) -> SqlResult<Target> {
+        let found = Spi::connect(|client| -> spi::Result<Option<_>> {
+            let table = client.select(
+                "SELECT n.nspname::text, p.proname::text, p.prokind::text, \
+                        p.proargtypes::oid[], p.oid::regprocedure::text, p.proretset \
+                   FROM pg_catalog.pg_proc p \
+                   JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+                  WHERE p.oid = $1",
+                Some(1),
+                &[proc.into()],
+            )?;
+            match table.into_iter().next() {
+                None => Ok(None),
+                Some(row) => Ok(Some((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?.unwrap_or_default(),
+                    row.get::<String>(3)?.unwrap_or_default(),
+                    row.get::<Vec<pg_sys::Oid>>(4)?.unwrap_or_default(),
+                    row.get::<String>(5)?.unwrap_or_default(),
+                ))),
+            }
+        })
+        ?;
+        let Some((schema, name, kind, arg_types, signature)) = found else {
+            return Err(SqlError::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+                format!("function with OID {} does not exist", proc.to_u32()),
+            ));
+        };
+        let (shape, takes_payload) = signature_shape(&arg_types).ok_or_else(|| {
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+                format!("{signature} cannot be a pg_chunkwise target: wrong argument types"),
+            )
+            .hint(SIGNATURE_HINT)
+        })?;
+        let verb = match kind.as_str() {
+            "p" => "CALL",
+            "f" => "SELECT",
+            _ => {
+                return Err(SqlError::new(
+                    PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+                    format!("{signature} is an aggregate or window function, not a procedure or function"),
+                )
+                .hint(SIGNATURE_HINT));
+            }
+        };
+        let args = (1..=arg_types.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let sql = format!(
+            "{verb} {}.{}({args})",
+            spi::quote_identifier(&schema),
+            spi::quote_identifier(&name)
+        );
+        Ok(Target { sql, shape: Some(shape), takes_payload })
+    }
+
+    /// SPI argument types, in `$n` order.
+    pub fn arg_types(&self) -> Vec<PgOid> {
+        let int8 = PgOid::BuiltIn(pg_sys::BuiltinOid::INT8OID);
+        let jsonb = PgOid::BuiltIn(pg_sys::BuiltinOid::JSONBOID);
+        let mut types = match self.shape {
+            Some(ItemShape::Key) => vec![int8],
+            Some(ItemShape::Range) | None => vec![int8, int8],
+        };
+        if self.takes_payload {
+            types.push(jsonb);
+        }
+        types
+    }
+
+    /// SPI arguments for one item, matching [`Target::arg_types`].
+    pub fn args(&self, key: i64, hi: Option<i64>, payload: Option<JsonB>) -> Vec<DatumWithOid<'static>> {
+        let mut args: Vec<DatumWithOid<'static>> = vec![key.into()];
+        if self.shape != Some(ItemShape::Key) {
+            args.push(hi.into());
+        }
+        if self.takes_payload {
+            args.push(match payload {
+                Some(p) => p.into(),
+                None => DatumWithOid::null::<JsonB>(),
+            });
+        }
+        args
+    }
+}
+
+/// Maps a procedure's argument types to the item shape it accepts.
+fn signature_shape(arg_types: &[pg_sys::Oid]) -> Option<(ItemShape, bool)> {
+    let int8 = pg_sys::INT8OID;
+    let jsonb = pg_sys::JSONBOID;
+    match arg_types {
+        [a] if *a == int8 => Some((ItemShape::Key, false)),
+        [a, p] if *a == int8 && *p == jsonb => Some((ItemShape::Key, true)),
+        [a, b] if *a == int8 && *b == int8 => Some((ItemShape::Range, false)),
+        [a, b, p] if *a == int8 && *b == int8 && *p == jsonb => Some((ItemShape::Range, true)),
+        _ => None,
+    }
+}
+
+/// Checks that `sql` is exactly one SQL statement; a syntax error is raised as such.
+pub fn ensure_single_statement(sql: &str, what: &str) -> SqlResult<()> {
+    let text = CString::new(sql).map_err(|_| {
+        SqlError::new(
+            PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            format!("{what} contains a NUL byte"),
+        )
+    })?;
+    // SAFETY: raw_parser reads the NUL-terminated string and returns a List allocated in
+    // the current memory context, or raises a syntax error.
+    let statements = unsafe { pg_sys::raw_parser(text.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT) };
+    // SAFETY: a non-NULL List pointer from the parser.
+    let count = if statements.is_null() { 0 } else { unsafe { (*statements).length } };
+    if count == 1 {
+        return Ok(());
+    }
+    Err(SqlError::invalid_parameter(format!("{what} must be exactly one SQL statement, found {count}"))
+        .hint("Wrap several statements in a procedure and use call => instead."))
+}

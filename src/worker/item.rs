@@ -1,0 +1,153 @@
+//! Running one item's target (and `after`) in a subtransaction of the worker's
+//! transaction: a failure rolls back that item alone and the worker goes on.
+
+use std::panic::AssertUnwindSafe;
+
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use pgrx::spi::OwnedPreparedStatement;
+
+use super::queue::ClaimedItem;
+use crate::error::sqlstate;
+use crate::target::Target;
+
+// utils/timeout.h, which pgrx does not bind. STATEMENT_TIMEOUT is the fourth TimeoutId
+// in every supported PostgreSQL version; InitPostgres registers its handler.
+const STATEMENT_TIMEOUT: u32 = 3;
+unsafe extern "C-unwind" {
+    fn enable_timeout_after(id: u32, delay_ms: i32);
+    fn disable_timeout(id: u32, keep_indicator: bool);
+}
+
+/// Why an item's attempt failed, as it is recorded and logged.
+#[derive(Debug, Clone)]
+pub struct ItemFailure {
+    pub sqlstate: String,
+    pub message: String,
+}
+
+impl From<CaughtError> for ItemFailure {
+    fn from(caught: CaughtError) -> Self {
+        match caught {
+            CaughtError::PostgresError(report)
+            | CaughtError::ErrorReport(report)
+            | CaughtError::RustPanic { ereport: report, .. } => ItemFailure {
+                sqlstate: sqlstate(report.sql_error_code()),
+                message: report.message().to_string(),
+            },
+        }
+    }
+}
+
+pub enum ItemOutcome {
+    Done,
+    Failed(ItemFailure),
+}
+
+/// A target with its plan, prepared on first use and kept for the worker's life.
+struct PreparedTarget {
+    target: Target,
+    plan: Option<OwnedPreparedStatement>,
+}
+
+impl PreparedTarget {
+    fn new(target: Target) -> Self {
+        PreparedTarget { target, plan: None }
+    }
+
+    /// Runs the target for `item` through SPI as the current user (the task owner).
+    fn execute(&mut self, item: &ClaimedItem) {
+        let args = self.target.args(item.key, item.hi, item.payload.as_ref().map(|p| JsonB(p.0.clone())));
+        Spi::connect_mut(|client| {
+            if self.plan.is_none() {
+                let plan = client.prepare_mut(self.target.sql.as_str(), &self.target.arg_types())?;
+                self.plan = Some(plan.keep());
+            }
+            let plan = self.plan.as_ref().expect("prepared above");
+            client.update(plan, None, &args).map(|_| ())
+        })
+        .unwrap_or_else(|e| panic!("pg_chunkwise target: {e}"));
+    }
+}
+
+/// The task's per-item SQL: the target, then `after`, under `item_timeout`.
+pub struct Targets {
+    target: PreparedTarget,
+    after: Option<PreparedTarget>,
+    timeout_ms: Option<i64>,
+}
+
+impl Targets {
+    pub fn new(target: Target, after: Option<Target>, timeout_ms: Option<i64>) -> Self {
+        Targets { target: PreparedTarget::new(target), after: after.map(PreparedTarget::new), timeout_ms }
+    }
+
+    /// Runs the item in a subtransaction. Whatever the target changes in the session
+    /// (SET, SET ROLE, search_path) is undone before the next item.
+    pub fn execute(&mut self, item: &ClaimedItem) -> ItemOutcome {
+        // SAFETY: the pattern of PL/pgSQL's exception blocks: remember the memory context
+        // and resource owner, start a subtransaction, and restore both on either exit.
+        let (memory, owner, user, security) = unsafe {
+            let mut user = pg_sys::InvalidOid;
+            let mut security = 0;
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut security);
+            let saved = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner, user, security);
+            pg_sys::BeginInternalSubTransaction(std::ptr::null());
+            pg_sys::MemoryContextSwitchTo(saved.0);
+            saved
+        };
+        let timeout_ms = self.timeout_ms;
+        let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
+            // SAFETY: a new GUC nesting level inside the subtransaction; it is popped
+            // (discarding the target's settings) before the subtransaction is released.
+            let guc_level = unsafe { pg_sys::NewGUCNestLevel() };
+            if let Some(ms) = timeout_ms {
+                // SAFETY: STATEMENT_TIMEOUT is registered by InitPostgres in every backend.
+                unsafe { enable_timeout_after(STATEMENT_TIMEOUT, ms.clamp(1, i64::from(i32::MAX)) as i32) };
+            }
+            self.target.execute(item);
+            if let Some(after) = self.after.as_mut() {
+                after.execute(item);
+            }
+            // SAFETY: see above; restoring the identity undoes a SET ROLE the target left.
+            unsafe {
+                disable_item_timeout(timeout_ms);
+                pg_sys::AtEOXact_GUC(false, guc_level);
+                pg_sys::SetUserIdAndSecContext(user, security);
+                pg_sys::ReleaseCurrentSubTransaction();
+                pg_sys::MemoryContextSwitchTo(memory);
+                pg_sys::CurrentResourceOwner = owner;
+            }
+            ItemOutcome::Done
+        }))
+        .catch_others(move |caught| {
+            // SAFETY: as in PL/pgSQL: back to the saved context, roll the subtransaction
+            // back (which also restores settings and identity), restore context and owner.
+            unsafe {
+                disable_item_timeout(timeout_ms);
+                pg_sys::MemoryContextSwitchTo(memory);
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+                pg_sys::MemoryContextSwitchTo(memory);
+                pg_sys::CurrentResourceOwner = owner;
+            }
+            ItemOutcome::Failed(ItemFailure::from(caught))
+        })
+        .execute();
+        outcome
+    }
+}
+
+/// Stops the item's statement timer and drops a cancel it may have raised too late to
+/// interrupt the item, so it cannot hit the worker's bookkeeping instead.
+///
+/// # Safety
+/// Must run in a backend, between the item's statements and the worker's next ones.
+unsafe fn disable_item_timeout(timeout_ms: Option<i64>) {
+    if timeout_ms.is_some() {
+        unsafe {
+            disable_timeout(STATEMENT_TIMEOUT, false);
+            pg_sys::QueryCancelPending = 0;
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The background worker: connects as the task owner, then claims and runs items until
+//! the queue is drained (or the run's limit is reached, or it is told to stop).
+
+mod item;
+mod queue;
+
+use std::ffi::CString;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+
+use crate::catalog::Task;
+use crate::gucs;
+use crate::run_state::SharedRun;
+use crate::security::as_extension_owner;
+use crate::target::Target;
+use item::{ItemOutcome, Targets};
+use queue::Queue;
+
+/// What the launcher tells a worker, carried in `bgw_extra`.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerArgs {
+    pub database: pg_sys::Oid,
+    pub owner: pg_sys::Oid,
+    pub task_id: i32,
+    pub run_id: i64,
+    pub workers: i32,
+}
+
+impl WorkerArgs {
+    pub fn encode(&self) -> String {
+        format!(
+            "{} {} {} {} {}",
+            self.database.to_u32(),
+            self.owner.to_u32(),
+            self.task_id,
+            self.run_id,
+            self.workers
+        )
+    }
+
+    fn decode(extra: &str) -> Option<WorkerArgs> {
+        let mut parts = extra.split_whitespace();
+        Some(WorkerArgs {
+            database: pg_sys::Oid::from(parts.next()?.parse::<u32>().ok()?),
+            owner: pg_sys::Oid::from(parts.next()?.parse::<u32>().ok()?),
+            task_id: parts.next()?.parse().ok()?,
+            run_id: parts.next()?.parse().ok()?,
+            workers: parts.next()?.parse().ok()?,
+        })
+    }
+}
+
+/// Longest sleep between looks at the cancel flag while waiting for a retry.
+const RETRY_POLL: Duration = Duration::from_secs(1);
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let Some(args) = WorkerArgs::decode(BackgroundWorker::get_extra()) else {
+        log!("pg_chunkwise worker started with malformed arguments; exiting");
+        return;
+    };
+    // The segment goes away when the launcher and every other worker are gone: then the
+    // run was cancelled before this worker got going.
+    let Some(shared) = SharedRun::attach(arg.value() as u32) else {
+        log!("pg_chunkwise run {} ended before its worker started", args.run_id);
+        return;
+    };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(args.database), Some(args.owner));
+
+    let Some(mut worker) = BackgroundWorker::transaction(|| Worker::start(args, shared)) else {
+        return;
+    };
+    worker.run();
+    worker.finish();
+}
+
+#[derive(Default)]
+struct Counts {
+    processed: i64,
+    failed: i64,
+    dead: i64,
+}
+
+struct Worker {
+    args: WorkerArgs,
+    task: Task,
+    shared: SharedRun,
+    queue: Queue,
+    targets: Targets,
+    counts: Counts,
+    stopped_early: bool,
+}
+
+impl Worker {
+    /// Loads the task, prepares the bookkeeping statements and registers with the run.
+    fn start(args: WorkerArgs, shared: SharedRun) -> Option<Worker> {
+        let task = match Task::by_id(args.task_id) {
+            Ok(Some(task)) => task,
+            _ => {
+                log!("pg_chunkwise task {} no longer exists; worker exits", args.task_id);
+                return None;
+            }
+        };
+        let target = match (task.call, &task.statement) {
+            (Some(proc), _) => Target::for_call(proc),
+            (None, Some(sql)) => Ok(Target::for_statement(sql)),
+            (None, None) => unreachable!("a task has call or statement (table CHECK)"),
+        };
+        let target = match target {
+            Ok(target) => target,
+            Err(_) => {
+                warning!("pg_chunkwise task \"{}\": its target procedure no longer fits; worker exits", task.name);
+                return None;
+            }
+        };
+        set_session_option("application_name", &format!("chunkwise {} #{}", task.name, args.run_id));
+        if !task.synchronous_commit {
+            set_session_option("synchronous_commit", "off");
+        }
+        let queue = Queue::prepare();
+        queue.register_worker(&args);
+        shared.state().workers_attached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let targets = Targets::new(target, task.after.as_deref().map(Target::for_statement), task.item_timeout_ms);
+        Some(Worker { args, task, shared, queue, targets, counts: Counts::default(), stopped_early: false })
+    }
+
+    fn should_stop(&self) -> bool {
+        // SAFETY: reads a flag that the SIGTERM handler sets.
+        let shutdown = unsafe { std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() } != 0;
+        shutdown || self.shared.state().cancelled()
+    }
+
+    fn reload_config_if_asked() {
+        // SAFETY: the SIGHUP handler sets ConfigReloadPending; re-reading the configuration
+        // between transactions is what PostgreSQL's own processes do.
+        unsafe {
+            if std::ptr::addr_of!(pg_sys::ConfigReloadPending).read_volatile() != 0 {
+                pg_sys::ConfigReloadPending = 0;
+                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+            }
+        }
+    }
+
+    fn run(&mut self) {
+        loop {
+            if self.should_stop() {
+                self.stopped_early = true;
+                return;
+            }
+            Self::reload_config_if_asked();
+            let wanted = i64::from(self.task.items_per_commit);
+            let granted = self.shared.state().reserve(wanted);
+            if granted == 0 {
+                return; // the run's max_items is used up
+            }
+            let handled = BackgroundWorker::transaction(AssertUnwindSafe(|| self.process_batch(granted)));
+            self.shared.state().release(granted - handled);
+            report_idle();
+            if handled == 0 && !self.wait_for_retry() {
+                return;
+            }
+        }
+    }
+
+    /// Claims up to `limit` items and runs each in its own subtransaction; the caller's
+    /// transaction commits them together. Returns how many items were claimed.
+    fn process_batch(&mut self, limit: i64) -> i64 {
+        let items = self.queue.claim(self.task.id, limit);
+        for item in &items {
+            report_activity(&format!("task {}: key {} (item {})", self.task.name, item.key, item.id));
+            match self.targets.execute(item) {
+                ItemOutcome::Done => {
+                    self.queue.mark_done(item.id, self.args.run_id);
+                    self.counts.processed += 1;
+                    self.shared.state().processed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                ItemOutcome::Failed(failure) => {
+                    let dead = self.queue.record_failure(&self.task, item, &failure, self.args.run_id);
+                    self.counts.failed += 1;
+                    self.shared.state().failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if dead {
+                        self.counts.dead += 1;
+                        self.shared.state().dead.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+        items.len() as i64
+    }
+
+    /// Nothing is claimable: waits for the next retry if it falls due within
+    /// `chunkwise.retry_wait_max`. Returns false when the worker should exit.
+    fn wait_for_retry(&mut self) -> bool {
+        let task_id = self.task.id;
+        let next_due = BackgroundWorker::transaction(AssertUnwindSafe(|| self.queue.seconds_to_next_retry(task_id)));
+        let Some(seconds) = next_due else { return false };
+        if seconds > f64::from(gucs::retry_wait_max_secs()) {
+            return false;
+        }
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds.max(0.0));
+        while Instant::now() < deadline {
+            let nap = deadline.saturating_duration_since(Instant::now()).min(RETRY_POLL);
+            if !BackgroundWorker::wait_latch(Some(nap.max(Duration::from_millis(1)))) || self.should_stop() {
+                self.stopped_early = true;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Adds this worker's figures to the run's row.
+    fn finish(self) {
+        let Worker { args, queue, counts, stopped_early, .. } = self;
+        BackgroundWorker::transaction(AssertUnwindSafe(|| {
+            queue.unregister_worker(&args, &counts, stopped_early);
+        }));
+    }
+}
+
+fn set_session_option(name: &str, value: &str) {
+    let name = CString::new(name).expect("option names have no NUL");
+    let value = CString::new(value).expect("task names have no NUL");
+    // SAFETY: both strings are NUL-terminated and outlive the call, which copies them.
+    unsafe {
+        pg_sys::SetConfigOption(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        )
+    };
+}
+
+/// Shows the item in flight in pg_stat_activity (state active, query = this text).
+fn report_activity(text: &str) {
+    let text = CString::new(text).unwrap_or_default();
+    // SAFETY: pgstat_report_activity copies the NUL-terminated string.
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, text.as_ptr()) };
+}
+
+fn report_idle() {
+    // SAFETY: a NULL text keeps the last query shown, as PostgreSQL does for idle backends.
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
+}
+
+/// Bookkeeping runs as the extension owner; this keeps that in one place for the worker.
+fn bookkeeping<R>(f: impl FnOnce() -> R) -> R {
+    as_extension_owner(f)
+}

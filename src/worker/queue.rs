@@ -1,0 +1,179 @@
+//! The worker's bookkeeping on the queue tables: claim, mark done, record a failure,
+//! and the run's row. All of it runs as the extension owner, with plans prepared once.
+
+use pgrx::pg_sys::PgOid;
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::JsonB;
+
+use super::{Counts, WorkerArgs, bookkeeping};
+use crate::catalog::Task;
+use super::item::ItemFailure;
+
+/// A claimed item, locked by this worker's transaction until it commits.
+pub struct ClaimedItem {
+    pub id: i64,
+    pub key: i64,
+    pub hi: Option<i64>,
+    pub payload: Option<JsonB>,
+    pub attempts: i32,
+}
+
+/// The next due pending items in (priority, item_id) order. SKIP LOCKED lets workers
+/// pass each other's items without waiting; the partial index keeps it cheap.
+const CLAIM: &str = "SELECT item_id, key, hi, payload, attempts FROM chunkwise.items \
+     WHERE task_id = $1 AND status = 'pending' AND not_before <= now() \
+     ORDER BY priority, item_id LIMIT $2 FOR UPDATE SKIP LOCKED";
+
+const MARK_DONE: &str = "UPDATE chunkwise.items \
+     SET status = 'done', finished_at = clock_timestamp(), run_id = $2 WHERE item_id = $1";
+
+/// Failure: attempts + 1; dead after max_attempts, else due again after an exponential
+/// backoff (retry_backoff * 2^(attempts-1), capped at retry_backoff_max).
+const RECORD_FAILURE: &str = "UPDATE chunkwise.items i \
+     SET attempts = i.attempts + 1, \
+         status = CASE WHEN i.attempts + 1 >= t.max_attempts THEN 'dead' ELSE 'pending' END, \
+         not_before = CASE WHEN i.attempts + 1 >= t.max_attempts THEN i.not_before \
+                      ELSE clock_timestamp() + least(t.retry_backoff * power(2, least(i.attempts, 30)), \
+                                                     t.retry_backoff_max) END, \
+         finished_at = CASE WHEN i.attempts + 1 >= t.max_attempts THEN clock_timestamp() END, \
+         last_sqlstate = $2, last_error = $3, last_failed_at = clock_timestamp(), run_id = $4 \
+     FROM chunkwise.tasks t \
+     WHERE i.item_id = $1 AND t.task_id = i.task_id \
+     RETURNING i.status = 'dead', i.attempts, to_char(i.not_before, 'YYYY-MM-DD HH24:MI:SS.MS TZ')";
+
+pub struct Queue {
+    claim: OwnedPreparedStatement,
+    mark_done: OwnedPreparedStatement,
+    record_failure: OwnedPreparedStatement,
+}
+
+fn int8() -> PgOid {
+    PgOid::BuiltIn(pg_sys::BuiltinOid::INT8OID)
+}
+
+fn text() -> PgOid {
+    PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID)
+}
+
+fn int4() -> PgOid {
+    PgOid::BuiltIn(pg_sys::BuiltinOid::INT4OID)
+}
+
+impl Queue {
+    /// Prepares the hot-path statements; call inside a transaction.
+    pub fn prepare() -> Queue {
+        bookkeeping(|| {
+            Spi::connect(|client| -> Result<Queue, pgrx::spi::SpiError> {
+                Ok(Queue {
+                    claim: client.prepare_mut(CLAIM, &[int4(), int8()])?.keep(),
+                    mark_done: client.prepare_mut(MARK_DONE, &[int8(), int8()])?.keep(),
+                    record_failure: client.prepare_mut(RECORD_FAILURE, &[int8(), text(), text(), int8()])?.keep(),
+                })
+            })
+        })
+        .expect("pg_chunkwise bookkeeping statements prepare")
+    }
+
+    pub fn claim(&self, task_id: i32, limit: i64) -> Vec<ClaimedItem> {
+        bookkeeping(|| {
+            Spi::connect_mut(|client| -> Result<Vec<ClaimedItem>, pgrx::spi::SpiError> {
+                let table = client.update(&self.claim, None, &[task_id.into(), limit.into()])?;
+                table
+                    .into_iter()
+                    .map(|row| {
+                        Ok(ClaimedItem {
+                            id: row.get(1)?.unwrap_or_default(),
+                            key: row.get(2)?.unwrap_or_default(),
+                            hi: row.get(3)?,
+                            payload: row.get(4)?,
+                            attempts: row.get(5)?.unwrap_or_default(),
+                        })
+                    })
+                    .collect()
+            })
+        })
+        .expect("claim query returns its declared columns")
+    }
+
+    pub fn mark_done(&self, item_id: i64, run_id: i64) {
+        bookkeeping(|| {
+            Spi::connect_mut(|client| client.update(&self.mark_done, None, &[item_id.into(), run_id.into()]).map(|_| ()))
+        })
+        .expect("mark done");
+    }
+
+    /// Records a failed attempt and logs it; returns whether the item is now dead.
+    pub fn record_failure(&self, task: &Task, item: &ClaimedItem, failure: &ItemFailure, run_id: i64) -> bool {
+        let (dead, attempts, retry_at) = bookkeeping(|| {
+            Spi::connect_mut(|client| -> Result<(bool, i32, String), pgrx::spi::SpiError> {
+                let table = client.update(
+                    &self.record_failure,
+                    None,
+                    &[item.id.into(), failure.sqlstate.as_str().into(), failure.message.as_str().into(), run_id.into()],
+                )?;
+                let row = table.first();
+                Ok((
+                    row.get::<bool>(1)?.unwrap_or(false),
+                    row.get::<i32>(2)?.unwrap_or(item.attempts + 1),
+                    row.get::<String>(3)?.unwrap_or_default(),
+                ))
+            })
+        })
+        .expect("record failure");
+        let what = format!(
+            "pg_chunkwise task \"{}\" key {} failed on attempt {attempts} of {} [SQLSTATE {}]: {}",
+            task.name, item.key, task.max_attempts, failure.sqlstate, failure.message
+        );
+        if dead {
+            warning!("{what}; the item is dead (chunkwise.retry() makes it pending again)");
+        } else {
+            warning!("{what}; retry at {retry_at}");
+        }
+        dead
+    }
+
+    /// Seconds until the earliest retry of the task falls due, if any is scheduled.
+    pub fn seconds_to_next_retry(&self, task_id: i32) -> Option<f64> {
+        bookkeeping(|| {
+            Spi::get_one_with_args::<f64>(
+                "SELECT extract(epoch FROM min(not_before) - clock_timestamp())::float8 \
+                   FROM chunkwise.items WHERE task_id = $1 AND status = 'pending' AND not_before > now()",
+                &[task_id.into()],
+            )
+        })
+        .ok()
+        .flatten()
+    }
+
+    pub fn register_worker(&self, args: &WorkerArgs) {
+        bookkeeping(|| {
+            Spi::run_with_args(
+                "INSERT INTO chunkwise.runs (run_id, task_id, started_at, workers_requested, workers_started) \
+                 VALUES ($1, $2, now(), $3, 1) \
+                 ON CONFLICT (run_id) DO UPDATE SET workers_started = chunkwise.runs.workers_started + 1",
+                &[args.run_id.into(), args.task_id.into(), args.workers.into()],
+            )
+        })
+        .expect("register worker");
+    }
+
+    pub fn unregister_worker(&self, args: &WorkerArgs, counts: &Counts, stopped_early: bool) {
+        bookkeeping(|| {
+            Spi::run_with_args(
+                "UPDATE chunkwise.runs SET workers_exited = workers_exited + 1, finished_at = clock_timestamp(), \
+                        processed = processed + $2, failed = failed + $3, dead = dead + $4, \
+                        cancelled = cancelled OR $5 \
+                  WHERE run_id = $1",
+                &[
+                    args.run_id.into(),
+                    counts.processed.into(),
+                    counts.failed.into(),
+                    counts.dead.into(),
+                    stopped_early.into(),
+                ],
+            )
+        })
+        .expect("unregister worker");
+    }
+}
