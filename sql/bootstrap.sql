@@ -5,6 +5,9 @@
 -- for their own bookkeeping. The views are readable by everybody but show a task only
 -- to members of its owner role and of pg_monitor.
 
+-- Everybody may call the functions and read the views; the functions check ownership.
+GRANT USAGE ON SCHEMA chunkwise TO PUBLIC;
+
 CREATE TABLE chunkwise.tasks (
     task_id             int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     task                text NOT NULL UNIQUE,

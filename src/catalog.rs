@@ -47,19 +47,28 @@ impl Task {
             })
         };
         read().map_err(|e| {
-            SqlError::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("reading task: {e}"))
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!("reading task: {e}"),
+            )
         })
     }
 
     /// Looks a task up by name; an unknown name is the caller's error.
     pub fn by_name(name: &str) -> SqlResult<Task> {
-        Task::find(&format!("SELECT {TASK_COLUMNS} FROM chunkwise.tasks WHERE task = $1"), name)?
-            .ok_or_else(|| unknown_task(name))
+        Task::find(
+            &format!("SELECT {TASK_COLUMNS} FROM chunkwise.tasks WHERE task = $1"),
+            name,
+        )?
+        .ok_or_else(|| unknown_task(name))
     }
 
     /// Looks a task up by id (workers); `None` when it was dropped meanwhile.
     pub fn by_id(id: i32) -> SqlResult<Option<Task>> {
-        Task::find(&format!("SELECT {TASK_COLUMNS} FROM chunkwise.tasks WHERE task_id = $1"), id)
+        Task::find(
+            &format!("SELECT {TASK_COLUMNS} FROM chunkwise.tasks WHERE task_id = $1"),
+            id,
+        )
     }
 
     fn find<K: IntoDatum>(query: &str, key: K) -> SqlResult<Option<Task>> {
@@ -86,7 +95,10 @@ pub fn unknown_task(name: &str) -> SqlError {
 /// The task name argument of every function: required.
 pub fn required_task_name(name: Option<&str>) -> SqlResult<&str> {
     name.ok_or_else(|| {
-        SqlError::new(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "task name must not be NULL")
-            .hint("Pass the name given to chunkwise.create_task().")
+        SqlError::new(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "task name must not be NULL",
+        )
+        .hint("Pass the name given to chunkwise.create_task().")
     })
 }

@@ -20,7 +20,12 @@ pub type SqlResult<T> = Result<T, SqlError>;
 
 impl SqlError {
     pub fn new(code: PgSqlErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        SqlError { code, message: message.into(), detail: None, hint: None }
+        SqlError {
+            code,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
     }
 
     pub fn detail(mut self, detail: impl Into<String>) -> Self {

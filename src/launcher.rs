@@ -28,15 +28,23 @@ const POLL: Duration = Duration::from_millis(200);
 /// Workers a run gets when neither run() nor the task says.
 const DEFAULT_WORKERS: i32 = 2;
 
-pub fn run_task(task: &Task, workers: Option<i32>, max_items: Option<i64>) -> SqlResult<RunSummary> {
+pub fn run_task(
+    task: &Task,
+    workers: Option<i32>,
+    max_items: Option<i64>,
+) -> SqlResult<RunSummary> {
     ensure_runnable(task)?;
     if let Some(limit) = max_items {
         if limit < 1 {
-            return Err(SqlError::invalid_parameter(format!("max_items must be at least 1, not {limit}"))
-                .hint("Leave max_items out to run every pending item."));
+            return Err(SqlError::invalid_parameter(format!(
+                "max_items must be at least 1, not {limit}"
+            ))
+            .hint("Leave max_items out to run every pending item."));
         }
     }
-    let wanted = workers.or(task.workers).unwrap_or(DEFAULT_WORKERS.min(gucs::max_workers()));
+    let wanted = workers
+        .or(task.workers)
+        .unwrap_or(DEFAULT_WORKERS.min(gucs::max_workers()));
     if wanted < 1 || wanted > gucs::max_workers() {
         return Err(SqlError::invalid_parameter(format!(
             "workers must be between 1 and chunkwise.max_workers ({}), not {wanted}",
@@ -45,13 +53,28 @@ pub fn run_task(task: &Task, workers: Option<i32>, max_items: Option<i64>) -> Sq
         .hint("Pass fewer workers, or raise chunkwise.max_workers."));
     }
     if task.paused {
-        notice!("task \"{}\" is paused; nothing runs until chunkwise.resume()", task.name);
-        return Ok(RunSummary { run_id: None, processed: 0, failed: 0, dead: 0, seconds: 0.0 });
+        notice!(
+            "task \"{}\" is paused; nothing runs until chunkwise.resume()",
+            task.name
+        );
+        return Ok(RunSummary {
+            run_id: None,
+            processed: 0,
+            failed: 0,
+            dead: 0,
+            seconds: 0.0,
+        });
     }
     let backlog = pending_backlog(task)?;
     if backlog == 0 {
         notice!("task \"{}\" has no pending items", task.name);
-        return Ok(RunSummary { run_id: None, processed: 0, failed: 0, dead: 0, seconds: 0.0 });
+        return Ok(RunSummary {
+            run_id: None,
+            processed: 0,
+            failed: 0,
+            dead: 0,
+            seconds: 0.0,
+        });
     }
     let total = max_items.map_or(backlog, |m| m.min(backlog));
     let wanted = wanted.min(i32::try_from(total).unwrap_or(i32::MAX));
@@ -64,10 +87,17 @@ pub fn run_task(task: &Task, workers: Option<i32>, max_items: Option<i64>) -> Sq
     wait_for_workers(task, run_id, &handles, shared.state(), total, started);
 
     let state = shared.state();
-    if state.workers_attached.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+    if state
+        .workers_attached
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
         return Err(SqlError::new(
             PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-            format!("none of the {} workers of run {run_id} could start", handles.len()),
+            format!(
+                "none of the {} workers of run {run_id} could start",
+                handles.len()
+            ),
         )
         .hint("See the server log; workers connect to this database as the task's owner."));
     }
@@ -98,7 +128,9 @@ fn ensure_runnable(task: &Task) -> SqlResult<()> {
     })?
     .unwrap_or(0);
     // SAFETY: checks whether an xid belongs to this transaction (or its subtransactions).
-    if unsafe { pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin as u32)) } {
+    if unsafe {
+        pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin as u32))
+    } {
         return Err(SqlError::new(
             PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
             format!("task \"{}\" was created in this transaction", task.name),
@@ -115,7 +147,10 @@ fn pending_backlog(task: &Task) -> SqlResult<i64> {
             "SELECT count(*) FROM chunkwise.items \
               WHERE task_id = $1 AND status = 'pending' \
                 AND not_before <= now() + make_interval(secs => $2)",
-            &[task.id.into(), f64::from(gucs::retry_wait_max_secs()).into()],
+            &[
+                task.id.into(),
+                f64::from(gucs::retry_wait_max_secs()).into(),
+            ],
         )
     })?;
     Ok(count.unwrap_or(0))
@@ -151,7 +186,12 @@ fn next_run_id() -> SqlResult<i64> {
     Ok(id.unwrap_or_default())
 }
 
-fn launch_workers(task: &Task, run_id: i64, count: i32, shared: &SharedRun) -> SqlResult<Vec<DynamicBackgroundWorker>> {
+fn launch_workers(
+    task: &Task,
+    run_id: i64,
+    count: i32,
+    shared: &SharedRun,
+) -> SqlResult<Vec<DynamicBackgroundWorker>> {
     let args = WorkerArgs {
         database: unsafe { pg_sys::MyDatabaseId },
         owner: task.owner,
@@ -161,17 +201,18 @@ fn launch_workers(task: &Task, run_id: i64, count: i32, shared: &SharedRun) -> S
     };
     let mut handles = Vec::new();
     for _ in 0..count {
-        let launched = BackgroundWorkerBuilder::new(&format!("chunkwise worker {} #{run_id}", task.name))
-            .set_type("chunkwise worker")
-            .set_library("pg_chunkwise")
-            .set_function("chunkwise_worker_main")
-            .enable_spi_access()
-            .set_restart_time(None)
-            .set_argument(Some(pg_sys::Datum::from(shared.handle())))
-            .set_extra(&args.encode())
-            // SAFETY: reads this backend's pid.
-            .set_notify_pid(unsafe { pg_sys::MyProcPid })
-            .load_dynamic();
+        let launched =
+            BackgroundWorkerBuilder::new(&format!("chunkwise worker {} #{run_id}", task.name))
+                .set_type("chunkwise worker")
+                .set_library("pg_chunkwise")
+                .set_function("chunkwise_worker_main")
+                .enable_spi_access()
+                .set_restart_time(None)
+                .set_argument(Some(pg_sys::Datum::from(shared.handle())))
+                .set_extra(&args.encode())
+                // SAFETY: reads this backend's pid.
+                .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                .load_dynamic();
         match launched {
             Ok(handle) => handles.push(handle),
             Err(_) => break,
@@ -202,14 +243,24 @@ fn max_worker_processes() -> i32 {
 
 fn all_stopped(handles: &[DynamicBackgroundWorker]) -> bool {
     handles.iter().all(|h| {
-        matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied))
+        matches!(
+            h.pid(),
+            Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)
+        )
     })
 }
 
 /// Waits until every worker has exited, reporting progress. If the caller's statement is
 /// cancelled, the workers are told to stop after their current item and the cancel is
 /// re-raised.
-fn wait_for_workers(task: &Task, run_id: i64, handles: &[DynamicBackgroundWorker], state: &RunState, total: i64, started: Instant) {
+fn wait_for_workers(
+    task: &Task,
+    run_id: i64,
+    handles: &[DynamicBackgroundWorker],
+    state: &RunState,
+    total: i64,
+    started: Instant,
+) {
     let interval = Duration::from_secs(gucs::progress_interval_secs().max(0) as u64);
     let mut next_report = started + interval;
     PgTryBuilder::new(AssertUnwindSafe(|| {
@@ -219,7 +270,8 @@ fn wait_for_workers(task: &Task, run_id: i64, handles: &[DynamicBackgroundWorker
             unsafe {
                 pg_sys::WaitLatch(
                     pg_sys::MyLatch,
-                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                        as i32,
                     POLL.as_millis() as i64,
                     pg_sys::PG_WAIT_EXTENSION,
                 );
@@ -243,8 +295,16 @@ fn report_progress(task: &Task, run_id: i64, state: &RunState, total: i64, start
     let done = RunState::count(&state.processed) + RunState::count(&state.dead);
     let failed = RunState::count(&state.failed);
     let elapsed = started.elapsed().as_secs_f64();
-    let rate = if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 };
-    let percent = if total > 0 { 100.0 * done as f64 / total as f64 } else { 100.0 };
+    let rate = if elapsed > 0.0 {
+        done as f64 / elapsed
+    } else {
+        0.0
+    };
+    let percent = if total > 0 {
+        100.0 * done as f64 / total as f64
+    } else {
+        100.0
+    };
     let eta = if rate > 0.0 {
         format!("{:.0}s", (total - done).max(0) as f64 / rate)
     } else {

@@ -34,7 +34,10 @@ impl Ranking {
     /// The ranking as the current settings define it.
     pub fn from_settings() -> SqlResult<Ranking> {
         let windows = parse_list(&gucs::recency_windows(), "chunkwise.recency_windows")?;
-        let thresholds = parse_list(&gucs::activity_thresholds(), "chunkwise.activity_thresholds")?;
+        let thresholds = parse_list(
+            &gucs::activity_thresholds(),
+            "chunkwise.activity_thresholds",
+        )?;
         if windows.is_empty() || !windows.windows(2).all(|w| w[0] < w[1]) || windows[0] <= 0 {
             return Err(SqlError::invalid_parameter(
                 "chunkwise.recency_windows must be positive day counts in ascending order",
@@ -47,7 +50,10 @@ impl Ranking {
             )
             .hint("For example: SET chunkwise.activity_thresholds = '100,10'."));
         }
-        Ok(Ranking { windows: windows.into_iter().map(|d| d * MICROS_PER_DAY).collect(), thresholds })
+        Ok(Ranking {
+            windows: windows.into_iter().map(|d| d * MICROS_PER_DAY).collect(),
+            thresholds,
+        })
     }
 
     fn activity_tiers(&self) -> i32 {
@@ -56,26 +62,39 @@ impl Ranking {
 
     /// 1 = active within the first window, ..., last = older than every window or never.
     pub fn recency_tier(&self, now: i64, last_activity: Option<i64>) -> i32 {
-        let Some(seen) = last_activity else { return self.windows.len() as i32 + 1 };
+        let Some(seen) = last_activity else {
+            return self.windows.len() as i32 + 1;
+        };
         let age = now.saturating_sub(seen);
-        self.windows.iter().position(|&w| age <= w).unwrap_or(self.windows.len()) as i32 + 1
+        self.windows
+            .iter()
+            .position(|&w| age <= w)
+            .unwrap_or(self.windows.len()) as i32
+            + 1
     }
 
     /// 1 = more actions than the first threshold, ..., last = the rest (or unknown).
     pub fn action_tier(&self, actions: Option<i64>) -> i32 {
         let actions = actions.unwrap_or(0);
-        self.thresholds.iter().position(|&t| actions > t).unwrap_or(self.thresholds.len()) as i32 + 1
+        self.thresholds
+            .iter()
+            .position(|&t| actions > t)
+            .unwrap_or(self.thresholds.len()) as i32
+            + 1
     }
 
     /// The combined tier: recency first, activity within it; 1 is the most urgent.
     pub fn tier(&self, now: i64, last_activity: Option<i64>, actions: Option<i64>) -> i32 {
-        (self.recency_tier(now, last_activity) - 1) * self.activity_tiers() + self.action_tier(actions)
+        (self.recency_tier(now, last_activity) - 1) * self.activity_tiers()
+            + self.action_tier(actions)
     }
 
     /// Sorts entities into processing order and returns each with its priority.
     pub fn prioritise(&self, now: i64, entities: &mut [Activity]) -> Vec<(i64, i64)> {
-        let mut keyed: Vec<(i32, &Activity)> =
-            entities.iter().map(|e| (self.tier(now, e.last_activity, e.actions), e)).collect();
+        let mut keyed: Vec<(i32, &Activity)> = entities
+            .iter()
+            .map(|e| (self.tier(now, e.last_activity, e.actions), e))
+            .collect();
         keyed.sort_by(|(ta, a), (tb, b)| {
             ta.cmp(tb)
                 .then_with(|| b.actions.unwrap_or(0).cmp(&a.actions.unwrap_or(0)))

@@ -74,7 +74,12 @@ impl SharedRun {
         };
         // SAFETY: the segment is at least size_of::<RunState>() bytes, suitably aligned
         // (DSM mappings are page aligned), and nobody else maps it yet.
-        unsafe { std::ptr::write(pg_sys::dsm_segment_address(segment).cast::<RunState>(), state) };
+        unsafe {
+            std::ptr::write(
+                pg_sys::dsm_segment_address(segment).cast::<RunState>(),
+                state,
+            )
+        };
         SharedRun { segment }
     }
 

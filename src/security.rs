@@ -63,10 +63,7 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
     // SAFETY: SECURITY_LOCAL_USERID_CHANGE marks the switch as local, as PostgreSQL does for
     // SECURITY DEFINER functions; `_restore` puts the previous identity back, also on unwind.
     unsafe {
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        )
+        pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32)
     };
     f()
 }
@@ -83,7 +80,9 @@ pub fn role_name(role: pg_sys::Oid) -> String {
         format!("role with OID {}", role.to_u32())
     } else {
         // SAFETY: a non-NULL result is a palloc'd NUL-terminated string.
-        unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned()
+        unsafe { std::ffi::CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -98,7 +97,10 @@ pub fn ensure_may_manage(task: &str, owner: pg_sys::Oid, action: &str) -> SqlRes
         PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
         format!("permission denied to {action} task \"{task}\""),
     )
-    .detail(format!("The task is owned by role \"{}\".", role_name(owner)))
+    .detail(format!(
+        "The task is owned by role \"{}\".",
+        role_name(owner)
+    ))
     .hint("Only the task's owner, a member of the owning role, or a superuser may do this."))
 }
 

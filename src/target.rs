@@ -35,7 +35,11 @@ const SIGNATURE_HINT: &str = "The target must take (bigint) for key items or (bi
 impl Target {
     /// A statement (`statement` or `after`): `$1` = key or lo, `$2` = hi, `$3` = payload.
     pub fn for_statement(sql: &str) -> Target {
-        Target { sql: sql.to_string(), shape: None, takes_payload: true }
+        Target {
+            sql: sql.to_string(),
+            shape: None,
+            takes_payload: true,
+        }
     }
 
     /// A procedure or function, checked to take one of the supported signatures.
@@ -60,8 +64,7 @@ impl Target {
                     row.get::<String>(5)?.unwrap_or_default(),
                 ))),
             }
-        })
-        ?;
+        })?;
         let Some((schema, name, kind, arg_types, signature)) = found else {
             return Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
@@ -86,13 +89,20 @@ impl Target {
                 .hint(SIGNATURE_HINT));
             }
         };
-        let args = (1..=arg_types.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let args = (1..=arg_types.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let sql = format!(
             "{verb} {}.{}({args})",
             spi::quote_identifier(&schema),
             spi::quote_identifier(&name)
         );
-        Ok(Target { sql, shape: Some(shape), takes_payload })
+        Ok(Target {
+            sql,
+            shape: Some(shape),
+            takes_payload,
+        })
     }
 
     /// SPI argument types, in `$n` order.
@@ -110,7 +120,12 @@ impl Target {
     }
 
     /// SPI arguments for one item, matching [`Target::arg_types`].
-    pub fn args(&self, key: i64, hi: Option<i64>, payload: Option<JsonB>) -> Vec<DatumWithOid<'static>> {
+    pub fn args(
+        &self,
+        key: i64,
+        hi: Option<i64>,
+        payload: Option<JsonB>,
+    ) -> Vec<DatumWithOid<'static>> {
         let mut args: Vec<DatumWithOid<'static>> = vec![key.into()];
         if self.shape != Some(ItemShape::Key) {
             args.push(hi.into());
@@ -148,12 +163,19 @@ pub fn ensure_single_statement(sql: &str, what: &str) -> SqlResult<()> {
     })?;
     // SAFETY: raw_parser reads the NUL-terminated string and returns a List allocated in
     // the current memory context, or raises a syntax error.
-    let statements = unsafe { pg_sys::raw_parser(text.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT) };
+    let statements =
+        unsafe { pg_sys::raw_parser(text.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT) };
     // SAFETY: a non-NULL List pointer from the parser.
-    let count = if statements.is_null() { 0 } else { unsafe { (*statements).length } };
+    let count = if statements.is_null() {
+        0
+    } else {
+        unsafe { (*statements).length }
+    };
     if count == 1 {
         return Ok(());
     }
-    Err(SqlError::invalid_parameter(format!("{what} must be exactly one SQL statement, found {count}"))
-        .hint("Wrap several statements in a procedure and use call => instead."))
+    Err(SqlError::invalid_parameter(format!(
+        "{what} must be exactly one SQL statement, found {count}"
+    ))
+    .hint("Wrap several statements in a procedure and use call => instead."))
 }

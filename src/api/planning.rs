@@ -5,10 +5,10 @@
 
 use std::collections::HashSet;
 
+use pgrx::JsonB;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiCursor, SpiHeapTupleData, SpiTupleTable};
-use pgrx::JsonB;
 
 use crate::catalog::{Task, required_task_name};
 use crate::error::{OrRaise, SqlError, SqlResult};
@@ -30,7 +30,14 @@ pub struct ItemBatch {
 }
 
 impl ItemBatch {
-    pub fn push(&mut self, key: i64, hi: Option<i64>, priority: i64, group_key: Option<String>, payload: Option<JsonB>) {
+    pub fn push(
+        &mut self,
+        key: i64,
+        hi: Option<i64>,
+        priority: i64,
+        group_key: Option<String>,
+        payload: Option<JsonB>,
+    ) {
         self.keys.push(key);
         self.his.push(hi);
         self.priorities.push(priority);
@@ -82,7 +89,11 @@ fn task_to_plan(task: Option<&str>) -> SqlResult<Task> {
 }
 
 fn null_argument(name: &str, hint: &str) -> SqlError {
-    SqlError::new(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, format!("{name} must not be NULL")).hint(hint.to_string())
+    SqlError::new(
+        PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+        format!("{name} must not be NULL"),
+    )
+    .hint(hint.to_string())
 }
 
 /// Adds one item (or updates the priority of the pending item with that key).
@@ -98,9 +109,15 @@ fn enqueue(
     let run = || -> SqlResult<i64> {
         let task = task_to_plan(task)?;
         let key = key.ok_or_else(|| null_argument("key", "Every item needs a bigint key."))?;
-        let priority = priority.ok_or_else(|| null_argument("priority", "Leave priority out for 0; lower runs first."))?;
-        let not_before =
-            not_before.ok_or_else(|| null_argument("not_before", "Leave not_before out to make the item due now."))?;
+        let priority = priority.ok_or_else(|| {
+            null_argument("priority", "Leave priority out for 0; lower runs first.")
+        })?;
+        let not_before = not_before.ok_or_else(|| {
+            null_argument(
+                "not_before",
+                "Leave not_before out to make the item due now.",
+            )
+        })?;
         let mut batch = ItemBatch::default();
         batch.push(key, None, priority, group_key.map(str::to_string), payload);
         batch.insert(task.id, Some(not_before))
@@ -144,11 +161,15 @@ fn wrong_type(column: &str, wanted: &str) -> SqlError {
         PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
         format!("column \"{column}\" of the planning query must be of type {wanted}"),
     )
-    .hint(format!("Cast it in the query, e.g. SELECT ...::{wanted} AS {column}."))
+    .hint(format!(
+        "Cast it in the query, e.g. SELECT ...::{wanted} AS {column}."
+    ))
 }
 
 fn integer_column(table: &SpiTupleTable, name: &str) -> SqlResult<Option<Column>> {
-    let Some(ordinal) = find_column(table, name) else { return Ok(None) };
+    let Some(ordinal) = find_column(table, name) else {
+        return Ok(None);
+    };
     let type_oid = table.column_type_oid(ordinal)?.value();
     if [pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INT2OID].contains(&type_oid) {
         Ok(Some(Column { ordinal, type_oid }))
@@ -157,8 +178,15 @@ fn integer_column(table: &SpiTupleTable, name: &str) -> SqlResult<Option<Column>
     }
 }
 
-fn typed_column(table: &SpiTupleTable, name: &str, type_oid: pg_sys::Oid, type_name: &str) -> SqlResult<Option<usize>> {
-    let Some(ordinal) = find_column(table, name) else { return Ok(None) };
+fn typed_column(
+    table: &SpiTupleTable,
+    name: &str,
+    type_oid: pg_sys::Oid,
+    type_name: &str,
+) -> SqlResult<Option<usize>> {
+    let Some(ordinal) = find_column(table, name) else {
+        return Ok(None);
+    };
     if table.column_type_oid(ordinal)?.value() == type_oid {
         Ok(Some(ordinal))
     } else {
@@ -169,15 +197,23 @@ fn typed_column(table: &SpiTupleTable, name: &str, type_oid: pg_sys::Oid, type_n
 impl PlanColumns {
     fn resolve(table: &SpiTupleTable, by_activity: bool) -> SqlResult<PlanColumns> {
         let key = integer_column(table, "key")?.ok_or_else(|| {
-            SqlError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN, "the planning query returns no column \"key\"")
-                .hint("Name the item key column key, e.g. SELECT user_id AS key FROM ...")
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                "the planning query returns no column \"key\"",
+            )
+            .hint("Name the item key column key, e.g. SELECT user_id AS key FROM ...")
         })?;
         let columns = PlanColumns {
             key,
             priority: integer_column(table, "priority")?,
             group_key: typed_column(table, "group_key", pg_sys::TEXTOID, "text")?,
             payload: typed_column(table, "payload", pg_sys::JSONBOID, "jsonb")?,
-            last_activity: typed_column(table, "last_activity", pg_sys::TIMESTAMPTZOID, "timestamptz")?,
+            last_activity: typed_column(
+                table,
+                "last_activity",
+                pg_sys::TIMESTAMPTZOID,
+                "timestamptz",
+            )?,
             actions: integer_column(table, "actions")?,
         };
         if by_activity && (columns.last_activity.is_none() || columns.actions.is_none()) {
@@ -198,7 +234,8 @@ fn for_each_batch(
     by_activity: bool,
     mut on_rows: impl FnMut(&PlanColumns, SpiTupleTable) -> SqlResult<()>,
 ) -> SqlResult<()> {
-    let query = query.ok_or_else(|| null_argument("query", "Pass a SELECT returning a key column."))?;
+    let query =
+        query.ok_or_else(|| null_argument("query", "Pass a SELECT returning a key column."))?;
     ensure_single_statement(query, "planning query")?;
     Spi::connect(|client| {
         let mut cursor: SpiCursor = client.try_open_cursor(query, &[])?;
@@ -219,8 +256,11 @@ fn for_each_batch(
 
 fn required_key(columns: &PlanColumns, row: &SpiHeapTupleData) -> SqlResult<i64> {
     columns.key.get(row)?.ok_or_else(|| {
-        SqlError::new(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "the planning query returned a NULL key")
-            .hint("Filter out rows without a key: WHERE key IS NOT NULL.")
+        SqlError::new(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "the planning query returned a NULL key",
+        )
+        .hint("Filter out rows without a key: WHERE key IS NOT NULL.")
     })
 }
 
@@ -279,7 +319,9 @@ fn plan_by_activity(task: Option<&str>, query: Option<&str>) -> i64 {
                 if seen.insert(key) {
                     entities.push(Activity {
                         key,
-                        last_activity: row.get::<TimestampWithTimeZone>(last_activity)?.map(i64::from),
+                        last_activity: row
+                            .get::<TimestampWithTimeZone>(last_activity)?
+                            .map(i64::from),
                         actions: actions.get(&row)?,
                     });
                 }
@@ -287,7 +329,10 @@ fn plan_by_activity(task: Option<&str>, query: Option<&str>) -> i64 {
             Ok(())
         })?;
         let mut added = 0;
-        for chunk in ranking.prioritise(transaction_now(), &mut entities).chunks(PLAN_BATCH as usize) {
+        for chunk in ranking
+            .prioritise(transaction_now(), &mut entities)
+            .chunks(PLAN_BATCH as usize)
+        {
             let mut batch = ItemBatch::default();
             for &(key, priority) in chunk {
                 batch.push(key, None, priority, None, None);

@@ -31,5 +31,11 @@ fn run(
         run_task(&task, workers, max_items)
     })()
     .or_raise();
-    TableIterator::once((summary.run_id, summary.processed, summary.failed, summary.dead, summary.seconds))
+    TableIterator::once((
+        summary.run_id,
+        summary.processed,
+        summary.failed,
+        summary.dead,
+        summary.seconds,
+    ))
 }

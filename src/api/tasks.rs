@@ -1,7 +1,7 @@
 //! Task definition: `create_task`, `drop_task`.
 
-use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::callconv::{Arg, ArgAbi};
+use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::nullable::Nullable;
 use pgrx::prelude::*;
 
@@ -16,7 +16,11 @@ use crate::target::{Target, ensure_single_statement};
 pub struct RegProc(pub pg_sys::Oid);
 
 impl FromDatum for RegProc {
-    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
         // SAFETY: regproc is an OID passed by value.
         unsafe { pg_sys::Oid::from_polymorphic_datum(datum, is_null, pg_sys::OIDOID) }.map(RegProc)
     }
@@ -72,36 +76,53 @@ struct TaskOptions<'a> {
 
 fn required<T>(value: Option<T>, name: &str) -> SqlResult<T> {
     value.ok_or_else(|| {
-        SqlError::new(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, format!("{name} must not be NULL"))
-            .hint(format!("Leave {name} out to use its default."))
+        SqlError::new(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("{name} must not be NULL"),
+        )
+        .hint(format!("Leave {name} out to use its default."))
     })
 }
 
-fn ensure_range<T: PartialOrd + std::fmt::Display>(value: T, lo: T, hi: T, name: &str) -> SqlResult<()> {
+fn ensure_range<T: PartialOrd + std::fmt::Display>(
+    value: T,
+    lo: T,
+    hi: T,
+    name: &str,
+) -> SqlResult<()> {
     if value >= lo && value <= hi {
         return Ok(());
     }
-    Err(SqlError::invalid_parameter(format!("{name} must be between {lo} and {hi}, not {value}"))
-        .hint(format!("Pass a {name} between {lo} and {hi}.")))
+    Err(
+        SqlError::invalid_parameter(format!("{name} must be between {lo} and {hi}, not {value}"))
+            .hint(format!("Pass a {name} between {lo} and {hi}.")),
+    )
 }
 
 fn ensure_positive_interval(value: &Interval, name: &str) -> SqlResult<()> {
     if value.as_micros() > 0 && value.months() >= 0 && value.days() >= 0 && value.micros() >= 0 {
         return Ok(());
     }
-    Err(SqlError::invalid_parameter(format!("{name} must be a positive interval"))
-        .hint(format!("For example {name} => '10 seconds'.")))
+    Err(
+        SqlError::invalid_parameter(format!("{name} must be a positive interval"))
+            .hint(format!("For example {name} => '10 seconds'.")),
+    )
 }
 
 pub fn validate_task_name(name: &str) -> SqlResult<()> {
-    let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
     if !name.is_empty() && name.len() <= MAX_TASK_NAME && valid_chars {
         return Ok(());
     }
-    Err(SqlError::new(PgSqlErrorCode::ERRCODE_INVALID_NAME, format!("invalid task name \"{name}\""))
-        .hint(format!(
-            "A task name has 1 to {MAX_TASK_NAME} characters from A-Z, a-z, 0-9 and _ - . :"
-        )))
+    Err(SqlError::new(
+        PgSqlErrorCode::ERRCODE_INVALID_NAME,
+        format!("invalid task name \"{name}\""),
+    )
+    .hint(format!(
+        "A task name has 1 to {MAX_TASK_NAME} characters from A-Z, a-z, 0-9 and _ - . :"
+    )))
 }
 
 impl TaskOptions<'_> {
@@ -143,13 +164,20 @@ impl TaskOptions<'_> {
         ensure_positive_interval(&self.retry_backoff, "retry_backoff")?;
         ensure_positive_interval(&self.retry_backoff_max, "retry_backoff_max")?;
         if self.retry_backoff_max.as_micros() < self.retry_backoff.as_micros() {
-            return Err(SqlError::invalid_parameter("retry_backoff_max must not be shorter than retry_backoff")
-                .hint("The backoff doubles after each failure up to retry_backoff_max."));
+            return Err(SqlError::invalid_parameter(
+                "retry_backoff_max must not be shorter than retry_backoff",
+            )
+            .hint("The backoff doubles after each failure up to retry_backoff_max."));
         }
         if let Some(timeout) = &self.item_timeout {
             ensure_positive_interval(timeout, "item_timeout")?;
         }
-        ensure_range(self.items_per_commit, 1, MAX_ITEMS_PER_COMMIT, "items_per_commit")?;
+        ensure_range(
+            self.items_per_commit,
+            1,
+            MAX_ITEMS_PER_COMMIT,
+            "items_per_commit",
+        )?;
         if self.sequential_groups {
             return Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -158,13 +186,15 @@ impl TaskOptions<'_> {
             .hint("Create the task without sequential_groups; per-group ordering is planned."));
         }
         if self.rank_by_activity && self.source.is_none() {
-            return Err(SqlError::invalid_parameter("rank_by_activity needs a source query")
-                .hint("Give source => a query returning key, last_activity and actions."));
+            return Err(
+                SqlError::invalid_parameter("rank_by_activity needs a source query")
+                    .hint("Give source => a query returning key, last_activity and actions."),
+            );
         }
         Ok(())
     }
 
-    fn insert(&self) -> SqlResult<i32> {
+    fn insert(&self) -> SqlResult<()> {
         let args: Vec<DatumWithOid> = vec![
             self.name.into(),
             current_user().into(),
@@ -183,21 +213,29 @@ impl TaskOptions<'_> {
             self.sequential_groups.into(),
             self.rank_by_activity.into(),
         ];
-        let id = as_extension_owner(|| {
-            Spi::get_one_with_args::<i32>(
-                "INSERT INTO chunkwise.tasks (task, owner, call, statement, after, source, workers, \
-                     max_items_per_cycle, max_attempts, retry_backoff, retry_backoff_max, item_timeout, \
-                     items_per_commit, synchronous_commit, sequential_groups, rank_by_activity) \
-                 VALUES ($1, $2, $3::regprocedure, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-                 ON CONFLICT (task) DO NOTHING RETURNING task_id",
-                &args,
-            )
-        })
-        ?;
-        id.ok_or_else(|| {
-            SqlError::new(PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT, format!("task \"{}\" already exists", self.name))
-                .hint("Choose another name, or chunkwise.drop_task() the old task first.")
-        })
+        let inserted = as_extension_owner(|| {
+            Spi::connect_mut(|client| {
+                client
+                    .update(
+                        "INSERT INTO chunkwise.tasks (task, owner, call, statement, after, source, workers, \
+                             max_items_per_cycle, max_attempts, retry_backoff, retry_backoff_max, item_timeout, \
+                             items_per_commit, synchronous_commit, sequential_groups, rank_by_activity) \
+                         VALUES ($1, $2, $3::regprocedure, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+                         ON CONFLICT (task) DO NOTHING",
+                        None,
+                        &args,
+                    )
+                    .map(|table| table.len())
+            })
+        })?;
+        if inserted == 1 {
+            return Ok(());
+        }
+        Err(SqlError::new(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("task \"{}\" already exists", self.name),
+        )
+        .hint("Choose another name, or chunkwise.drop_task() the old task first."))
     }
 }
 
@@ -279,8 +317,7 @@ fn drop_task(task: Option<&str>) {
                         (SELECT count(*) FROM chunkwise.items WHERE task_id = $1 AND status = 'pending')",
                 &[task.id.into()],
             )
-        })
-        ?;
+        })?;
         if live.unwrap_or(0) > 0 {
             return Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
@@ -293,10 +330,15 @@ fn drop_task(task: Option<&str>) {
                 "DELETE FROM chunkwise.items WHERE task_id = $1",
                 &[task.id.into()],
             )?;
-            Spi::run_with_args("DELETE FROM chunkwise.runs WHERE task_id = $1", &[task.id.into()])?;
-            Spi::run_with_args("DELETE FROM chunkwise.tasks WHERE task_id = $1", &[task.id.into()])
-        })
-        ?;
+            Spi::run_with_args(
+                "DELETE FROM chunkwise.runs WHERE task_id = $1",
+                &[task.id.into()],
+            )?;
+            Spi::run_with_args(
+                "DELETE FROM chunkwise.tasks WHERE task_id = $1",
+                &[task.id.into()],
+            )
+        })?;
         let pending = pending.unwrap_or(0);
         if pending > 0 {
             notice!("task \"{name}\" dropped with {pending} pending items");

@@ -3,9 +3,9 @@
 
 use std::panic::AssertUnwindSafe;
 
+use pgrx::JsonB;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use pgrx::JsonB;
 use pgrx::spi::OwnedPreparedStatement;
 
 use super::queue::ClaimedItem;
@@ -32,7 +32,9 @@ impl From<CaughtError> for ItemFailure {
         match caught {
             CaughtError::PostgresError(report)
             | CaughtError::ErrorReport(report)
-            | CaughtError::RustPanic { ereport: report, .. } => ItemFailure {
+            | CaughtError::RustPanic {
+                ereport: report, ..
+            } => ItemFailure {
                 sqlstate: sqlstate(report.sql_error_code()),
                 message: report.message().to_string(),
             },
@@ -58,10 +60,15 @@ impl PreparedTarget {
 
     /// Runs the target for `item` through SPI as the current user (the task owner).
     fn execute(&mut self, item: &ClaimedItem) {
-        let args = self.target.args(item.key, item.hi, item.payload.as_ref().map(|p| JsonB(p.0.clone())));
+        let args = self.target.args(
+            item.key,
+            item.hi,
+            item.payload.as_ref().map(|p| JsonB(p.0.clone())),
+        );
         Spi::connect_mut(|client| {
             if self.plan.is_none() {
-                let plan = client.prepare_mut(self.target.sql.as_str(), &self.target.arg_types())?;
+                let plan =
+                    client.prepare_mut(self.target.sql.as_str(), &self.target.arg_types())?;
                 self.plan = Some(plan.keep());
             }
             let plan = self.plan.as_ref().expect("prepared above");
@@ -80,7 +87,11 @@ pub struct Targets {
 
 impl Targets {
     pub fn new(target: Target, after: Option<Target>, timeout_ms: Option<i64>) -> Self {
-        Targets { target: PreparedTarget::new(target), after: after.map(PreparedTarget::new), timeout_ms }
+        Targets {
+            target: PreparedTarget::new(target),
+            after: after.map(PreparedTarget::new),
+            timeout_ms,
+        }
     }
 
     /// Runs the item in a subtransaction. Whatever the target changes in the session
@@ -92,7 +103,12 @@ impl Targets {
             let mut user = pg_sys::InvalidOid;
             let mut security = 0;
             pg_sys::GetUserIdAndSecContext(&mut user, &mut security);
-            let saved = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner, user, security);
+            let saved = (
+                pg_sys::CurrentMemoryContext,
+                pg_sys::CurrentResourceOwner,
+                user,
+                security,
+            );
             pg_sys::BeginInternalSubTransaction(std::ptr::null());
             pg_sys::MemoryContextSwitchTo(saved.0);
             saved
@@ -104,7 +120,9 @@ impl Targets {
             let guc_level = unsafe { pg_sys::NewGUCNestLevel() };
             if let Some(ms) = timeout_ms {
                 // SAFETY: STATEMENT_TIMEOUT is registered by InitPostgres in every backend.
-                unsafe { enable_timeout_after(STATEMENT_TIMEOUT, ms.clamp(1, i64::from(i32::MAX)) as i32) };
+                unsafe {
+                    enable_timeout_after(STATEMENT_TIMEOUT, ms.clamp(1, i64::from(i32::MAX)) as i32)
+                };
             }
             self.target.execute(item);
             if let Some(after) = self.after.as_mut() {

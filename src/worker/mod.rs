@@ -67,7 +67,10 @@ pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
     // The segment goes away when the launcher and every other worker are gone: then the
     // run was cancelled before this worker got going.
     let Some(shared) = SharedRun::attach(arg.value() as u32) else {
-        log!("pg_chunkwise run {} ended before its worker started", args.run_id);
+        log!(
+            "pg_chunkwise run {} ended before its worker started",
+            args.run_id
+        );
         return;
     };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(args.database), Some(args.owner));
@@ -102,7 +105,10 @@ impl Worker {
         let task = match Task::by_id(args.task_id) {
             Ok(Some(task)) => task,
             _ => {
-                log!("pg_chunkwise task {} no longer exists; worker exits", args.task_id);
+                log!(
+                    "pg_chunkwise task {} no longer exists; worker exits",
+                    args.task_id
+                );
                 return None;
             }
         };
@@ -114,24 +120,46 @@ impl Worker {
         let target = match target {
             Ok(target) => target,
             Err(_) => {
-                warning!("pg_chunkwise task \"{}\": its target procedure no longer fits; worker exits", task.name);
+                warning!(
+                    "pg_chunkwise task \"{}\": its target procedure no longer fits; worker exits",
+                    task.name
+                );
                 return None;
             }
         };
-        set_session_option("application_name", &format!("chunkwise {} #{}", task.name, args.run_id));
+        set_session_option(
+            "application_name",
+            &format!("chunkwise {} #{}", task.name, args.run_id),
+        );
         if !task.synchronous_commit {
             set_session_option("synchronous_commit", "off");
         }
         let queue = Queue::prepare();
         queue.register_worker(&args);
-        shared.state().workers_attached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let targets = Targets::new(target, task.after.as_deref().map(Target::for_statement), task.item_timeout_ms);
-        Some(Worker { args, task, shared, queue, targets, counts: Counts::default(), stopped_early: false })
+        shared
+            .state()
+            .workers_attached
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let targets = Targets::new(
+            target,
+            task.after.as_deref().map(Target::for_statement),
+            task.item_timeout_ms,
+        );
+        Some(Worker {
+            args,
+            task,
+            shared,
+            queue,
+            targets,
+            counts: Counts::default(),
+            stopped_early: false,
+        })
     }
 
     fn should_stop(&self) -> bool {
         // SAFETY: reads a flag that the SIGTERM handler sets.
-        let shutdown = unsafe { std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() } != 0;
+        let shutdown =
+            unsafe { std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() } != 0;
         shutdown || self.shared.state().cancelled()
     }
 
@@ -158,7 +186,8 @@ impl Worker {
             if granted == 0 {
                 return; // the run's max_items is used up
             }
-            let handled = BackgroundWorker::transaction(AssertUnwindSafe(|| self.process_batch(granted)));
+            let handled =
+                BackgroundWorker::transaction(AssertUnwindSafe(|| self.process_batch(granted)));
             self.shared.state().release(granted - handled);
             report_idle();
             if handled == 0 && !self.wait_for_retry() {
@@ -172,20 +201,34 @@ impl Worker {
     fn process_batch(&mut self, limit: i64) -> i64 {
         let items = self.queue.claim(self.task.id, limit);
         for item in &items {
-            report_activity(&format!("task {}: key {} (item {})", self.task.name, item.key, item.id));
+            report_activity(&format!(
+                "task {}: key {} (item {})",
+                self.task.name, item.key, item.id
+            ));
             match self.targets.execute(item) {
                 ItemOutcome::Done => {
                     self.queue.mark_done(item.id, self.args.run_id);
                     self.counts.processed += 1;
-                    self.shared.state().processed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    self.shared
+                        .state()
+                        .processed
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 ItemOutcome::Failed(failure) => {
-                    let dead = self.queue.record_failure(&self.task, item, &failure, self.args.run_id);
+                    let dead =
+                        self.queue
+                            .record_failure(&self.task, item, &failure, self.args.run_id);
                     self.counts.failed += 1;
-                    self.shared.state().failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    self.shared
+                        .state()
+                        .failed
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     if dead {
                         self.counts.dead += 1;
-                        self.shared.state().dead.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        self.shared
+                            .state()
+                            .dead
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
                 }
             }
@@ -197,15 +240,23 @@ impl Worker {
     /// `chunkwise.retry_wait_max`. Returns false when the worker should exit.
     fn wait_for_retry(&mut self) -> bool {
         let task_id = self.task.id;
-        let next_due = BackgroundWorker::transaction(AssertUnwindSafe(|| self.queue.seconds_to_next_retry(task_id)));
-        let Some(seconds) = next_due else { return false };
+        let next_due = BackgroundWorker::transaction(AssertUnwindSafe(|| {
+            self.queue.seconds_to_next_retry(task_id)
+        }));
+        let Some(seconds) = next_due else {
+            return false;
+        };
         if seconds > f64::from(gucs::retry_wait_max_secs()) {
             return false;
         }
         let deadline = Instant::now() + Duration::from_secs_f64(seconds.max(0.0));
         while Instant::now() < deadline {
-            let nap = deadline.saturating_duration_since(Instant::now()).min(RETRY_POLL);
-            if !BackgroundWorker::wait_latch(Some(nap.max(Duration::from_millis(1)))) || self.should_stop() {
+            let nap = deadline
+                .saturating_duration_since(Instant::now())
+                .min(RETRY_POLL);
+            if !BackgroundWorker::wait_latch(Some(nap.max(Duration::from_millis(1))))
+                || self.should_stop()
+            {
                 self.stopped_early = true;
                 return false;
             }
@@ -215,7 +266,13 @@ impl Worker {
 
     /// Adds this worker's figures to the run's row.
     fn finish(self) {
-        let Worker { args, queue, counts, stopped_early, .. } = self;
+        let Worker {
+            args,
+            queue,
+            counts,
+            stopped_early,
+            ..
+        } = self;
         BackgroundWorker::transaction(AssertUnwindSafe(|| {
             queue.unregister_worker(&args, &counts, stopped_early);
         }));

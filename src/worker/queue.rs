@@ -1,14 +1,14 @@
 //! The worker's bookkeeping on the queue tables: claim, mark done, record a failure,
 //! and the run's row. All of it runs as the extension owner, with plans prepared once.
 
+use pgrx::JsonB;
 use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
-use pgrx::JsonB;
 
+use super::item::ItemFailure;
 use super::{Counts, WorkerArgs, bookkeeping};
 use crate::catalog::Task;
-use super::item::ItemFailure;
 
 /// A claimed item, locked by this worker's transaction until it commits.
 pub struct ClaimedItem {
@@ -68,7 +68,9 @@ impl Queue {
                 Ok(Queue {
                     claim: client.prepare_mut(CLAIM, &[int4(), int8()])?.keep(),
                     mark_done: client.prepare_mut(MARK_DONE, &[int8(), int8()])?.keep(),
-                    record_failure: client.prepare_mut(RECORD_FAILURE, &[int8(), text(), text(), int8()])?.keep(),
+                    record_failure: client
+                        .prepare_mut(RECORD_FAILURE, &[int8(), text(), text(), int8()])?
+                        .keep(),
                 })
             })
         })
@@ -98,27 +100,44 @@ impl Queue {
 
     pub fn mark_done(&self, item_id: i64, run_id: i64) {
         bookkeeping(|| {
-            Spi::connect_mut(|client| client.update(&self.mark_done, None, &[item_id.into(), run_id.into()]).map(|_| ()))
+            Spi::connect_mut(|client| {
+                client
+                    .update(&self.mark_done, None, &[item_id.into(), run_id.into()])
+                    .map(|_| ())
+            })
         })
         .expect("mark done");
     }
 
     /// Records a failed attempt and logs it; returns whether the item is now dead.
-    pub fn record_failure(&self, task: &Task, item: &ClaimedItem, failure: &ItemFailure, run_id: i64) -> bool {
+    pub fn record_failure(
+        &self,
+        task: &Task,
+        item: &ClaimedItem,
+        failure: &ItemFailure,
+        run_id: i64,
+    ) -> bool {
         let (dead, attempts, retry_at) = bookkeeping(|| {
-            Spi::connect_mut(|client| -> Result<(bool, i32, String), pgrx::spi::SpiError> {
-                let table = client.update(
-                    &self.record_failure,
-                    None,
-                    &[item.id.into(), failure.sqlstate.as_str().into(), failure.message.as_str().into(), run_id.into()],
-                )?;
-                let row = table.first();
-                Ok((
-                    row.get::<bool>(1)?.unwrap_or(false),
-                    row.get::<i32>(2)?.unwrap_or(item.attempts + 1),
-                    row.get::<String>(3)?.unwrap_or_default(),
-                ))
-            })
+            Spi::connect_mut(
+                |client| -> Result<(bool, i32, String), pgrx::spi::SpiError> {
+                    let table = client.update(
+                        &self.record_failure,
+                        None,
+                        &[
+                            item.id.into(),
+                            failure.sqlstate.as_str().into(),
+                            failure.message.as_str().into(),
+                            run_id.into(),
+                        ],
+                    )?;
+                    let row = table.first();
+                    Ok((
+                        row.get::<bool>(1)?.unwrap_or(false),
+                        row.get::<i32>(2)?.unwrap_or(item.attempts + 1),
+                        row.get::<String>(3)?.unwrap_or_default(),
+                    ))
+                },
+            )
         })
         .expect("record failure");
         let what = format!(

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything pg_chunkwise needs on a fresh Debian 12 machine (as root), then
+# builds and installs the extension into the system PostgreSQL 15. Idempotent: each
+# step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_CONFIG=${PG_CONFIG:-/usr/bin/pg_config}
+PGRX_VERSION=0.18.1
+PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang postgresql-15-cron sudo)
+
+say() { printf '\n==> %s\n' "$*"; }
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
+  say "installing cargo-pgrx $PGRX_VERSION (a few minutes)"
+  cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+fi
+
+# Point pgrx at the system PostgreSQL 15; it must never download its own.
+if ! grep -qs '^pg15' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+  say "cargo pgrx init --pg15=$PG_CONFIG"
+  cargo pgrx init --pg15="$PG_CONFIG"
+fi
+
+say "building and installing pg_chunkwise"
+cargo pgrx install --release --pg-config "$PG_CONFIG"

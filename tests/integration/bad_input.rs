@@ -1,0 +1,173 @@
+//! Bad input: each refusal has a specific SQLSTATE and a hint, and changes nothing queued.
+
+use postgres::Client;
+
+use crate::harness::{sql_error, test_db};
+
+/// Everything the extension has queued or defined, as one comparable value.
+fn snapshot(client: &mut Client) -> String {
+    client
+        .query_one(
+            "SELECT coalesce((SELECT string_agg(t::text, '|' ORDER BY task_id) FROM chunkwise.tasks t), '') || '#' || \
+                    coalesce((SELECT string_agg(i::text, '|' ORDER BY item_id) FROM chunkwise.items i), '')",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
+    let mut db = test_db("bad_input");
+    db.batch_execute(
+        "CREATE PROCEDURE good(k bigint) LANGUAGE sql AS 'SELECT 1';
+         CREATE PROCEDURE takes_text(k text) LANGUAGE sql AS 'SELECT 1';
+         CREATE FUNCTION three_ints(a bigint, b bigint, c bigint) RETURNS int LANGUAGE sql AS 'SELECT 1';
+         CREATE TABLE t (id bigint);
+         SELECT chunkwise.create_task('existing', call => 'good');
+         SELECT chunkwise.enqueue('existing', 42, priority => 3);",
+    )
+    .unwrap();
+    let before = snapshot(&mut db);
+    let cases: &[(&str, &str)] = &[
+        ("SELECT chunkwise.run('nope')", "42704"),
+        ("SELECT chunkwise.enqueue('nope', 1)", "42704"),
+        ("SELECT chunkwise.drop_task('nope')", "42704"),
+        ("SELECT chunkwise.plan('nope', 'SELECT 1 AS key')", "42704"),
+        ("SELECT chunkwise.run(NULL)", "22004"),
+        (
+            "SELECT chunkwise.create_task('x', call => 'takes_text')",
+            "42883",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'three_ints')",
+            "42883",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'no_such_proc')",
+            "42883",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', statement => 'SELECT $1')",
+            "22023",
+        ),
+        ("SELECT chunkwise.create_task('x')", "22023"),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', workers => 0)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', workers => -3)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', workers => 100000)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', max_attempts => 0)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', max_attempts => NULL)",
+            "22004",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', retry_backoff => '-1 second')",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', retry_backoff => '1 hour', retry_backoff_max => '1 minute')",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', item_timeout => '0')",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', items_per_commit => 0)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', statement => 'SELECT 1; SELECT 2')",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', statement => 'SELEC 1')",
+            "42601",
+        ),
+        (
+            "SELECT chunkwise.create_task('bad name!', call => 'good')",
+            "42602",
+        ),
+        (
+            "SELECT chunkwise.create_task(NULL, call => 'good')",
+            "22004",
+        ),
+        (
+            "SELECT chunkwise.create_task('existing', call => 'good')",
+            "42710",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', rank_by_activity => true)",
+            "22023",
+        ),
+        ("SELECT chunkwise.enqueue('existing', NULL)", "22004"),
+        (
+            "SELECT chunkwise.enqueue('existing', 1, priority => NULL)",
+            "22004",
+        ),
+        (
+            "SELECT chunkwise.plan('existing', 'SELECT 1 AS id')",
+            "42703",
+        ),
+        (
+            "SELECT chunkwise.plan('existing', 'SELECT ''a''::text AS key')",
+            "42804",
+        ),
+        (
+            "SELECT chunkwise.plan('existing', 'SELECT NULL::bigint AS key')",
+            "22004",
+        ),
+        ("SELECT chunkwise.plan('existing', NULL)", "22004"),
+        (
+            "SELECT chunkwise.plan_by_activity('existing', 'SELECT 1::bigint AS key')",
+            "42703",
+        ),
+        ("SELECT chunkwise.run('existing', workers => 0)", "22023"),
+        ("SELECT chunkwise.run('existing', workers => 1000)", "22023"),
+        ("SELECT chunkwise.run('existing', max_items => 0)", "22023"),
+    ];
+    for (sql, code) in cases {
+        let (got, message, hint) = sql_error(db.query(*sql, &[]));
+        assert_eq!(&got, code, "{sql}: {message}");
+        // Syntax errors and unknown regproc names are PostgreSQL's own errors, raised
+        // before pg_chunkwise sees the call; they carry a position, not a hint.
+        if *code != "42601" && !sql.contains("no_such_proc") {
+            assert!(!hint.is_empty(), "{sql} should carry a hint ({message})");
+        }
+        assert_eq!(snapshot(&mut db), before, "{sql} changed the queue");
+    }
+}
+
+#[test]
+fn run_refuses_repeatable_read_and_a_task_created_in_the_same_transaction() {
+    let mut db = test_db("bad_run_context");
+    db.batch_execute("CREATE PROCEDURE good(k bigint) LANGUAGE sql AS 'SELECT 1'")
+        .unwrap();
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute("SELECT chunkwise.create_task('fresh', call => 'good'); SELECT chunkwise.enqueue('fresh', 1)").unwrap();
+    let (code, _, hint) = sql_error(tx.query("SELECT chunkwise.run('fresh')", &[]));
+    assert_eq!(code, "25000");
+    assert!(hint.contains("Commit"));
+    tx.rollback().unwrap();
+
+    db.batch_execute("SELECT chunkwise.create_task('fresh', call => 'good'); SELECT chunkwise.enqueue('fresh', 1)").unwrap();
+    let mut tx = db
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    let (code, _, _) = sql_error(tx.query("SELECT chunkwise.run('fresh')", &[]));
+    assert_eq!(code, "25000");
+}

@@ -1,0 +1,411 @@
+//! Runs: exactly-once under worker termination, failures and retries, priority order,
+//! limits, timeouts and cancellation.
+
+use std::time::Duration;
+
+use postgres::Client;
+
+use crate::harness::{Cluster, test_db, wait_for};
+
+/// A counter per key, and a procedure that bumps one (optionally sleeping first so a
+/// run lasts long enough to interfere with).
+fn counters(client: &mut Client, keys: i64, sleep_ms: f64) {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE counters (k bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+             INSERT INTO counters (k) SELECT g FROM generate_series(1, {keys}) g;
+             CREATE PROCEDURE bump(k bigint) LANGUAGE plpgsql AS $$
+             BEGIN
+               IF {sleep_ms} > 0 THEN PERFORM pg_sleep({sleep_ms} / 1000.0); END IF;
+               UPDATE counters SET n = n + 1 WHERE counters.k = bump.k;
+             END $$;"
+        ))
+        .unwrap();
+}
+
+fn counter_histogram(client: &mut Client) -> Vec<(i32, i64)> {
+    client
+        .query(
+            "SELECT n, count(*) FROM counters GROUP BY n ORDER BY n",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn status_counts(client: &mut Client, task: &str) -> (i64, i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT pending + waiting_retry, done, dead FROM chunkwise.task_status WHERE task = $1",
+            &[&task],
+        )
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+fn run(client: &mut Client, sql: &str) -> (Option<i64>, i64, i64, i64) {
+    let row = client.query_one(sql, &[]).unwrap();
+    (
+        row.get("run_id"),
+        row.get("processed"),
+        row.get("failed"),
+        row.get("dead"),
+    )
+}
+
+fn live_workers(client: &mut Client) -> Vec<i32> {
+    client
+        .query("SELECT pid FROM pg_stat_activity WHERE backend_type = 'chunkwise worker' AND datname = current_database()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[test]
+fn every_item_runs_exactly_once_with_four_workers() {
+    let mut db = test_db("exactly_once");
+    counters(&mut db, 20_000, 0.0);
+    db.batch_execute("SELECT chunkwise.create_task('bump', call => 'bump')")
+        .unwrap();
+    let planned: i64 = db
+        .query_one(
+            "SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(planned, 20_000);
+    let (run_id, processed, failed, dead) = run(&mut db, "SELECT * FROM chunkwise.run('bump', 4)");
+    assert!(run_id.is_some());
+    assert_eq!((processed, failed, dead), (20_000, 0, 0));
+    assert_eq!(counter_histogram(&mut db), vec![(1, 20_000)]);
+    assert_eq!(status_counts(&mut db, "bump"), (0, 20_000, 0));
+    let row = db
+        .query_one(
+            "SELECT workers_started, workers_exited, processed FROM chunkwise.runs",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, i32>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, i64>(2)
+        ),
+        (4, 4, 20_000)
+    );
+}
+
+#[test]
+fn terminating_a_worker_mid_run_loses_and_duplicates_nothing() {
+    let mut db = test_db("terminate_worker");
+    counters(&mut db, 20_000, 0.2);
+    db.batch_execute("SELECT chunkwise.create_task('bump', call => 'bump')")
+        .unwrap();
+    db.execute(
+        "SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters')",
+        &[],
+    )
+    .unwrap();
+
+    let runner = std::thread::spawn(|| {
+        let mut client = Cluster::get().connect("terminate_worker");
+        run(&mut client, "SELECT * FROM chunkwise.run('bump', 4)")
+    });
+    wait_for("the run to be under way", Duration::from_secs(60), || {
+        let done: i64 = db
+            .query_one("SELECT count(*) FROM counters WHERE n > 0", &[])
+            .unwrap()
+            .get(0);
+        (done >= 2_000).then_some(())
+    });
+    let victim = live_workers(&mut db)[0];
+    let terminated: bool = db
+        .query_one("SELECT pg_terminate_backend($1)", &[&victim])
+        .unwrap()
+        .get(0);
+    assert!(terminated);
+    let (_, first_processed, _, _) = runner.join().unwrap();
+    assert!(first_processed > 0);
+    wait_for("all workers to exit", Duration::from_secs(30), || {
+        live_workers(&mut db).is_empty().then_some(())
+    });
+
+    // Whatever the first run left pending, a second run finishes.
+    let (_, second_processed, _, _) = run(&mut db, "SELECT * FROM chunkwise.run('bump', 4)");
+    assert_eq!(
+        first_processed + second_processed,
+        20_000,
+        "each item counted once across both runs"
+    );
+    assert_eq!(counter_histogram(&mut db), vec![(1, 20_000)]);
+    assert_eq!(status_counts(&mut db, "bump"), (0, 20_000, 0));
+    let locked: i64 = db
+        .query_one("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'items'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(locked, 0, "no item is still claimed");
+}
+
+#[test]
+fn failing_items_retry_with_backoff_then_die_while_workers_go_on() {
+    let mut db = test_db("failures");
+    db.batch_execute(
+        "CREATE TABLE log (k bigint PRIMARY KEY, pid int NOT NULL);
+         CREATE FUNCTION flaky(k bigint) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+           IF k % 100 = 0 THEN RAISE EXCEPTION 'key % is cursed', k USING ERRCODE = 'check_violation'; END IF;
+           INSERT INTO log VALUES (k, pg_backend_pid());
+         END $$;
+         SELECT chunkwise.create_task('flaky', call => 'flaky', max_attempts => 3,
+                                      retry_backoff => '100 milliseconds', retry_backoff_max => '150 milliseconds');
+         SELECT chunkwise.plan('flaky', 'SELECT g AS key FROM generate_series(1, 1000) g');",
+    )
+    .unwrap();
+    let (_, processed, failed, dead) = run(&mut db, "SELECT * FROM chunkwise.run('flaky', 2)");
+    assert_eq!((processed, failed, dead), (990, 30, 10));
+    assert_eq!(status_counts(&mut db, "flaky"), (0, 990, 10));
+
+    let rows = db
+        .query("SELECT key, status, attempts, sqlstate, message, next_retry FROM chunkwise.failures ORDER BY key", &[])
+        .unwrap();
+    assert_eq!(rows.len(), 10);
+    for (i, row) in rows.iter().enumerate() {
+        let key: i64 = row.get(0);
+        assert_eq!(key, (i as i64 + 1) * 100);
+        assert_eq!(row.get::<_, &str>(1), "dead");
+        assert_eq!(row.get::<_, i32>(2), 3);
+        assert_eq!(row.get::<_, &str>(3), "23514");
+        assert_eq!(row.get::<_, String>(4), format!("key {key} is cursed"));
+        assert!(
+            row.get::<_, Option<std::time::SystemTime>>(5).is_none(),
+            "dead items have no next retry"
+        );
+    }
+    // Two workers did all the good items: a failure did not end a worker.
+    let pids: i64 = db
+        .query_one("SELECT count(DISTINCT pid) FROM log", &[])
+        .unwrap()
+        .get(0);
+    assert!(pids <= 2);
+    let logged: i64 = db
+        .query_one("SELECT count(*) FROM log", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 990);
+}
+
+#[test]
+fn retry_is_scheduled_with_exponential_backoff() {
+    let mut db = test_db("backoff");
+    db.batch_execute(
+        "CREATE FUNCTION always_fails(k bigint) RETURNS void LANGUAGE sql AS 'SELECT 1/0';
+         SELECT chunkwise.create_task('fails', call => 'always_fails', max_attempts => 10,
+                                      retry_backoff => '1 minute', retry_backoff_max => '3 minutes');
+         SELECT chunkwise.enqueue('fails', 7);",
+    )
+    .unwrap();
+    // Each run makes one attempt: the next retry is minutes away, beyond retry_wait_max.
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        let (_, _, failed, _) = run(&mut db, "SELECT * FROM chunkwise.run('fails', 1)");
+        assert_eq!(failed, 1);
+        let secs: f64 = db
+            .query_one("SELECT extract(epoch FROM next_retry - last_failed_at)::float8 FROM chunkwise.failures", &[])
+            .unwrap()
+            .get(0);
+        delays.push(secs.round() as i64);
+        // Make the retry due now for the next round (as the extension owner may).
+        db.batch_execute("UPDATE chunkwise.items SET not_before = now() - interval '1 second'")
+            .unwrap();
+    }
+    assert_eq!(
+        delays,
+        vec![60, 120, 180],
+        "1 min, doubled, then capped at retry_backoff_max"
+    );
+}
+
+#[test]
+fn one_worker_runs_items_in_priority_order() {
+    let mut db = test_db("priority");
+    db.batch_execute(
+        "CREATE TABLE done_order (seq bigserial, k bigint);
+         CREATE PROCEDURE record(k bigint) LANGUAGE sql AS 'INSERT INTO done_order (k) VALUES (k)';
+         SELECT chunkwise.create_task('ordered', call => 'record');",
+    )
+    .unwrap();
+    // key -> priority, enqueued in scrambled order; ties keep enqueue order.
+    let items: Vec<(i64, i64)> = (1..=200).map(|k| (k, (k * 7919) % 13)).collect();
+    for (key, priority) in &items {
+        db.execute(
+            "SELECT chunkwise.enqueue('ordered', $1, $2)",
+            &[key, priority],
+        )
+        .unwrap();
+    }
+    run(&mut db, "SELECT * FROM chunkwise.run('ordered', 1)");
+    let done: Vec<i64> = db
+        .query("SELECT k FROM done_order ORDER BY seq", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut expected = items.clone();
+    expected.sort_by_key(|&(key, priority)| (priority, key));
+    assert_eq!(done, expected.iter().map(|&(k, _)| k).collect::<Vec<_>>());
+    // The done timestamps agree with the order.
+    let ordered: bool = db
+        .query_one(
+            "SELECT bool_and(ok) FROM (SELECT finished_at >= lag(finished_at) OVER (ORDER BY priority, item_id) \
+               OR lag(finished_at) OVER (ORDER BY priority, item_id) IS NULL AS ok FROM chunkwise.items) s",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ordered);
+}
+
+#[test]
+fn max_items_is_exact_across_workers() {
+    let mut db = test_db("max_items");
+    counters(&mut db, 500, 0.0);
+    db.batch_execute(
+        "SELECT chunkwise.create_task('bump', call => 'bump');
+         SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters ORDER BY k');",
+    )
+    .unwrap();
+    let (_, processed, _, _) = run(
+        &mut db,
+        "SELECT * FROM chunkwise.run('bump', 4, max_items => 137)",
+    );
+    assert_eq!(processed, 137);
+    assert_eq!(counter_histogram(&mut db), vec![(0, 363), (1, 137)]);
+    assert_eq!(status_counts(&mut db, "bump"), (363, 137, 0));
+}
+
+#[test]
+fn item_timeout_fails_slow_items_with_query_canceled() {
+    let mut db = test_db("item_timeout");
+    db.batch_execute(
+        "CREATE PROCEDURE slow(k bigint) LANGUAGE sql AS 'SELECT pg_sleep(CASE WHEN k = 2 THEN 5 ELSE 0 END)';
+         SELECT chunkwise.create_task('slow', call => 'slow', item_timeout => '200 milliseconds', max_attempts => 1);
+         SELECT chunkwise.plan('slow', 'SELECT g AS key FROM generate_series(1, 3) g');",
+    )
+    .unwrap();
+    let (_, processed, failed, dead) = run(&mut db, "SELECT * FROM chunkwise.run('slow', 1)");
+    assert_eq!((processed, failed, dead), (2, 1, 1));
+    let row = db
+        .query_one("SELECT key, sqlstate, message FROM chunkwise.failures", &[])
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 2);
+    assert_eq!(row.get::<_, &str>(1), "57014");
+    assert!(row.get::<_, &str>(2).contains("statement timeout"));
+}
+
+#[test]
+fn cancelling_run_stops_workers_after_their_current_item() {
+    let mut db = test_db("cancel_run");
+    counters(&mut db, 5_000, 2.0);
+    db.batch_execute(
+        "SELECT chunkwise.create_task('bump', call => 'bump');
+         SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters');",
+    )
+    .unwrap();
+    let mut caller = Cluster::get().connect("cancel_run");
+    let cancel = caller.cancel_token();
+    let runner = std::thread::spawn(move || {
+        caller
+            .query("SELECT * FROM chunkwise.run('bump', 2)", &[])
+            .map(|_| ())
+    });
+    wait_for("items to be done", Duration::from_secs(60), || {
+        let done: i64 = db
+            .query_one("SELECT count(*) FROM counters WHERE n > 0", &[])
+            .unwrap()
+            .get(0);
+        (done >= 20).then_some(())
+    });
+    cancel.cancel_query(postgres::NoTls).unwrap();
+    let err = runner.join().unwrap().expect_err("run() was cancelled");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"));
+    wait_for("the workers to stop", Duration::from_secs(30), || {
+        live_workers(&mut db).is_empty().then_some(())
+    });
+    let (pending, done, dead) = status_counts(&mut db, "bump");
+    assert!(pending > 0, "cancelled before the end");
+    assert_eq!(pending + done + dead, 5_000);
+    let bumped: i64 = db
+        .query_one("SELECT count(*) FROM counters WHERE n = 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        bumped, done,
+        "every done item bumped its counter once, and no pending one did"
+    );
+    let over: i64 = db
+        .query_one("SELECT count(*) FROM counters WHERE n > 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(over, 0);
+    let cancelled: bool = db
+        .query_one("SELECT bool_and(cancelled) FROM chunkwise.runs", &[])
+        .unwrap()
+        .get(0);
+    assert!(cancelled);
+}
+
+#[test]
+fn workers_show_in_pg_stat_activity_and_run_as_the_owner() {
+    let mut db = test_db("activity");
+    db.batch_execute(
+        "CREATE ROLE etl_owner LOGIN;
+         CREATE TABLE seen (k bigint, who name, app text);
+         GRANT INSERT ON seen TO etl_owner;
+         CREATE PROCEDURE note(k bigint) LANGUAGE sql AS
+           $$ INSERT INTO seen SELECT k, current_user, current_setting('application_name'); SELECT pg_sleep(0.05) $$;
+         GRANT EXECUTE ON PROCEDURE note(bigint) TO etl_owner;",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut owner = Cluster::get().connect_as("activity", "etl_owner");
+    owner
+        .batch_execute(
+            "SELECT chunkwise.create_task('noted', call => 'note');
+             SELECT chunkwise.plan('noted', 'SELECT g AS key FROM generate_series(1, 40) g');",
+        )
+        .unwrap();
+    let runner =
+        std::thread::spawn(move || run(&mut owner, "SELECT * FROM chunkwise.run('noted', 2)"));
+    let (app, query): (String, String) = wait_for(
+        "a worker in pg_stat_activity",
+        Duration::from_secs(30),
+        || {
+            db.query(
+            "SELECT application_name, query FROM pg_stat_activity \
+              WHERE backend_type = 'chunkwise worker' AND state = 'active' AND datname = 'activity'",
+            &[],
+        )
+        .unwrap()
+        .first()
+        .map(|r| (r.get(0), r.get(1)))
+        },
+    );
+    assert!(app.starts_with("chunkwise noted #"), "{app}");
+    assert!(query.starts_with("task noted: key "), "{query}");
+    let (_, processed, _, _) = runner.join().unwrap();
+    assert_eq!(processed, 40);
+    let who: Vec<String> = db
+        .query("SELECT DISTINCT who::text FROM seen", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        who,
+        vec!["etl_owner".to_string()],
+        "targets run as the task owner, not a superuser"
+    );
+}

@@ -1,0 +1,176 @@
+//! A throwaway PostgreSQL 15 cluster for the client tests: started once per test binary
+//! as the `postgres` OS user on a private Unix socket, stopped when the binary exits.
+//! Each test gets a database of its own with the extension created in it.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use postgres::{Client, NoTls};
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+const PORT: u16 = 54_329;
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+fn bindir() -> PathBuf {
+    let out = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .expect("pg_config on PATH");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a PostgreSQL program as the `postgres` user when we are root (the server refuses
+/// to run as root).
+fn pg_command(program: &str) -> Command {
+    let path = bindir().join(program);
+    if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(path);
+        cmd
+    } else {
+        Command::new(path)
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+extern "C" fn stop_cluster() {
+    if let Some(cluster) = CLUSTER.get() {
+        let _ = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(cluster.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+impl Cluster {
+    pub fn get() -> &'static Cluster {
+        CLUSTER.get_or_init(|| {
+            let cluster = Cluster::start();
+            // SAFETY: registers a plain extern "C" fn to run at process exit.
+            unsafe { libc::atexit(stop_cluster) };
+            cluster
+        })
+    }
+
+    fn start() -> Cluster {
+        let dir = std::env::temp_dir().join("pg_chunkwise_tests");
+        let data = dir.join("data");
+        if data.join("postmaster.pid").exists() {
+            let _ = pg_command("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .args(["-m", "immediate", "-w", "stop"])
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            run(Command::new("chown").args(["postgres:postgres"]).arg(&dir));
+        }
+        run(pg_command("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data));
+        let conf = format!(
+            "listen_addresses = ''\nunix_socket_directories = '{}'\nport = {PORT}\n\
+             max_worker_processes = 48\nmax_connections = 60\nfsync = off\n\
+             chunkwise.max_workers = 24\nlog_min_messages = warning\nlog_line_prefix = '%m [%p] %b '\n",
+            dir.display()
+        );
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        text.push_str(&conf);
+        std::fs::write(&conf_path, text).unwrap();
+        run(pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .args(["-w", "start"]));
+        Cluster { dir, port: PORT }
+    }
+
+    pub fn connect(&self, dbname: &str) -> Client {
+        self.connect_as(dbname, "postgres")
+    }
+
+    pub fn connect_as(&self, dbname: &str, user: &str) -> Client {
+        Client::connect(
+            &format!(
+                "host={} port={} user={user} dbname={dbname}",
+                self.dir.display(),
+                self.port
+            ),
+            NoTls,
+        )
+        .unwrap_or_else(|e| panic!("connect to {dbname} as {user}: {e}"))
+    }
+}
+
+/// A fresh database with pg_chunkwise installed, named after the test.
+pub fn test_db(name: &str) -> Client {
+    let cluster = Cluster::get();
+    let mut admin = cluster.connect("postgres");
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    let mut client = cluster.connect(name);
+    client
+        .batch_execute("CREATE EXTENSION pg_chunkwise")
+        .unwrap();
+    client
+}
+
+/// Polls `check` until it returns Some or the deadline passes (then panics with `what`).
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The SQLSTATE and hint of a failed statement.
+pub fn sql_error(
+    result: Result<impl std::fmt::Debug, postgres::Error>,
+) -> (String, String, String) {
+    let err = result.expect_err("the statement should have failed");
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {err}"));
+    (
+        db.code().code().to_string(),
+        db.message().to_string(),
+        db.hint().unwrap_or_default().to_string(),
+    )
+}

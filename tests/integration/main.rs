@@ -1,0 +1,8 @@
+//! Client tests against a real PostgreSQL cluster started by the harness: what the
+//! background workers do can only be seen from outside the calling transaction.
+
+mod harness;
+
+mod bad_input;
+mod engine;
+mod planning;

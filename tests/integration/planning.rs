@@ -1,0 +1,152 @@
+//! Planning: de-duplication of pending keys, query row order, and the activity ranking.
+
+use postgres::Client;
+
+use crate::harness::test_db;
+
+fn recorder(client: &mut Client) {
+    client
+        .batch_execute(
+            "CREATE TABLE done_order (seq bigserial, k bigint);
+             CREATE PROCEDURE record(k bigint) LANGUAGE sql AS 'INSERT INTO done_order (k) VALUES (k)';
+             SELECT chunkwise.create_task('ranked', call => 'record');",
+        )
+        .unwrap();
+}
+
+fn done_order(client: &mut Client) -> Vec<i64> {
+    client
+        .query("SELECT k FROM done_order ORDER BY seq", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[test]
+fn replanning_a_pending_key_updates_its_priority_instead_of_duplicating_it() {
+    let mut db = test_db("replan");
+    recorder(&mut db);
+    let first: i64 = db
+        .query_one("SELECT chunkwise.enqueue('ranked', 1, priority => 5)", &[])
+        .unwrap()
+        .get(0);
+    let again: i64 = db
+        .query_one("SELECT chunkwise.enqueue('ranked', 1, priority => 2)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!((first, again), (1, 0));
+    let added: i64 = db
+        .query_one("SELECT chunkwise.plan('ranked', 'SELECT k AS key, 9 AS priority FROM unnest(ARRAY[1, 2, 2, 3]) k')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        added, 2,
+        "keys 2 and 3 are new; 1 is pending already, and 2 repeats"
+    );
+    let rows: Vec<(i64, i64)> = db
+        .query(
+            "SELECT key, priority FROM chunkwise.items ORDER BY key",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, vec![(1, 9), (2, 9), (3, 9)]);
+}
+
+#[test]
+fn without_a_priority_column_the_query_order_is_the_processing_order() {
+    let mut db = test_db("query_order");
+    recorder(&mut db);
+    db.batch_execute("SELECT chunkwise.plan('ranked', 'SELECT k AS key FROM unnest(ARRAY[5, 3, 9, 1, 7]) WITH ORDINALITY AS u(k, o) ORDER BY o')")
+        .unwrap();
+    db.batch_execute("SELECT * FROM chunkwise.run('ranked', 1)")
+        .unwrap();
+    assert_eq!(done_order(&mut db), vec![5, 3, 9, 1, 7]);
+}
+
+#[test]
+fn plan_by_activity_orders_users_by_recency_then_activity() {
+    let mut db = test_db("by_activity");
+    recorder(&mut db);
+    // (key, days since last activity or NULL for never, actions)
+    db.batch_execute(
+        "CREATE TABLE users (key bigint, days_ago float8, actions bigint);
+         INSERT INTO users VALUES
+           (1, 400, 5000),  -- old, very active: recency tier 4, activity tier 1 -> tier 10
+           (2, 1, 3),       -- yesterday, few actions: tier 3
+           (3, 2, 500),     -- 2 days, >100: tier 1
+           (4, 3, 500),     -- 3 days, >100, same actions, older than 3: tier 1, after 3
+           (5, 20, 50),     -- 20 days, >10: tier 5
+           (6, NULL, 0),    -- never: tier 12
+           (7, 60, 101),    -- 60 days, >100: tier 7
+           (8, 6, 11),      -- 6 days, >10: tier 2
+           (9, 5, 1000),    -- 5 days, 1000: tier 1, before 3 and 4 (more actions)
+           (10, 29, 10),    -- 29 days, exactly 10 (not >10): tier 6
+           (11, 100, 1),    -- >90 days: tier 12, but has a time: before never
+           (12, 0.5, 12);   -- half a day, >10: tier 2, same tier as 8 with more actions",
+    )
+    .unwrap();
+    let query = "SELECT key, CASE WHEN days_ago IS NULL THEN NULL ELSE now() - make_interval(secs => days_ago * 86400) END AS last_activity, actions FROM users";
+    let added: i64 = db
+        .query_one("SELECT chunkwise.plan_by_activity('ranked', $1)", &[&query])
+        .unwrap()
+        .get(0);
+    assert_eq!(added, 12);
+    let tiers: Vec<(i64, i32)> = db
+        .query(&format!("SELECT key, chunkwise.activity_tier(last_activity, actions) FROM ({query}) q ORDER BY key"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        tiers,
+        vec![
+            (1, 10),
+            (2, 3),
+            (3, 1),
+            (4, 1),
+            (5, 5),
+            (6, 12),
+            (7, 7),
+            (8, 2),
+            (9, 1),
+            (10, 6),
+            (11, 12),
+            (12, 2)
+        ]
+    );
+    db.batch_execute("SELECT * FROM chunkwise.run('ranked', 1)")
+        .unwrap();
+    assert_eq!(
+        done_order(&mut db),
+        vec![9, 3, 4, 12, 8, 2, 5, 10, 7, 1, 11, 6]
+    );
+}
+
+#[test]
+fn ranking_windows_and_thresholds_are_settings() {
+    let mut db = test_db("ranking_gucs");
+    let tier = |db: &mut Client| -> i32 {
+        db.query_one(
+            "SELECT chunkwise.activity_tier(now() - interval '10 days', 20)",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(tier(&mut db), 5, "30-day window, >10 actions");
+    db.batch_execute(
+        "SET chunkwise.recency_windows = '14,60'; SET chunkwise.activity_thresholds = '50'",
+    )
+    .unwrap();
+    assert_eq!(tier(&mut db), 2, "14-day window, not >50 actions");
+    db.batch_execute("SET chunkwise.recency_windows = '30,7'")
+        .unwrap();
+    let err = db
+        .query_one("SELECT chunkwise.activity_tier(now(), 1)", &[])
+        .expect_err("bad windows");
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"));
+}
