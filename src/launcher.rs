@@ -34,13 +34,11 @@ pub fn run_task(
     max_items: Option<i64>,
 ) -> SqlResult<RunSummary> {
     ensure_runnable(task)?;
-    if let Some(limit) = max_items {
-        if limit < 1 {
-            return Err(SqlError::invalid_parameter(format!(
-                "max_items must be at least 1, not {limit}"
-            ))
-            .hint("Leave max_items out to run every pending item."));
-        }
+    if let Some(limit) = max_items.filter(|&limit| limit < 1) {
+        return Err(SqlError::invalid_parameter(format!(
+            "max_items must be at least 1, not {limit}"
+        ))
+        .hint("Leave max_items out to run every pending item."));
     }
     let wanted = workers
         .or(task.workers)

@@ -114,7 +114,7 @@ impl Targets {
             saved
         };
         let timeout_ms = self.timeout_ms;
-        let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
+        PgTryBuilder::new(AssertUnwindSafe(|| {
             // SAFETY: a new GUC nesting level inside the subtransaction; it is popped
             // (discarding the target's settings) before the subtransaction is released.
             let guc_level = unsafe { pg_sys::NewGUCNestLevel() };
@@ -151,8 +151,7 @@ impl Targets {
             }
             ItemOutcome::Failed(ItemFailure::from(caught))
         })
-        .execute();
-        outcome
+        .execute()
     }
 }
 
