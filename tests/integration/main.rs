@@ -6,3 +6,4 @@ mod harness;
 mod bad_input;
 mod engine;
 mod planning;
+mod regress;
