@@ -23,6 +23,19 @@ pub struct RunSummary {
     pub seconds: f64,
 }
 
+impl RunSummary {
+    /// The summary of a run that found nothing to do and started no worker.
+    fn nothing_run() -> RunSummary {
+        RunSummary {
+            run_id: None,
+            processed: 0,
+            failed: 0,
+            dead: 0,
+            seconds: 0.0,
+        }
+    }
+}
+
 /// How often the launcher looks at its workers while it waits.
 const POLL: Duration = Duration::from_millis(200);
 /// Workers a run gets when neither run() nor the task says.
@@ -51,28 +64,13 @@ pub fn run_task(
         .hint("Pass fewer workers, or raise chunkwise.max_workers."));
     }
     if task.paused {
-        notice!(
-            "task \"{}\" is paused; nothing runs until chunkwise.resume()",
-            task.name
-        );
-        return Ok(RunSummary {
-            run_id: None,
-            processed: 0,
-            failed: 0,
-            dead: 0,
-            seconds: 0.0,
-        });
+        notice!("task \"{}\" is paused; nothing runs", task.name);
+        return Ok(RunSummary::nothing_run());
     }
     let backlog = pending_backlog(task)?;
     if backlog == 0 {
         notice!("task \"{}\" has no pending items", task.name);
-        return Ok(RunSummary {
-            run_id: None,
-            processed: 0,
-            failed: 0,
-            dead: 0,
-            seconds: 0.0,
-        });
+        return Ok(RunSummary::nothing_run());
     }
     let total = max_items.map_or(backlog, |m| m.min(backlog));
     let wanted = wanted.min(i32::try_from(total).unwrap_or(i32::MAX));

@@ -23,6 +23,22 @@ fn counters(client: &mut Client, keys: i64, sleep_ms: f64) {
         .unwrap();
 }
 
+/// The counters fixture plus a task `bump` over it with every key planned.
+fn bump_task(client: &mut Client, keys: i64, sleep_ms: f64) {
+    counters(client, keys, sleep_ms);
+    client
+        .batch_execute("SELECT chunkwise.create_task('bump', call => 'bump')")
+        .unwrap();
+    let planned: i64 = client
+        .query_one(
+            "SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(planned, keys);
+}
+
 fn counter_histogram(client: &mut Client) -> Vec<(i32, i64)> {
     client
         .query(
@@ -67,17 +83,7 @@ fn live_workers(client: &mut Client) -> Vec<i32> {
 #[test]
 fn every_item_runs_exactly_once_with_four_workers() {
     let mut db = test_db("exactly_once");
-    counters(&mut db, 20_000, 0.0);
-    db.batch_execute("SELECT chunkwise.create_task('bump', call => 'bump')")
-        .unwrap();
-    let planned: i64 = db
-        .query_one(
-            "SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters')",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(planned, 20_000);
+    bump_task(&mut db, 20_000, 0.0);
     let (run_id, processed, failed, dead) = run(&mut db, "SELECT * FROM chunkwise.run('bump', 4)");
     assert!(run_id.is_some());
     assert_eq!((processed, failed, dead), (20_000, 0, 0));
@@ -102,14 +108,7 @@ fn every_item_runs_exactly_once_with_four_workers() {
 #[test]
 fn terminating_a_worker_mid_run_loses_and_duplicates_nothing() {
     let mut db = test_db("terminate_worker");
-    counters(&mut db, 20_000, 0.2);
-    db.batch_execute("SELECT chunkwise.create_task('bump', call => 'bump')")
-        .unwrap();
-    db.execute(
-        "SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters')",
-        &[],
-    )
-    .unwrap();
+    bump_task(&mut db, 20_000, 0.2);
 
     let runner = std::thread::spawn(|| {
         let mut client = Cluster::get().connect("terminate_worker");
@@ -272,12 +271,7 @@ fn one_worker_runs_items_in_priority_order() {
 #[test]
 fn max_items_is_exact_across_workers() {
     let mut db = test_db("max_items");
-    counters(&mut db, 500, 0.0);
-    db.batch_execute(
-        "SELECT chunkwise.create_task('bump', call => 'bump');
-         SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters ORDER BY k');",
-    )
-    .unwrap();
+    bump_task(&mut db, 500, 0.0);
     let (_, processed, _, _) = run(
         &mut db,
         "SELECT * FROM chunkwise.run('bump', 4, max_items => 137)",
@@ -309,12 +303,7 @@ fn item_timeout_fails_slow_items_with_query_canceled() {
 #[test]
 fn cancelling_run_stops_workers_after_their_current_item() {
     let mut db = test_db("cancel_run");
-    counters(&mut db, 5_000, 2.0);
-    db.batch_execute(
-        "SELECT chunkwise.create_task('bump', call => 'bump');
-         SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters');",
-    )
-    .unwrap();
+    bump_task(&mut db, 5_000, 2.0);
     let mut caller = Cluster::get().connect("cancel_run");
     let cancel = caller.cancel_token();
     let runner = std::thread::spawn(move || {

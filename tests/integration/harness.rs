@@ -18,12 +18,17 @@ const PORT: u16 = 54_329;
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
-fn bindir() -> PathBuf {
+/// A directory `pg_config` reports, e.g. `--bindir`.
+pub fn pg_config_dir(option: &str) -> PathBuf {
     let out = Command::new("pg_config")
-        .arg("--bindir")
+        .arg(option)
         .output()
         .expect("pg_config on PATH");
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn bindir() -> PathBuf {
+    pg_config_dir("--bindir")
 }
 
 fn is_root() -> bool {

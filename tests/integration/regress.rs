@@ -4,15 +4,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::harness::Cluster;
+use crate::harness::{Cluster, pg_config_dir};
 
 fn pg_regress() -> PathBuf {
-    let out = Command::new("pg_config")
-        .arg("--pkglibdir")
-        .output()
-        .expect("pg_config on PATH");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-        .join("pgxs/src/test/regress/pg_regress")
+    pg_config_dir("--pkglibdir").join("pgxs/src/test/regress/pg_regress")
 }
 
 #[test]
