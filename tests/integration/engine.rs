@@ -398,3 +398,41 @@ fn workers_show_in_pg_stat_activity_and_run_as_the_owner() {
         "targets run as the task owner, not a superuser"
     );
 }
+
+#[test]
+fn a_run_gets_fewer_workers_when_slots_are_busy_and_an_error_when_none_are_free() {
+    let mut db = test_db("worker_slots");
+    bump_task(&mut db, 10, 0.0);
+    db.batch_execute(
+        "CREATE PROCEDURE hold(k bigint) LANGUAGE sql AS 'SELECT pg_sleep(3)';
+         SELECT chunkwise.create_task('hold', call => 'hold');
+         SELECT chunkwise.enqueue('hold', 1);",
+    )
+    .unwrap();
+    let holder = std::thread::spawn(|| {
+        let mut client = Cluster::get().connect("worker_slots");
+        run(&mut client, "SELECT * FROM chunkwise.run('hold', 1)")
+    });
+    wait_for("the holding worker", Duration::from_secs(30), || {
+        (live_workers(&mut db).len() == 1).then_some(())
+    });
+    // chunkwise.max_workers = 1 and one worker busy: nothing free.
+    db.batch_execute("SET chunkwise.max_workers = 1").unwrap();
+    let (code, _, hint) =
+        crate::harness::sql_error(db.query("SELECT * FROM chunkwise.run('bump', 1)", &[]));
+    assert_eq!(code, "53400");
+    assert!(hint.contains("chunkwise.max_workers"));
+    // Two allowed, one busy: the run goes ahead with one worker.
+    db.batch_execute("SET chunkwise.max_workers = 2").unwrap();
+    let (run_id, processed, _, _) = run(&mut db, "SELECT * FROM chunkwise.run('bump', 2)");
+    assert_eq!(processed, 10);
+    let started: i32 = db
+        .query_one(
+            "SELECT workers_started FROM chunkwise.runs WHERE run_id = $1",
+            &[&run_id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(started, 1);
+    assert_eq!(holder.join().unwrap().1, 1);
+}
