@@ -14,7 +14,6 @@ use pgrx::prelude::*;
 use crate::catalog::Task;
 use crate::gucs;
 use crate::run_state::SharedRun;
-use crate::security::as_extension_owner;
 use crate::target::Target;
 use item::{ItemOutcome, Targets};
 use queue::Queue;
@@ -303,9 +302,4 @@ fn report_activity(text: &str) {
 fn report_idle() {
     // SAFETY: a NULL text keeps the last query shown, as PostgreSQL does for idle backends.
     unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
-}
-
-/// Bookkeeping runs as the extension owner; this keeps that in one place for the worker.
-fn bookkeeping<R>(f: impl FnOnce() -> R) -> R {
-    as_extension_owner(f)
 }

@@ -7,8 +7,9 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 
 use super::item::ItemFailure;
-use super::{Counts, WorkerArgs, bookkeeping};
+use super::{Counts, WorkerArgs};
 use crate::catalog::Task;
+use crate::security::as_extension_owner;
 
 /// A claimed item, locked by this worker's transaction until it commits.
 pub struct ClaimedItem {
@@ -63,7 +64,7 @@ fn int4() -> PgOid {
 impl Queue {
     /// Prepares the hot-path statements; call inside a transaction.
     pub fn prepare() -> Queue {
-        bookkeeping(|| {
+        as_extension_owner(|| {
             Spi::connect(|client| -> Result<Queue, pgrx::spi::SpiError> {
                 Ok(Queue {
                     claim: client.prepare_mut(CLAIM, &[int4(), int8()])?.keep(),
@@ -78,7 +79,7 @@ impl Queue {
     }
 
     pub fn claim(&self, task_id: i32, limit: i64) -> Vec<ClaimedItem> {
-        bookkeeping(|| {
+        as_extension_owner(|| {
             Spi::connect_mut(|client| -> Result<Vec<ClaimedItem>, pgrx::spi::SpiError> {
                 let table = client.update(&self.claim, None, &[task_id.into(), limit.into()])?;
                 table
@@ -99,7 +100,7 @@ impl Queue {
     }
 
     pub fn mark_done(&self, item_id: i64, run_id: i64) {
-        bookkeeping(|| {
+        as_extension_owner(|| {
             Spi::connect_mut(|client| {
                 client
                     .update(&self.mark_done, None, &[item_id.into(), run_id.into()])
@@ -117,7 +118,7 @@ impl Queue {
         failure: &ItemFailure,
         run_id: i64,
     ) -> bool {
-        let (dead, attempts, retry_at) = bookkeeping(|| {
+        let (dead, attempts, retry_at) = as_extension_owner(|| {
             Spi::connect_mut(
                 |client| -> Result<(bool, i32, String), pgrx::spi::SpiError> {
                     let table = client.update(
@@ -154,7 +155,7 @@ impl Queue {
 
     /// Seconds until the earliest retry of the task falls due, if any is scheduled.
     pub fn seconds_to_next_retry(&self, task_id: i32) -> Option<f64> {
-        bookkeeping(|| {
+        as_extension_owner(|| {
             Spi::get_one_with_args::<f64>(
                 "SELECT extract(epoch FROM min(not_before) - clock_timestamp())::float8 \
                    FROM chunkwise.items WHERE task_id = $1 AND status = 'pending' AND not_before > now()",
@@ -166,7 +167,7 @@ impl Queue {
     }
 
     pub fn register_worker(&self, args: &WorkerArgs) {
-        bookkeeping(|| {
+        as_extension_owner(|| {
             Spi::run_with_args(
                 "INSERT INTO chunkwise.runs (run_id, task_id, started_at, workers_requested, workers_started) \
                  VALUES ($1, $2, now(), $3, 1) \
@@ -178,7 +179,7 @@ impl Queue {
     }
 
     pub fn unregister_worker(&self, args: &WorkerArgs, counts: &Counts, stopped_early: bool) {
-        bookkeeping(|| {
+        as_extension_owner(|| {
             Spi::run_with_args(
                 "UPDATE chunkwise.runs SET workers_exited = workers_exited + 1, finished_at = clock_timestamp(), \
                         processed = processed + $2, failed = failed + $3, dead = dead + $4, \
