@@ -46,12 +46,7 @@ impl Task {
                 paused: row.get(12)?.unwrap_or(false),
             })
         };
-        read().map_err(|e| {
-            SqlError::new(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                format!("reading task: {e}"),
-            )
-        })
+        Ok(read()?)
     }
 
     /// Looks a task up by name; an unknown name is the caller's error.

@@ -83,11 +83,7 @@ pub fn run_task(
     wait_for_workers(task, run_id, &handles, shared.state(), total, started);
 
     let state = shared.state();
-    if state
-        .workers_attached
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
-    {
+    if state.workers_attached() == 0 {
         return Err(SqlError::new(
             PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
             format!(
@@ -97,11 +93,12 @@ pub fn run_task(
         )
         .hint("See the server log; workers connect to this database as the task's owner."));
     }
+    let tally = state.tally();
     Ok(RunSummary {
         run_id: Some(run_id),
-        processed: RunState::count(&state.processed),
-        failed: RunState::count(&state.failed),
-        dead: RunState::count(&state.dead),
+        processed: tally.processed,
+        failed: tally.failed,
+        dead: tally.dead,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -288,8 +285,9 @@ fn wait_for_workers(
 }
 
 fn report_progress(task: &Task, run_id: i64, state: &RunState, total: i64, started: Instant) {
-    let done = RunState::count(&state.processed) + RunState::count(&state.dead);
-    let failed = RunState::count(&state.failed);
+    let tally = state.tally();
+    let done = tally.processed + tally.dead;
+    let failed = tally.failed;
     let elapsed = started.elapsed().as_secs_f64();
     let rate = if elapsed > 0.0 {
         done as f64 / elapsed

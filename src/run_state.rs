@@ -6,15 +6,46 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 
 use pgrx::pg_sys;
 
+/// What happened to one attempt at an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    Done,
+    /// Failed, with a retry scheduled.
+    Failed,
+    /// Failed for the last time: the item is dead.
+    Died,
+}
+
+/// Counts of attempts: a worker keeps its own, the run keeps the sum in shared memory.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub processed: i64,
+    pub failed: i64,
+    pub dead: i64,
+}
+
+impl Tally {
+    pub fn record(&mut self, attempt: Attempt) {
+        match attempt {
+            Attempt::Done => self.processed += 1,
+            Attempt::Failed => self.failed += 1,
+            Attempt::Died => {
+                self.failed += 1;
+                self.dead += 1;
+            }
+        }
+    }
+}
+
 #[repr(C)]
 pub struct RunState {
     /// Most items the run may claim; 0 = no limit.
     max_items: i64,
     claimed: AtomicI64,
-    pub processed: AtomicI64,
-    pub failed: AtomicI64,
-    pub dead: AtomicI64,
-    pub workers_attached: AtomicI32,
+    processed: AtomicI64,
+    failed: AtomicI64,
+    dead: AtomicI64,
+    workers_attached: AtomicI32,
     cancel: AtomicBool,
 }
 
@@ -47,8 +78,33 @@ impl RunState {
         self.cancel.load(Ordering::SeqCst)
     }
 
-    pub fn count(counter: &AtomicI64) -> i64 {
-        counter.load(Ordering::SeqCst)
+    pub fn record(&self, attempt: Attempt) {
+        let counter = match attempt {
+            Attempt::Done => &self.processed,
+            Attempt::Failed => &self.failed,
+            Attempt::Died => {
+                self.dead.fetch_add(1, Ordering::SeqCst);
+                &self.failed
+            }
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The run's counts so far.
+    pub fn tally(&self) -> Tally {
+        Tally {
+            processed: self.processed.load(Ordering::SeqCst),
+            failed: self.failed.load(Ordering::SeqCst),
+            dead: self.dead.load(Ordering::SeqCst),
+        }
+    }
+
+    pub fn attach_worker(&self) {
+        self.workers_attached.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn workers_attached(&self) -> i32 {
+        self.workers_attached.load(Ordering::SeqCst)
     }
 }
 

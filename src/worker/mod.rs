@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 
 use crate::catalog::Task;
 use crate::gucs;
-use crate::run_state::SharedRun;
+use crate::run_state::{Attempt, SharedRun, Tally};
 use crate::target::Target;
 use item::{ItemOutcome, Targets};
 use queue::Queue;
@@ -81,20 +81,13 @@ pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
     worker.finish();
 }
 
-#[derive(Default)]
-struct Counts {
-    processed: i64,
-    failed: i64,
-    dead: i64,
-}
-
 struct Worker {
     args: WorkerArgs,
     task: Task,
     shared: SharedRun,
     queue: Queue,
     targets: Targets,
-    counts: Counts,
+    tally: Tally,
     stopped_early: bool,
 }
 
@@ -135,10 +128,7 @@ impl Worker {
         }
         let queue = Queue::prepare();
         queue.register_worker(&args);
-        shared
-            .state()
-            .workers_attached
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        shared.state().attach_worker();
         let targets = Targets::new(
             target,
             task.after.as_deref().map(Target::for_statement),
@@ -150,7 +140,7 @@ impl Worker {
             shared,
             queue,
             targets,
-            counts: Counts::default(),
+            tally: Tally::default(),
             stopped_early: false,
         })
     }
@@ -204,33 +194,18 @@ impl Worker {
                 "task {}: key {} (item {})",
                 self.task.name, item.key, item.id
             ));
-            match self.targets.execute(item) {
+            let attempt = match self.targets.execute(item) {
                 ItemOutcome::Done => {
                     self.queue.mark_done(item.id, self.args.run_id);
-                    self.counts.processed += 1;
-                    self.shared
-                        .state()
-                        .processed
-                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    Attempt::Done
                 }
                 ItemOutcome::Failed(failure) => {
-                    let dead =
-                        self.queue
-                            .record_failure(&self.task, item, &failure, self.args.run_id);
-                    self.counts.failed += 1;
-                    self.shared
-                        .state()
-                        .failed
-                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    if dead {
-                        self.counts.dead += 1;
-                        self.shared
-                            .state()
-                            .dead
-                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    }
+                    self.queue
+                        .record_failure(&self.task, item, &failure, self.args.run_id)
                 }
-            }
+            };
+            self.tally.record(attempt);
+            self.shared.state().record(attempt);
         }
         items.len() as i64
     }
@@ -268,12 +243,12 @@ impl Worker {
         let Worker {
             args,
             queue,
-            counts,
+            tally,
             stopped_early,
             ..
         } = self;
         BackgroundWorker::transaction(AssertUnwindSafe(|| {
-            queue.unregister_worker(&args, &counts, stopped_early);
+            queue.unregister_worker(&args, &tally, stopped_early);
         }));
     }
 }

@@ -6,9 +6,10 @@ use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 
+use super::WorkerArgs;
 use super::item::ItemFailure;
-use super::{Counts, WorkerArgs};
 use crate::catalog::Task;
+use crate::run_state::{Attempt, Tally};
 use crate::security::as_extension_owner;
 
 /// A claimed item, locked by this worker's transaction until it commits.
@@ -110,14 +111,14 @@ impl Queue {
         .expect("mark done");
     }
 
-    /// Records a failed attempt and logs it; returns whether the item is now dead.
+    /// Records a failed attempt and logs it; the attempt is `Died` when the item is now dead.
     pub fn record_failure(
         &self,
         task: &Task,
         item: &ClaimedItem,
         failure: &ItemFailure,
         run_id: i64,
-    ) -> bool {
+    ) -> Attempt {
         let (dead, attempts, retry_at) = as_extension_owner(|| {
             Spi::connect_mut(
                 |client| -> Result<(bool, i32, String), pgrx::spi::SpiError> {
@@ -147,10 +148,11 @@ impl Queue {
         );
         if dead {
             warning!("{what}; the item is dead (chunkwise.retry() makes it pending again)");
+            Attempt::Died
         } else {
             warning!("{what}; retry at {retry_at}");
+            Attempt::Failed
         }
-        dead
     }
 
     /// Seconds until the earliest retry of the task falls due, if any is scheduled.
@@ -178,7 +180,7 @@ impl Queue {
         .expect("register worker");
     }
 
-    pub fn unregister_worker(&self, args: &WorkerArgs, counts: &Counts, stopped_early: bool) {
+    pub fn unregister_worker(&self, args: &WorkerArgs, tally: &Tally, stopped_early: bool) {
         as_extension_owner(|| {
             Spi::run_with_args(
                 "UPDATE chunkwise.runs SET workers_exited = workers_exited + 1, finished_at = clock_timestamp(), \
@@ -187,9 +189,9 @@ impl Queue {
                   WHERE run_id = $1",
                 &[
                     args.run_id.into(),
-                    counts.processed.into(),
-                    counts.failed.into(),
-                    counts.dead.into(),
+                    tally.processed.into(),
+                    tally.failed.into(),
+                    tally.dead.into(),
                     stopped_early.into(),
                 ],
             )
