@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use postgres::Client;
 
+use crate::fixtures::{done_order, recorder_task};
 use crate::harness::{Cluster, test_db, wait_for};
 
 /// A counter per key, and a procedure that bumps one (optionally sleeping first so a
@@ -231,12 +232,7 @@ fn retry_is_scheduled_with_exponential_backoff() {
 #[test]
 fn one_worker_runs_items_in_priority_order() {
     let mut db = test_db("priority");
-    db.batch_execute(
-        "CREATE TABLE done_order (seq bigserial, k bigint);
-         CREATE PROCEDURE record(k bigint) LANGUAGE sql AS 'INSERT INTO done_order (k) VALUES (k)';
-         SELECT chunkwise.create_task('ordered', call => 'record');",
-    )
-    .unwrap();
+    recorder_task(&mut db, "ordered");
     // key -> priority, enqueued in scrambled order; ties keep enqueue order.
     let items: Vec<(i64, i64)> = (1..=200).map(|k| (k, (k * 7919) % 13)).collect();
     for (key, priority) in &items {
@@ -247,12 +243,7 @@ fn one_worker_runs_items_in_priority_order() {
         .unwrap();
     }
     run(&mut db, "SELECT * FROM chunkwise.run('ordered', 1)");
-    let done: Vec<i64> = db
-        .query("SELECT k FROM done_order ORDER BY seq", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let done = done_order(&mut db);
     let mut expected = items.clone();
     expected.sort_by_key(|&(key, priority)| (priority, key));
     assert_eq!(done, expected.iter().map(|&(k, _)| k).collect::<Vec<_>>());

@@ -1,6 +1,7 @@
 //! Client tests against a real PostgreSQL cluster started by the harness: what the
 //! background workers do can only be seen from outside the calling transaction.
 
+mod fixtures;
 mod harness;
 
 mod bad_input;

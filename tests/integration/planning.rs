@@ -2,31 +2,13 @@
 
 use postgres::Client;
 
+use crate::fixtures::{done_order, recorder_task};
 use crate::harness::test_db;
-
-fn recorder(client: &mut Client) {
-    client
-        .batch_execute(
-            "CREATE TABLE done_order (seq bigserial, k bigint);
-             CREATE PROCEDURE record(k bigint) LANGUAGE sql AS 'INSERT INTO done_order (k) VALUES (k)';
-             SELECT chunkwise.create_task('ranked', call => 'record');",
-        )
-        .unwrap();
-}
-
-fn done_order(client: &mut Client) -> Vec<i64> {
-    client
-        .query("SELECT k FROM done_order ORDER BY seq", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
 
 #[test]
 fn replanning_a_pending_key_updates_its_priority_instead_of_duplicating_it() {
     let mut db = test_db("replan");
-    recorder(&mut db);
+    recorder_task(&mut db, "ranked");
     let first: i64 = db
         .query_one("SELECT chunkwise.enqueue('ranked', 1, priority => 5)", &[])
         .unwrap()
@@ -59,7 +41,7 @@ fn replanning_a_pending_key_updates_its_priority_instead_of_duplicating_it() {
 #[test]
 fn without_a_priority_column_the_query_order_is_the_processing_order() {
     let mut db = test_db("query_order");
-    recorder(&mut db);
+    recorder_task(&mut db, "ranked");
     db.batch_execute("SELECT chunkwise.plan('ranked', 'SELECT k AS key FROM unnest(ARRAY[5, 3, 9, 1, 7]) WITH ORDINALITY AS u(k, o) ORDER BY o')")
         .unwrap();
     db.batch_execute("SELECT * FROM chunkwise.run('ranked', 1)")
@@ -70,7 +52,7 @@ fn without_a_priority_column_the_query_order_is_the_processing_order() {
 #[test]
 fn plan_by_activity_orders_users_by_recency_then_activity() {
     let mut db = test_db("by_activity");
-    recorder(&mut db);
+    recorder_task(&mut db, "ranked");
     // (key, days since last activity or NULL for never, actions)
     db.batch_execute(
         "CREATE TABLE users (key bigint, days_ago float8, actions bigint);
