@@ -9,6 +9,7 @@ use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
 use pgrx::{JsonB, spi};
 
+use crate::catalog::Task;
 use crate::error::{SqlError, SqlResult};
 
 /// The kind of item a target takes.
@@ -40,6 +41,20 @@ impl Target {
             shape: None,
             takes_payload: true,
         }
+    }
+
+    /// The task's target: its `call` or its `statement`.
+    pub fn of_task(task: &Task) -> SqlResult<Target> {
+        match (task.call, &task.statement) {
+            (Some(proc), _) => Target::for_call(proc),
+            (None, Some(sql)) => Ok(Target::for_statement(sql)),
+            (None, None) => unreachable!("a task has call or statement (table CHECK)"),
+        }
+    }
+
+    /// Whether items may be `[lo, hi)` ranges: a `(bigint, bigint)` call or a statement.
+    pub fn takes_ranges(&self) -> bool {
+        self.shape != Some(ItemShape::Key)
     }
 
     /// A procedure or function, checked to take one of the supported signatures.
@@ -127,7 +142,7 @@ impl Target {
         payload: Option<JsonB>,
     ) -> Vec<DatumWithOid<'static>> {
         let mut args: Vec<DatumWithOid<'static>> = vec![key.into()];
-        if self.shape != Some(ItemShape::Key) {
+        if self.takes_ranges() {
             args.push(hi.into());
         }
         if self.takes_payload {

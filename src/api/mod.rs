@@ -1,5 +1,7 @@
-//! The SQL surface (schema `chunkwise`): task definition, planning, running.
+//! The SQL surface (schema `chunkwise`): task definition, planning (by query, key range
+//! or block range), running.
 
+pub mod chunks;
 pub mod planning;
 pub mod running;
 pub mod tasks;

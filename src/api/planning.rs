@@ -17,7 +17,7 @@ use crate::security::{as_extension_owner, ensure_may_manage};
 use crate::target::ensure_single_statement;
 
 /// Rows fetched from a planning query and written to the queue at a time.
-const PLAN_BATCH: i64 = 10_000;
+pub(crate) const PLAN_BATCH: i64 = 10_000;
 
 /// Items on their way into the queue, column by column (they travel as SQL arrays).
 #[derive(Default)]
@@ -81,14 +81,14 @@ impl ItemBatch {
 }
 
 /// The task a planning call writes to, after the caller's right to do so is checked.
-fn task_to_plan(task: Option<&str>) -> SqlResult<Task> {
+pub(crate) fn task_to_plan(task: Option<&str>) -> SqlResult<Task> {
     let name = required_task_name(task)?;
     let task = Task::by_name(name)?;
     ensure_may_manage(name, task.owner, "plan into")?;
     Ok(task)
 }
 
-fn null_argument(name: &str, hint: &str) -> SqlError {
+pub(crate) fn null_argument(name: &str, hint: &str) -> SqlError {
     SqlError::new(
         PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
         format!("{name} must not be NULL"),
@@ -128,6 +128,7 @@ fn enqueue(
 /// Where the planning query's columns are, and how to read them.
 struct PlanColumns {
     key: Column,
+    hi: Option<Column>,
     priority: Option<Column>,
     group_key: Option<usize>,
     payload: Option<usize>,
@@ -205,6 +206,7 @@ impl PlanColumns {
         })?;
         let columns = PlanColumns {
             key,
+            hi: integer_column(table, "hi")?,
             priority: integer_column(table, "priority")?,
             group_key: typed_column(table, "group_key", pg_sys::TEXTOID, "text")?,
             payload: typed_column(table, "payload", pg_sys::JSONBOID, "jsonb")?,
@@ -264,7 +266,8 @@ fn required_key(columns: &PlanColumns, row: &SpiHeapTupleData) -> SqlResult<i64>
     })
 }
 
-/// Plans the rows of `query` (column `key`, optional `priority`, `group_key`, `payload`).
+/// Plans the rows of `query` (column `key`, optional `hi` for `[key, hi)` range items,
+/// `priority`, `group_key`, `payload`).
 /// Without `priority`, the query's row order is the processing order.
 #[pg_extern(volatile, parallel_unsafe)]
 fn plan(task: Option<&str>, query: Option<&str>) -> i64 {
@@ -281,6 +284,10 @@ fn plan(task: Option<&str>, query: Option<&str>) -> i64 {
                 if !seen.insert(key) {
                     continue;
                 }
+                let hi = match &columns.hi {
+                    Some(c) => c.get(&row)?,
+                    None => None,
+                };
                 let priority = match &columns.priority {
                     Some(c) => c.get(&row)?.unwrap_or(0),
                     None => position,
@@ -293,7 +300,7 @@ fn plan(task: Option<&str>, query: Option<&str>) -> i64 {
                     Some(ord) => row.get::<JsonB>(ord)?,
                     None => None,
                 };
-                batch.push(key, None, priority, group_key, payload);
+                batch.push(key, hi, priority, group_key, payload);
             }
             added += batch.insert(task.id, None)?;
             Ok(())

@@ -1,54 +1,14 @@
 //! Task definition: `create_task`, `drop_task`.
 
-use pgrx::callconv::{Arg, ArgAbi};
 use pgrx::datum::{DatumWithOid, Interval};
-use pgrx::nullable::Nullable;
 use pgrx::prelude::*;
 
 use crate::catalog::{Task, required_task_name};
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::gucs;
+use crate::oid_args::RegProc;
 use crate::security::{as_extension_owner, current_user, ensure_may_manage, ensure_owner_can_run};
 use crate::target::{Target, ensure_single_statement};
-
-/// A `regproc` argument: the procedure's OID, resolved by PostgreSQL from a name.
-#[derive(Debug, Clone, Copy)]
-pub struct RegProc(pub pg_sys::Oid);
-
-impl FromDatum for RegProc {
-    unsafe fn from_polymorphic_datum(
-        datum: pg_sys::Datum,
-        is_null: bool,
-        _: pg_sys::Oid,
-    ) -> Option<Self> {
-        // SAFETY: regproc is an OID passed by value.
-        unsafe { pg_sys::Oid::from_polymorphic_datum(datum, is_null, pg_sys::OIDOID) }.map(RegProc)
-    }
-}
-
-impl IntoDatum for RegProc {
-    fn into_datum(self) -> Option<pg_sys::Datum> {
-        self.0.into_datum()
-    }
-    fn type_oid() -> pg_sys::Oid {
-        pg_sys::REGPROCOID
-    }
-}
-
-impl_sql_translatable!(RegProc, "regproc");
-
-// SAFETY: RegProc is unboxed with its FromDatum impl, as pgrx does for its own OID types.
-unsafe impl<'fcx> ArgAbi<'fcx> for RegProc {
-    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
-        // SAFETY: the caller guarantees a non-NULL regproc argument.
-        unsafe { arg.unbox_arg_using_from_datum() }.expect("a non-NULL regproc argument")
-    }
-
-    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
-        // SAFETY: a regproc argument, NULL or not.
-        unsafe { arg.unbox_arg_using_from_datum::<RegProc>() }.into()
-    }
-}
 
 /// Longest task name: it must fit in `application_name` beside the run id.
 const MAX_TASK_NAME: usize = 40;

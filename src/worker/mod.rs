@@ -104,12 +104,7 @@ impl Worker {
                 return None;
             }
         };
-        let target = match (task.call, &task.statement) {
-            (Some(proc), _) => Target::for_call(proc),
-            (None, Some(sql)) => Ok(Target::for_statement(sql)),
-            (None, None) => unreachable!("a task has call or statement (table CHECK)"),
-        };
-        let target = match target {
+        let target = match Target::of_task(&task) {
             Ok(target) => target,
             Err(_) => {
                 warning!(

@@ -23,8 +23,11 @@ fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
         "CREATE PROCEDURE good(k bigint) LANGUAGE sql AS 'SELECT 1';
          CREATE PROCEDURE takes_text(k text) LANGUAGE sql AS 'SELECT 1';
          CREATE FUNCTION three_ints(a bigint, b bigint, c bigint) RETURNS int LANGUAGE sql AS 'SELECT 1';
-         CREATE TABLE t (id bigint);
+         CREATE TABLE t (id bigint, name text);
+         CREATE VIEW v AS SELECT * FROM t;
+         CREATE TABLE parted (id bigint) PARTITION BY RANGE (id);
          SELECT chunkwise.create_task('existing', call => 'good');
+         SELECT chunkwise.create_task('ranges', statement => 'SELECT $1, $2');
          SELECT chunkwise.enqueue('existing', 42, priority => 3);",
     )
     .unwrap();
@@ -134,6 +137,68 @@ fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
             "SELECT chunkwise.plan_by_activity('existing', 'SELECT 1::bigint AS key')",
             "42703",
         ),
+        (
+            "SELECT chunkwise.plan_ranges('existing', 't', 'id', 10)",
+            "42809",
+        ),
+        ("SELECT chunkwise.plan_blocks('existing', 't', 10)", "42809"),
+        (
+            "SELECT chunkwise.plan_ranges('ranges', 't', 'nope', 10)",
+            "42703",
+        ),
+        (
+            "SELECT chunkwise.plan_ranges('ranges', 't', 'ctid', 10)",
+            "42703",
+        ),
+        (
+            "SELECT chunkwise.plan_ranges('ranges', 't', 'name', 10)",
+            "42804",
+        ),
+        (
+            "SELECT chunkwise.plan_ranges('ranges', 't', 'id', 0)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.plan_ranges('ranges', 't', 'id', -5)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.plan_ranges('ranges', 't', 'id', NULL)",
+            "22004",
+        ),
+        (
+            "SELECT chunkwise.plan_ranges('ranges', NULL, 'id', 10)",
+            "22004",
+        ),
+        (
+            "SELECT chunkwise.plan_ranges('ranges', 't', NULL, 10)",
+            "22004",
+        ),
+        (
+            "SELECT chunkwise.plan_ranges('ranges', 'v', 'id', 10)",
+            "42809",
+        ),
+        (
+            "SELECT chunkwise.plan_ranges('ranges', 'no_such_table', 'id', 10)",
+            "42P01",
+        ),
+        (
+            "SELECT chunkwise.plan_ranges('ranges', 4242424242::oid::regclass, 'id', 10)",
+            "42P01",
+        ),
+        (
+            "SELECT chunkwise.plan_ranges('nope', 't', 'id', 10)",
+            "42704",
+        ),
+        ("SELECT chunkwise.plan_blocks('ranges', 't', 0)", "22023"),
+        ("SELECT chunkwise.plan_blocks('ranges', 't', -1)", "22023"),
+        ("SELECT chunkwise.plan_blocks('ranges', 'v', 10)", "42809"),
+        (
+            "SELECT chunkwise.plan_blocks('ranges', 'parted', 10)",
+            "42809",
+        ),
+        ("SELECT chunkwise.block_tid(-1)", "22003"),
+        ("SELECT chunkwise.block_tid(4294967296)", "22003"),
         ("SELECT chunkwise.run('existing', workers => 0)", "22023"),
         ("SELECT chunkwise.run('existing', workers => 1000)", "22023"),
         ("SELECT chunkwise.run('existing', max_items => 0)", "22023"),
@@ -141,9 +206,9 @@ fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
     for (sql, code) in cases {
         let (got, message, hint) = sql_error(db.query(*sql, &[]));
         assert_eq!(&got, code, "{sql}: {message}");
-        // Syntax errors and unknown regproc names are PostgreSQL's own errors, raised
+        // Syntax errors and unknown regproc/regclass names are PostgreSQL's own errors, raised
         // before pg_chunkwise sees the call; they carry a position, not a hint.
-        if *code != "42601" && !sql.contains("no_such_proc") {
+        if *code != "42601" && !sql.contains("no_such_") {
             assert!(!hint.is_empty(), "{sql} should carry a hint ({message})");
         }
         assert_eq!(snapshot(&mut db), before, "{sql} changed the queue");

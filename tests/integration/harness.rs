@@ -116,6 +116,22 @@ impl Cluster {
         Cluster { dir, port: PORT }
     }
 
+    /// Stops the server as a crash would (`pg_ctl stop -m immediate`: no checkpoint,
+    /// every backend killed) and starts it again, which replays the WAL.
+    pub fn restart_immediately(&self) {
+        let data = self.dir.join("data");
+        run(pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate", "-w", "stop"]));
+        run(pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "start"]));
+    }
+
     pub fn connect(&self, dbname: &str) -> Client {
         self.connect_as(dbname, "postgres")
     }

@@ -7,4 +7,5 @@ mod harness;
 mod bad_input;
 mod engine;
 mod planning;
+mod ranges;
 mod regress;
