@@ -1,0 +1,48 @@
+"""Runs the benchmarks side by side on a throwaway cluster, prints their tables and
+writes bench/results/<name>.json. `bench/run.sh --help` for the options."""
+
+import argparse
+import sys
+
+import chunked_upsert
+from lib import Cluster, machine_facts, save
+
+SCENARIOS = {"chunked_upsert": chunked_upsert}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                        help=f"which benchmarks to run: {', '.join(SCENARIOS)} (default: all)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, seconds in all: checks the benchmarks still run")
+    parser.add_argument("--rows", type=int, default=2_000_000, help="stage rows of chunked_upsert")
+    parser.add_argument("--chunk-rows", type=int, default=20_000, help="rows per chunk")
+    parser.add_argument("--noop-chunks", type=int, default=10_000,
+                        help="chunks of the per-chunk overhead measurement")
+    args = parser.parse_args()
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}")
+    args.scenarios = args.scenarios or list(SCENARIOS)
+    if args.smoke:
+        args.rows, args.chunk_rows, args.noop_chunks = 20_000, 1_000, 500
+
+    failed = False
+    with Cluster() as cluster:
+        facts = machine_facts(cluster.connect())
+        print(f"machine: {facts['nproc']} cores, {facts['cpu']}, PostgreSQL {facts['postgres']}")
+        for name in args.scenarios:
+            print(f"\n== {name}", flush=True)
+            scenario = SCENARIOS[name]
+            result = scenario.run(cluster, args.rows, args.chunk_rows, args.noop_chunks, args.smoke)
+            result["machine"] = facts
+            print("\n" + scenario.tables(result))
+            print(f"\nwritten to {save(name, result, args.smoke)}")
+            failed |= not all(r.get("same_result", True) for r in result["results"])
+    if failed:
+        sys.exit("a contender's result differs from the baseline's")
+
+
+if __name__ == "__main__":
+    main()
