@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
-bash .ci/setup.sh >bench/results/setup.log 2>&1 || { cat bench/results/setup.log; exit 1; }
+if [ "${CHUNKWISE_SETUP_DONE:-}" != 1 ]; then
+  bash .ci/setup.sh >bench/results/setup.log 2>&1 || { cat bench/results/setup.log; exit 1; }
+fi
 if ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q "install ok installed" \
    && ! python3 -c 'import ensurepip' 2>/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
