@@ -27,6 +27,8 @@ CREATE TABLE chunkwise.tasks (
     sequential_groups   boolean NOT NULL,
     rank_by_activity    boolean NOT NULL,
     paused              boolean NOT NULL DEFAULT false,
+    -- chunkwise.cancel() stops every run of the task numbered up to this one.
+    cancelled_through   bigint NOT NULL DEFAULT 0,
     created_at          timestamptz NOT NULL DEFAULT now(),
     CHECK ((call IS NULL) <> (statement IS NULL))
 );
@@ -69,8 +71,9 @@ CREATE INDEX items_failed_idx ON chunkwise.items (task_id, last_failed_at)
 
 -- One row per run, written by its workers in their own transactions (the caller of
 -- run() cannot commit before the run ends). Whether a run is still live is read from
--- pg_stat_activity, so a run whose workers died is never shown as running.
-CREATE TABLE chunkwise.runs (
+-- pg_stat_activity, so a run whose workers died is never shown as running
+-- (chunkwise.runs is the view DBAs read).
+CREATE TABLE chunkwise.run_history (
     run_id            bigint PRIMARY KEY,
     task_id           int NOT NULL,
     started_at        timestamptz NOT NULL,
@@ -84,16 +87,16 @@ CREATE TABLE chunkwise.runs (
     dead              bigint NOT NULL DEFAULT 0,
     cancelled         boolean NOT NULL DEFAULT false
 );
-CREATE INDEX runs_task_idx ON chunkwise.runs (task_id, started_at);
+CREATE INDEX run_history_task_idx ON chunkwise.run_history (task_id, started_at);
 
 CREATE SEQUENCE chunkwise.run_id_seq AS bigint;
 
 -- pg_dump keeps the user's tasks, queue and history.
 SELECT pg_catalog.pg_extension_config_dump('chunkwise.tasks', '');
 SELECT pg_catalog.pg_extension_config_dump('chunkwise.items', '');
-SELECT pg_catalog.pg_extension_config_dump('chunkwise.runs', '');
+SELECT pg_catalog.pg_extension_config_dump('chunkwise.run_history', '');
 
-REVOKE ALL ON chunkwise.tasks, chunkwise.items, chunkwise.runs FROM PUBLIC;
+REVOKE ALL ON chunkwise.tasks, chunkwise.items, chunkwise.run_history FROM PUBLIC;
 REVOKE ALL ON SEQUENCE chunkwise.run_id_seq FROM PUBLIC;
 
 -- Live workers, as pg_stat_activity shows them: application_name is
@@ -140,7 +143,7 @@ SELECT t.task,
         SELECT count(*) AS workers,
                count(*) FILTER (WHERE lw.state = 'active') AS running
           FROM chunkwise._live_workers lw
-          JOIN chunkwise.runs ru USING (run_id)
+          JOIN chunkwise.run_history ru USING (run_id)
          WHERE ru.task_id = t.task_id) w ON true
  WHERE pg_catalog.pg_has_role(t.owner, 'USAGE')
     OR pg_catalog.pg_has_role('pg_monitor', 'USAGE');
@@ -162,4 +165,69 @@ SELECT t.task,
    AND (pg_catalog.pg_has_role(t.owner, 'USAGE')
         OR pg_catalog.pg_has_role('pg_monitor', 'USAGE'));
 
-GRANT SELECT ON chunkwise.task_status, chunkwise.failures TO PUBLIC;
+-- Every run, with its state: running while one of its workers is alive; otherwise
+-- cancelled, interrupted (a worker died without saying goodbye: crash, restart, kill -9)
+-- or finished.
+CREATE VIEW chunkwise.runs WITH (security_barrier) AS
+SELECT r.run_id,
+       t.task,
+       CASE WHEN coalesce(l.live, 0) > 0 THEN 'running'
+            WHEN r.cancelled THEN 'cancelled'
+            WHEN r.workers_exited < r.workers_started THEN 'interrupted'
+            ELSE 'finished'
+       END AS state,
+       r.started_at,
+       CASE WHEN coalesce(l.live, 0) = 0 THEN r.finished_at END AS finished_at,
+       round(extract(epoch FROM CASE WHEN coalesce(l.live, 0) > 0 THEN clock_timestamp()
+                                     ELSE r.finished_at END - r.started_at)::numeric, 3) AS seconds,
+       r.workers_requested,
+       r.workers_started,
+       r.workers_exited,
+       coalesce(l.live, 0) AS workers_live,
+       r.max_items,
+       r.processed,
+       r.failed,
+       r.dead
+  FROM chunkwise.run_history r
+  JOIN chunkwise.tasks t USING (task_id)
+  LEFT JOIN LATERAL (SELECT count(*) AS live FROM chunkwise._live_workers lw
+                      WHERE lw.run_id = r.run_id) l ON true
+ WHERE pg_catalog.pg_has_role(t.owner, 'USAGE')
+    OR pg_catalog.pg_has_role('pg_monitor', 'USAGE');
+
+-- Every live worker and what it is doing. Workers publish
+-- 'task <name>: key <k> (item <id>); <n> items done' as their current query.
+CREATE VIEW chunkwise.workers WITH (security_barrier) AS
+SELECT lw.pid,
+       t.task,
+       lw.run_id,
+       CASE WHEN lw.state = 'active' THEN substring(lw.query FROM ': key (-?[0-9]+) ')::bigint END AS current_key,
+       CASE WHEN lw.state = 'active' THEN substring(lw.query FROM '\(item ([0-9]+)\)')::bigint END AS current_item,
+       CASE WHEN lw.state = 'active' THEN lw.query_start END AS since,
+       coalesce(substring(lw.query FROM '; ([0-9]+) items done')::bigint, 0) AS items_done,
+       lw.backend_start AS started_at
+  FROM chunkwise._live_workers lw
+  JOIN chunkwise.run_history r USING (run_id)
+  JOIN chunkwise.tasks t USING (task_id)
+ WHERE pg_catalog.pg_has_role(t.owner, 'USAGE')
+    OR pg_catalog.pg_has_role('pg_monitor', 'USAGE');
+
+-- Items by task and priority tier (priority / 10^12: the activity tier of
+-- plan_by_activity; 0 for plain priorities).
+CREATE VIEW chunkwise.priority_summary WITH (security_barrier) AS
+SELECT t.task,
+       i.priority / 1000000000000 AS tier,
+       count(*) FILTER (WHERE i.status = 'pending' AND i.not_before <= now()) AS pending,
+       count(*) FILTER (WHERE i.status = 'pending' AND i.not_before > now()) AS waiting_retry,
+       count(*) FILTER (WHERE i.status = 'done') AS done,
+       count(*) FILTER (WHERE i.status = 'dead') AS dead,
+       min(i.finished_at) FILTER (WHERE i.status = 'done') AS first_done,
+       max(i.finished_at) FILTER (WHERE i.status = 'done') AS last_done
+  FROM chunkwise.items i
+  JOIN chunkwise.tasks t USING (task_id)
+ WHERE pg_catalog.pg_has_role(t.owner, 'USAGE')
+    OR pg_catalog.pg_has_role('pg_monitor', 'USAGE')
+ GROUP BY t.task, i.priority / 1000000000000;
+
+GRANT SELECT ON chunkwise.task_status, chunkwise.failures, chunkwise.runs, chunkwise.workers,
+                chunkwise.priority_summary TO PUBLIC;

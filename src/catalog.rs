@@ -4,7 +4,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiHeapTupleData;
 
 use crate::error::{SqlError, SqlResult};
-use crate::security::as_extension_owner;
+use crate::security::{as_extension_owner, ensure_may_manage};
 
 /// A task as the engine uses it; intervals that only SQL needs stay in the table.
 #[derive(Debug, Clone)]
@@ -56,6 +56,15 @@ impl Task {
             name,
         )?
         .ok_or_else(|| unknown_task(name))
+    }
+
+    /// The named task, for a caller who wants to `action` it (e.g. "run"): refused with
+    /// 42501 unless the caller may manage the task.
+    pub fn for_caller(name: Option<&str>, action: &str) -> SqlResult<Task> {
+        let name = required_task_name(name)?;
+        let task = Task::by_name(name)?;
+        ensure_may_manage(name, task.owner, action)?;
+        Ok(task)
     }
 
     /// Looks a task up by id (workers); `None` when it was dropped meanwhile.

@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 use crate::catalog::Task;
 use crate::error::{SqlError, SqlResult};
 use crate::gucs;
+use crate::notify;
 use crate::run_state::{RunState, SharedRun};
 use crate::security::{as_extension_owner, ensure_owner_can_run};
 use crate::worker::WorkerArgs;
@@ -80,6 +81,9 @@ pub fn run_task(
     let run_id = next_run_id()?;
     let shared = SharedRun::create(max_items);
     let handles = launch_workers(task, run_id, slots, &shared)?;
+    if shared.state().set_launched(handles.len() as i32) {
+        announce_finish(task, run_id, shared.state());
+    }
     wait_for_workers(task, run_id, &handles, shared.state(), total, started);
 
     let state = shared.state();
@@ -101,6 +105,19 @@ pub fn run_task(
         dead: tally.dead,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// `NOTIFY chunkwise` that the run is over, with its totals.
+pub fn announce_finish(task: &Task, run_id: i64, state: &RunState) {
+    let tally = state.tally();
+    notify::run_finished(
+        &task.name,
+        run_id,
+        tally.processed,
+        tally.failed,
+        tally.dead,
+        state.seconds_since_start(),
+    );
 }
 
 /// Workers see only committed rows and fresh snapshots: refuse what they could not see.

@@ -1,6 +1,7 @@
 //! The state a run's launcher and workers share: a small dynamic shared memory segment
 //! with atomic counters. It makes `max_items` exact across workers without a lock, lets
-//! the launcher report progress without querying the queue, and carries the cancel flag.
+//! the launcher report progress without querying the queue, carries the cancel flag, and
+//! tells the last worker out that it should announce the end of the run.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 
@@ -46,6 +47,13 @@ pub struct RunState {
     failed: AtomicI64,
     dead: AtomicI64,
     workers_attached: AtomicI32,
+    /// Workers the launcher got going; i32::MAX until it knows.
+    workers_launched: AtomicI32,
+    workers_exited: AtomicI32,
+    /// Set by whoever announces the end of the run (NOTIFY), so that it is announced once.
+    finish_announced: AtomicBool,
+    /// When the run started (PostgreSQL timestamp, microseconds).
+    started_at: pg_sys::TimestampTz,
     cancel: AtomicBool,
 }
 
@@ -106,6 +114,29 @@ impl RunState {
     pub fn workers_attached(&self) -> i32 {
         self.workers_attached.load(Ordering::SeqCst)
     }
+
+    /// The launcher tells how many workers it started. True when they have all exited
+    /// already: then the launcher announces the end of the run.
+    pub fn set_launched(&self, workers: i32) -> bool {
+        self.workers_launched.store(workers, Ordering::SeqCst);
+        self.workers_exited.load(Ordering::SeqCst) >= workers && self.claim_announcement()
+    }
+
+    /// A worker is leaving. True for the last one out: it announces the end of the run.
+    pub fn worker_exited(&self) -> bool {
+        let exited = self.workers_exited.fetch_add(1, Ordering::SeqCst) + 1;
+        exited >= self.workers_launched.load(Ordering::SeqCst) && self.claim_announcement()
+    }
+
+    fn claim_announcement(&self) -> bool {
+        !self.finish_announced.swap(true, Ordering::SeqCst)
+    }
+
+    pub fn seconds_since_start(&self) -> f64 {
+        // SAFETY: reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        (now - self.started_at) as f64 / 1_000_000.0
+    }
 }
 
 /// A mapping of a run's shared segment in this process; dropping it unmaps the segment,
@@ -126,6 +157,11 @@ impl SharedRun {
             failed: AtomicI64::new(0),
             dead: AtomicI64::new(0),
             workers_attached: AtomicI32::new(0),
+            workers_launched: AtomicI32::new(i32::MAX),
+            workers_exited: AtomicI32::new(0),
+            finish_announced: AtomicBool::new(false),
+            // SAFETY: reads the clock.
+            started_at: unsafe { pg_sys::GetCurrentTimestamp() },
             cancel: AtomicBool::new(false),
         };
         // SAFETY: the segment is at least size_of::<RunState>() bytes, suitably aligned

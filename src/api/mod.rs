@@ -2,6 +2,8 @@
 //! or block range), running.
 
 pub mod chunks;
+pub mod metrics;
+pub mod operating;
 pub mod planning;
 pub mod running;
 pub mod tasks;

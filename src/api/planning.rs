@@ -10,10 +10,10 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiCursor, SpiHeapTupleData, SpiTupleTable};
 
-use crate::catalog::{Task, required_task_name};
+use crate::catalog::Task;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::ranking::{Activity, Ranking};
-use crate::security::{as_extension_owner, ensure_may_manage};
+use crate::security::as_extension_owner;
 use crate::target::ensure_single_statement;
 
 /// Rows fetched from a planning query and written to the queue at a time.
@@ -82,10 +82,7 @@ impl ItemBatch {
 
 /// The task a planning call writes to, after the caller's right to do so is checked.
 pub(crate) fn task_to_plan(task: Option<&str>) -> SqlResult<Task> {
-    let name = required_task_name(task)?;
-    let task = Task::by_name(name)?;
-    ensure_may_manage(name, task.owner, "plan into")?;
-    Ok(task)
+    Task::for_caller(task, "plan into")
 }
 
 pub(crate) fn null_argument(name: &str, hint: &str) -> SqlError {

@@ -2,10 +2,9 @@
 
 use pgrx::prelude::*;
 
-use crate::catalog::{Task, required_task_name};
+use crate::catalog::Task;
 use crate::error::{OrRaise, SqlResult};
 use crate::launcher::{RunSummary, run_task};
-use crate::security::ensure_may_manage;
 
 /// Runs the task's pending items with a pool of background workers and waits for them,
 /// reporting progress every `chunkwise.progress_interval`.
@@ -25,9 +24,7 @@ fn run(
     ),
 > {
     let summary = (|| -> SqlResult<RunSummary> {
-        let name = required_task_name(task)?;
-        let task = Task::by_name(name)?;
-        ensure_may_manage(name, task.owner, "run")?;
+        let task = Task::for_caller(task, "run")?;
         run_task(&task, workers, max_items)
     })()
     .or_raise();

@@ -7,7 +7,7 @@ use crate::catalog::{Task, required_task_name};
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::gucs;
 use crate::oid_args::RegProc;
-use crate::security::{as_extension_owner, current_user, ensure_may_manage, ensure_owner_can_run};
+use crate::security::{as_extension_owner, current_user, ensure_owner_can_run};
 use crate::target::{Target, ensure_single_statement};
 
 /// Longest task name: it must fit in `application_name` beside the run id.
@@ -267,13 +267,11 @@ fn create_task(
 #[pg_extern(volatile, parallel_unsafe)]
 fn drop_task(task: Option<&str>) {
     let run = || -> SqlResult<()> {
-        let name = required_task_name(task)?;
-        let task = Task::by_name(name)?;
-        ensure_may_manage(name, task.owner, "drop")?;
+        let task = Task::for_caller(task, "drop")?;
         let (live, pending) = as_extension_owner(|| {
             Spi::get_two_with_args::<i64, i64>(
                 "SELECT (SELECT count(*) FROM chunkwise._live_workers w \
-                           JOIN chunkwise.runs r USING (run_id) WHERE r.task_id = $1), \
+                           JOIN chunkwise.run_history r USING (run_id) WHERE r.task_id = $1), \
                         (SELECT count(*) FROM chunkwise.items WHERE task_id = $1 AND status = 'pending')",
                 &[task.id.into()],
             )
@@ -281,9 +279,9 @@ fn drop_task(task: Option<&str>) {
         if live.unwrap_or(0) > 0 {
             return Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
-                format!("task \"{name}\" has running workers"),
+                format!("task \"{}\" has running workers", task.name),
             )
-            .hint("Wait for its run to finish, or cancel the run, then drop the task."));
+            .hint("Wait for its run to finish, or chunkwise.cancel() it, then drop the task."));
         }
         as_extension_owner(|| {
             Spi::run_with_args(
@@ -291,7 +289,7 @@ fn drop_task(task: Option<&str>) {
                 &[task.id.into()],
             )?;
             Spi::run_with_args(
-                "DELETE FROM chunkwise.runs WHERE task_id = $1",
+                "DELETE FROM chunkwise.run_history WHERE task_id = $1",
                 &[task.id.into()],
             )?;
             Spi::run_with_args(
@@ -301,7 +299,7 @@ fn drop_task(task: Option<&str>) {
         })?;
         let pending = pending.unwrap_or(0);
         if pending > 0 {
-            notice!("task \"{name}\" dropped with {pending} pending items");
+            notice!("task \"{}\" dropped with {pending} pending items", task.name);
         }
         Ok(())
     };

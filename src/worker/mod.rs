@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 
 use crate::catalog::Task;
 use crate::gucs;
+use crate::launcher::announce_finish;
 use crate::run_state::{Attempt, SharedRun, Tally};
 use crate::target::Target;
 use item::{ItemOutcome, Targets};
@@ -88,6 +89,8 @@ struct Worker {
     queue: Queue,
     targets: Targets,
     tally: Tally,
+    /// pause() or cancel() asked this run to stop (seen when a claim came back empty).
+    stop_requested: bool,
     stopped_early: bool,
 }
 
@@ -136,6 +139,7 @@ impl Worker {
             queue,
             targets,
             tally: Tally::default(),
+            stop_requested: false,
             stopped_early: false,
         })
     }
@@ -160,7 +164,7 @@ impl Worker {
 
     fn run(&mut self) {
         loop {
-            if self.should_stop() {
+            if self.should_stop() || self.stop_requested {
                 self.stopped_early = true;
                 return;
             }
@@ -174,7 +178,7 @@ impl Worker {
                 BackgroundWorker::transaction(AssertUnwindSafe(|| self.process_batch(granted)));
             self.shared.state().release(granted - handled);
             report_idle();
-            if handled == 0 && !self.wait_for_retry() {
+            if handled == 0 && !self.stop_requested && !self.wait_for_retry() {
                 return;
             }
         }
@@ -183,11 +187,15 @@ impl Worker {
     /// Claims up to `limit` items and runs each in its own subtransaction; the caller's
     /// transaction commits them together. Returns how many items were claimed.
     fn process_batch(&mut self, limit: i64) -> i64 {
-        let items = self.queue.claim(self.task.id, limit);
+        let items = self.queue.claim(self.task.id, self.args.run_id, limit);
+        if items.is_empty() {
+            self.stop_requested = self.queue.stop_requested(self.task.id, self.args.run_id);
+        }
         for item in &items {
+            // chunkwise.workers parses this text.
             report_activity(&format!(
-                "task {}: key {} (item {})",
-                self.task.name, item.key, item.id
+                "task {}: key {} (item {}); {} items done",
+                self.task.name, item.key, item.id, self.tally.processed
             ));
             let attempt = match self.targets.execute(item) {
                 ItemOutcome::Done => {
@@ -225,6 +233,9 @@ impl Worker {
                 .min(RETRY_POLL);
             if !BackgroundWorker::wait_latch(Some(nap.max(Duration::from_millis(1))))
                 || self.should_stop()
+                || BackgroundWorker::transaction(AssertUnwindSafe(|| {
+                    self.queue.stop_requested(task_id, self.args.run_id)
+                }))
             {
                 self.stopped_early = true;
                 return false;
@@ -233,10 +244,13 @@ impl Worker {
         true
     }
 
-    /// Adds this worker's figures to the run's row.
+    /// Adds this worker's figures to the run's row; the last worker out announces the
+    /// end of the run.
     fn finish(self) {
         let Worker {
             args,
+            task,
+            shared,
             queue,
             tally,
             stopped_early,
@@ -244,6 +258,9 @@ impl Worker {
         } = self;
         BackgroundWorker::transaction(AssertUnwindSafe(|| {
             queue.unregister_worker(&args, &tally, stopped_early);
+            if shared.state().worker_exited() {
+                announce_finish(&task, args.run_id, shared.state());
+            }
         }));
     }
 }

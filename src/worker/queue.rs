@@ -9,6 +9,7 @@ use pgrx::spi::OwnedPreparedStatement;
 use super::WorkerArgs;
 use super::item::ItemFailure;
 use crate::catalog::Task;
+use crate::notify;
 use crate::run_state::{Attempt, Tally};
 use crate::security::as_extension_owner;
 
@@ -22,10 +23,18 @@ pub struct ClaimedItem {
 }
 
 /// The next due pending items in (priority, item_id) order. SKIP LOCKED lets workers
-/// pass each other's items without waiting; the partial index keeps it cheap.
+/// pass each other's items without waiting; the partial index keeps it cheap. Nothing is
+/// claimed while the task is paused or this run ($3) is cancelled (an init plan: one
+/// primary-key lookup per claim).
 const CLAIM: &str = "SELECT item_id, key, hi, payload, attempts FROM chunkwise.items \
      WHERE task_id = $1 AND status = 'pending' AND not_before <= now() \
+       AND EXISTS (SELECT FROM chunkwise.tasks t \
+                    WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
      ORDER BY priority, item_id LIMIT $2 FOR UPDATE SKIP LOCKED";
+
+/// Whether the run ($2) must stop: its task was paused, cancelled up to it, or dropped.
+const STOP_REQUESTED: &str = "SELECT coalesce((SELECT paused OR cancelled_through >= $2 \
+       FROM chunkwise.tasks WHERE task_id = $1), true)";
 
 const MARK_DONE: &str = "UPDATE chunkwise.items \
      SET status = 'done', finished_at = clock_timestamp(), run_id = $2 WHERE item_id = $1";
@@ -46,6 +55,7 @@ const RECORD_FAILURE: &str = "UPDATE chunkwise.items i \
 
 pub struct Queue {
     claim: OwnedPreparedStatement,
+    stop_requested: OwnedPreparedStatement,
     mark_done: OwnedPreparedStatement,
     record_failure: OwnedPreparedStatement,
 }
@@ -68,7 +78,8 @@ impl Queue {
         as_extension_owner(|| {
             Spi::connect(|client| -> Result<Queue, pgrx::spi::SpiError> {
                 Ok(Queue {
-                    claim: client.prepare_mut(CLAIM, &[int4(), int8()])?.keep(),
+                    claim: client.prepare_mut(CLAIM, &[int4(), int8(), int8()])?.keep(),
+                    stop_requested: client.prepare_mut(STOP_REQUESTED, &[int4(), int8()])?.keep(),
                     mark_done: client.prepare_mut(MARK_DONE, &[int8(), int8()])?.keep(),
                     record_failure: client
                         .prepare_mut(RECORD_FAILURE, &[int8(), text(), text(), int8()])?
@@ -79,10 +90,14 @@ impl Queue {
         .expect("pg_chunkwise bookkeeping statements prepare")
     }
 
-    pub fn claim(&self, task_id: i32, limit: i64) -> Vec<ClaimedItem> {
+    pub fn claim(&self, task_id: i32, run_id: i64, limit: i64) -> Vec<ClaimedItem> {
         as_extension_owner(|| {
             Spi::connect_mut(|client| -> Result<Vec<ClaimedItem>, pgrx::spi::SpiError> {
-                let table = client.update(&self.claim, None, &[task_id.into(), limit.into()])?;
+                let table = client.update(
+                    &self.claim,
+                    None,
+                    &[task_id.into(), limit.into(), run_id.into()],
+                )?;
                 table
                     .into_iter()
                     .map(|row| {
@@ -98,6 +113,19 @@ impl Queue {
             })
         })
         .expect("claim query returns its declared columns")
+    }
+
+    /// Whether `chunkwise.pause()` or `chunkwise.cancel()` asked this run to stop.
+    pub fn stop_requested(&self, task_id: i32, run_id: i64) -> bool {
+        as_extension_owner(|| {
+            Spi::connect_mut(|client| {
+                let table =
+                    client.update(&self.stop_requested, None, &[task_id.into(), run_id.into()])?;
+                table.first().get_one::<bool>()
+            })
+        })
+        .expect("stop check returns a boolean")
+        .unwrap_or(true)
     }
 
     pub fn mark_done(&self, item_id: i64, run_id: i64) {
@@ -147,6 +175,7 @@ impl Queue {
             task.name, item.key, task.max_attempts, failure.sqlstate, failure.message
         );
         if dead {
+            notify::item_dead(&task.name, run_id, item.key, attempts, &failure.sqlstate, &failure.message);
             warning!("{what}; the item is dead (chunkwise.retry() makes it pending again)");
             Attempt::Died
         } else {
@@ -171,9 +200,9 @@ impl Queue {
     pub fn register_worker(&self, args: &WorkerArgs) {
         as_extension_owner(|| {
             Spi::run_with_args(
-                "INSERT INTO chunkwise.runs (run_id, task_id, started_at, workers_requested, workers_started) \
+                "INSERT INTO chunkwise.run_history (run_id, task_id, started_at, workers_requested, workers_started) \
                  VALUES ($1, $2, now(), $3, 1) \
-                 ON CONFLICT (run_id) DO UPDATE SET workers_started = chunkwise.runs.workers_started + 1",
+                 ON CONFLICT (run_id) DO UPDATE SET workers_started = chunkwise.run_history.workers_started + 1",
                 &[args.run_id.into(), args.task_id.into(), args.workers.into()],
             )
         })
@@ -183,7 +212,7 @@ impl Queue {
     pub fn unregister_worker(&self, args: &WorkerArgs, tally: &Tally, stopped_early: bool) {
         as_extension_owner(|| {
             Spi::run_with_args(
-                "UPDATE chunkwise.runs SET workers_exited = workers_exited + 1, finished_at = clock_timestamp(), \
+                "UPDATE chunkwise.run_history SET workers_exited = workers_exited + 1, finished_at = clock_timestamp(), \
                         processed = processed + $2, failed = failed + $3, dead = dead + $4, \
                         cancelled = cancelled OR $5 \
                   WHERE run_id = $1",
@@ -199,3 +228,4 @@ impl Queue {
         .expect("unregister worker");
     }
 }
+

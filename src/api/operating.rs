@@ -1,0 +1,153 @@
+//! Steering tasks: `pause`, `resume`, `cancel`, `retry`, `purge`.
+//!
+//! Workers look at the task's `paused` flag and `cancelled_through` run id with every
+//! claim: a worker asked to stop finishes (commits) its current item, claims no other and
+//! exits. Nothing is lost: unclaimed items stay pending for the next run.
+
+use pgrx::datum::Interval;
+use pgrx::prelude::*;
+
+use super::planning::null_argument;
+use crate::catalog::Task;
+use crate::error::{OrRaise, SqlError, SqlResult};
+use crate::security::as_extension_owner;
+
+/// Runs fixed bookkeeping SQL on the task's rows as the extension owner; returns the
+/// number the statement yields.
+fn count_as_owner(sql: &str, task: &Task, extra: Option<Interval>) -> SqlResult<i64> {
+    let count = as_extension_owner(|| match extra {
+        Some(interval) => {
+            Spi::get_one_with_args::<i64>(sql, &[task.id.into(), interval.into()])
+        }
+        None => Spi::get_one_with_args::<i64>(sql, &[task.id.into()]),
+    })?;
+    Ok(count.unwrap_or(0))
+}
+
+/// Workers of the task alive now.
+fn live_workers(task: &Task) -> SqlResult<i64> {
+    count_as_owner(
+        "SELECT count(*) FROM chunkwise._live_workers lw \
+           JOIN chunkwise.run_history r USING (run_id) WHERE r.task_id = $1",
+        task,
+        None,
+    )
+}
+
+fn set_paused(task: Option<&str>, paused: bool) -> SqlResult<()> {
+    let task = Task::for_caller(task, if paused { "pause" } else { "resume" })?;
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE chunkwise.tasks SET paused = $2 WHERE task_id = $1",
+            &[task.id.into(), paused.into()],
+        )
+    })?;
+    let workers = live_workers(&task)?;
+    if paused && workers > 0 {
+        notice!(
+            "task \"{}\" paused: its {workers} running workers stop after their current item",
+            task.name
+        );
+    }
+    Ok(())
+}
+
+/// Pauses the task: running workers stop after their current item and no run or cycle
+/// starts until `resume`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn pause(task: Option<&str>) {
+    set_paused(task, true).or_raise()
+}
+
+/// Lets the task run again; the next `run` or cycle picks up what is pending.
+#[pg_extern(volatile, parallel_unsafe)]
+fn resume(task: Option<&str>) {
+    set_paused(task, false).or_raise()
+}
+
+/// Stops the task's running runs: each worker finishes its current item and exits; the
+/// items not started stay pending. Returns the number of workers told to stop.
+#[pg_extern(volatile, parallel_unsafe)]
+fn cancel(task: Option<&str>) -> i64 {
+    let run = || -> SqlResult<i64> {
+        let task = Task::for_caller(task, "cancel")?;
+        // Every run numbered so far; runs started later are not affected.
+        as_extension_owner(|| {
+            Spi::run_with_args(
+                "UPDATE chunkwise.tasks \
+                    SET cancelled_through = (SELECT CASE WHEN is_called THEN last_value ELSE 0 END \
+                                               FROM chunkwise.run_id_seq) \
+                  WHERE task_id = $1",
+                &[task.id.into()],
+            )
+        })?;
+        let workers = live_workers(&task)?;
+        if workers == 0 {
+            notice!("task \"{}\" has no running workers", task.name);
+        }
+        Ok(workers)
+    };
+    run().or_raise()
+}
+
+/// Makes the task's dead items pending again with their attempts reset. A dead item
+/// whose key was planned again meanwhile stays dead: the pending twin does its work.
+/// Returns the number of items made pending.
+#[pg_extern(volatile, parallel_unsafe)]
+fn retry(task: Option<&str>) -> i64 {
+    let run = || -> SqlResult<i64> {
+        let task = Task::for_caller(task, "retry")?;
+        count_as_owner(
+            "WITH revived AS ( \
+               UPDATE chunkwise.items i \
+                  SET status = 'pending', attempts = 0, not_before = now(), finished_at = NULL \
+                WHERE i.task_id = $1 AND i.status = 'dead' \
+                  AND NOT EXISTS (SELECT FROM chunkwise.items p \
+                                   WHERE p.task_id = i.task_id AND p.key = i.key AND p.status = 'pending') \
+                RETURNING 1) \
+             SELECT count(*) FROM revived",
+            &task,
+            None,
+        )
+    };
+    run().or_raise()
+}
+
+/// Removes the task's done and dead items and its finished runs older than `older_than`.
+/// Pending items are never removed. Returns the number of items removed.
+#[pg_extern(volatile, parallel_unsafe)]
+fn purge(task: Option<&str>, older_than: Option<Interval>) -> i64 {
+    let run = || -> SqlResult<i64> {
+        let task = Task::for_caller(task, "purge")?;
+        let older_than = older_than.ok_or_else(|| {
+            null_argument(
+                "older_than",
+                "Pass how old finished items must be, e.g. '7 days' (or '0' for all).",
+            )
+        })?;
+        if older_than.months() < 0 || older_than.days() < 0 || older_than.micros() < 0 {
+            return Err(SqlError::invalid_parameter("older_than must not be negative")
+                .hint("Pass how old finished items must be, e.g. '7 days' (or '0' for all)."));
+        }
+        count_as_owner(
+            "WITH gone AS ( \
+               DELETE FROM chunkwise.run_history r \
+                WHERE r.task_id = $1 AND r.finished_at < now() - $2 \
+                  AND NOT EXISTS (SELECT FROM chunkwise._live_workers lw WHERE lw.run_id = r.run_id) \
+                RETURNING 1) \
+             SELECT count(*) FROM gone",
+            &task,
+            Some(older_than),
+        )?;
+        count_as_owner(
+            "WITH gone AS ( \
+               DELETE FROM chunkwise.items \
+                WHERE task_id = $1 AND status IN ('done', 'dead') AND finished_at < now() - $2 \
+                RETURNING 1) \
+             SELECT count(*) FROM gone",
+            &task,
+            Some(older_than),
+        )
+    };
+    run().or_raise()
+}
