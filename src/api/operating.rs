@@ -16,9 +16,7 @@ use crate::security::as_extension_owner;
 /// number the statement yields.
 fn count_as_owner(sql: &str, task: &Task, extra: Option<Interval>) -> SqlResult<i64> {
     let count = as_extension_owner(|| match extra {
-        Some(interval) => {
-            Spi::get_one_with_args::<i64>(sql, &[task.id.into(), interval.into()])
-        }
+        Some(interval) => Spi::get_one_with_args::<i64>(sql, &[task.id.into(), interval.into()]),
         None => Spi::get_one_with_args::<i64>(sql, &[task.id.into()]),
     })?;
     Ok(count.unwrap_or(0))
@@ -126,8 +124,10 @@ fn purge(task: Option<&str>, older_than: Option<Interval>) -> i64 {
             )
         })?;
         if older_than.months() < 0 || older_than.days() < 0 || older_than.micros() < 0 {
-            return Err(SqlError::invalid_parameter("older_than must not be negative")
-                .hint("Pass how old finished items must be, e.g. '7 days' (or '0' for all)."));
+            return Err(
+                SqlError::invalid_parameter("older_than must not be negative")
+                    .hint("Pass how old finished items must be, e.g. '7 days' (or '0' for all)."),
+            );
         }
         count_as_owner(
             "WITH gone AS ( \

@@ -299,7 +299,10 @@ fn drop_task(task: Option<&str>) {
         })?;
         let pending = pending.unwrap_or(0);
         if pending > 0 {
-            notice!("task \"{}\" dropped with {pending} pending items", task.name);
+            notice!(
+                "task \"{}\" dropped with {pending} pending items",
+                task.name
+            );
         }
         Ok(())
     };

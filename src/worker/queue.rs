@@ -79,7 +79,9 @@ impl Queue {
             Spi::connect(|client| -> Result<Queue, pgrx::spi::SpiError> {
                 Ok(Queue {
                     claim: client.prepare_mut(CLAIM, &[int4(), int8(), int8()])?.keep(),
-                    stop_requested: client.prepare_mut(STOP_REQUESTED, &[int4(), int8()])?.keep(),
+                    stop_requested: client
+                        .prepare_mut(STOP_REQUESTED, &[int4(), int8()])?
+                        .keep(),
                     mark_done: client.prepare_mut(MARK_DONE, &[int8(), int8()])?.keep(),
                     record_failure: client
                         .prepare_mut(RECORD_FAILURE, &[int8(), text(), text(), int8()])?
@@ -175,7 +177,14 @@ impl Queue {
             task.name, item.key, task.max_attempts, failure.sqlstate, failure.message
         );
         if dead {
-            notify::item_dead(&task.name, run_id, item.key, attempts, &failure.sqlstate, &failure.message);
+            notify::item_dead(
+                &task.name,
+                run_id,
+                item.key,
+                attempts,
+                &failure.sqlstate,
+                &failure.message,
+            );
             warning!("{what}; the item is dead (chunkwise.retry() makes it pending again)");
             Attempt::Died
         } else {
@@ -228,4 +237,3 @@ impl Queue {
         .expect("unregister worker");
     }
 }
-

@@ -28,3 +28,67 @@ pub fn done_order(client: &mut Client) -> Vec<i64> {
         .map(|r| r.get(0))
         .collect()
 }
+
+/// A counter per key, and a procedure that bumps one (optionally sleeping first so a
+/// run lasts long enough to interfere with).
+pub fn counters(client: &mut Client, keys: i64, sleep_ms: f64) {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE counters (k bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+             INSERT INTO counters (k) SELECT g FROM generate_series(1, {keys}) g;
+             CREATE PROCEDURE bump(k bigint) LANGUAGE plpgsql AS $$
+             BEGIN
+               IF {sleep_ms} > 0 THEN PERFORM pg_sleep({sleep_ms} / 1000.0); END IF;
+               UPDATE counters SET n = n + 1 WHERE counters.k = bump.k;
+             END $$;"
+        ))
+        .unwrap();
+}
+
+/// The counters fixture plus a task `bump` over it with every key planned.
+pub fn bump_task(client: &mut Client, keys: i64, sleep_ms: f64) {
+    counters(client, keys, sleep_ms);
+    client
+        .batch_execute("SELECT chunkwise.create_task('bump', call => 'bump')")
+        .unwrap();
+    let planned: i64 = client
+        .query_one(
+            "SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(planned, keys);
+}
+
+pub fn counter_histogram(client: &mut Client) -> Vec<(i32, i64)> {
+    client
+        .query(
+            "SELECT n, count(*) FROM counters GROUP BY n ORDER BY n",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+pub fn status_counts(client: &mut Client, task: &str) -> (i64, i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT pending + waiting_retry, done, dead FROM chunkwise.task_status WHERE task = $1",
+            &[&task],
+        )
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// Pids of the live pg_chunkwise workers of the current database.
+pub fn live_workers(client: &mut Client) -> Vec<i32> {
+    client
+        .query("SELECT pid FROM pg_stat_activity WHERE backend_type = 'chunkwise worker' AND datname = current_database()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}

@@ -6,6 +6,7 @@ mod harness;
 
 mod bad_input;
 mod engine;
+mod operating;
 mod planning;
 mod ranges;
 mod regress;

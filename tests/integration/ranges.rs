@@ -301,6 +301,14 @@ fn chunked_upsert_resumes_after_an_immediate_restart_and_matches_one_statement()
     );
 
     let mut db = Cluster::get().connect("upsert_resume_crash");
+    let state: String = db
+        .query_one("SELECT state FROM chunkwise.runs", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        state, "interrupted",
+        "a run whose workers died is not running"
+    );
     let survived = done_items(&mut db);
     assert!(
         (20..chunks).contains(&survived),

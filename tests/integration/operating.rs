@@ -1,0 +1,367 @@
+//! Operating tasks: pause/resume, cancel, retry, purge, the DBA views, NOTIFY and
+//! metrics(), each seen from a client while real workers run.
+
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use postgres::Client;
+use postgres::fallible_iterator::FallibleIterator;
+
+use crate::fixtures::{bump_task, counter_histogram, live_workers, status_counts};
+use crate::harness::{Cluster, test_db, wait_for};
+
+/// Starts `run(task, workers)` in another session; the handle yields `processed`.
+fn run_in_background(db_name: &'static str, task: &'static str, workers: i32) -> JoinHandle<i64> {
+    std::thread::spawn(move || {
+        let mut client = Cluster::get().connect(db_name);
+        client
+            .query_one("SELECT * FROM chunkwise.run($1, $2)", &[&task, &workers])
+            .unwrap()
+            .get("processed")
+    })
+}
+
+fn bumped(db: &mut Client) -> i64 {
+    db.query_one("SELECT count(*) FROM counters WHERE n > 0", &[])
+        .unwrap()
+        .get(0)
+}
+
+fn wait_until_bumped(db: &mut Client, at_least: i64) {
+    wait_for("the run to be under way", Duration::from_secs(60), || {
+        (bumped(db) >= at_least).then_some(())
+    });
+}
+
+fn processed_now(db: &mut Client, task: &str) -> (Option<i64>, i64) {
+    let row = db
+        .query_one("SELECT * FROM chunkwise.run($1)", &[&task])
+        .unwrap();
+    (row.get("run_id"), row.get("processed"))
+}
+
+#[test]
+fn pause_stops_the_workers_after_their_item_and_resume_lets_the_next_run_finish() {
+    let mut db = test_db("pause_resume");
+    bump_task(&mut db, 2_000, 5.0);
+    let runner = run_in_background("pause_resume", "bump", 2);
+    wait_until_bumped(&mut db, 50);
+    db.execute("SELECT chunkwise.pause('bump')", &[]).unwrap();
+    let first = runner.join().unwrap();
+    assert!((50..2_000).contains(&first), "paused mid-run: {first}");
+    wait_for("the workers to exit", Duration::from_secs(30), || {
+        live_workers(&mut db).is_empty().then_some(())
+    });
+    assert_eq!(bumped(&mut db), first, "each finished item counted once");
+    let paused: bool = db
+        .query_one(
+            "SELECT paused FROM chunkwise.task_status WHERE task = 'bump'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(paused);
+
+    // While paused, a run starts nothing.
+    assert_eq!(processed_now(&mut db, "bump"), (None, 0));
+
+    db.execute("SELECT chunkwise.resume('bump')", &[]).unwrap();
+    let (_, second) = processed_now(&mut db, "bump");
+    assert_eq!(first + second, 2_000);
+    assert_eq!(counter_histogram(&mut db), vec![(1, 2_000)]);
+}
+
+#[test]
+fn cancel_from_another_session_stops_the_run_and_nothing_is_lost() {
+    let mut db = test_db("cancel_task");
+    bump_task(&mut db, 2_000, 5.0);
+    let runner = run_in_background("cancel_task", "bump", 2);
+    wait_until_bumped(&mut db, 50);
+    let told: i64 = db
+        .query_one("SELECT chunkwise.cancel('bump')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(told, 2, "both workers told to stop");
+    let first = runner.join().unwrap();
+    assert!(first < 2_000);
+    wait_for("the workers to exit", Duration::from_secs(30), || {
+        live_workers(&mut db).is_empty().then_some(())
+    });
+    let state: String = db
+        .query_one("SELECT state FROM chunkwise.runs", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "cancelled");
+
+    // The cancel was for that run only: the next one runs to the end.
+    let (_, second) = processed_now(&mut db, "bump");
+    assert_eq!(first + second, 2_000);
+    assert_eq!(counter_histogram(&mut db), vec![(1, 2_000)]);
+    assert_eq!(status_counts(&mut db, "bump"), (0, 2_000, 0));
+}
+
+/// A task over keys 1..=`keys` whose target fails while `broken` holds the key.
+fn fragile_task(db: &mut Client, keys: i64, broken: &[i64]) {
+    db.batch_execute(&format!(
+        "CREATE TABLE broken (k bigint PRIMARY KEY);
+         CREATE TABLE loaded (k bigint PRIMARY KEY);
+         INSERT INTO broken SELECT unnest('{{{}}}'::bigint[]);
+         CREATE PROCEDURE load(k bigint) LANGUAGE plpgsql AS $$
+         BEGIN
+           IF EXISTS (SELECT FROM broken b WHERE b.k = load.k) THEN
+             RAISE EXCEPTION 'key % is broken', k;
+           END IF;
+           INSERT INTO loaded VALUES (k);
+         END $$;",
+        broken
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    ))
+    .unwrap();
+    db.batch_execute(&format!(
+        "SELECT chunkwise.create_task('fragile', call => 'load', max_attempts => 1);
+         SELECT chunkwise.plan('fragile', 'SELECT g AS key FROM generate_series(1, {keys}) g');"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn retry_makes_dead_items_pending_again_with_their_attempts_reset() {
+    let mut db = test_db("retry_dead");
+    fragile_task(&mut db, 20, &[3, 7]);
+    processed_now(&mut db, "fragile");
+    assert_eq!(status_counts(&mut db, "fragile"), (0, 18, 2));
+
+    // Nothing to retry in another task; the fix, then the retry.
+    db.batch_execute("DELETE FROM broken").unwrap();
+    let revived: i64 = db
+        .query_one("SELECT chunkwise.retry('fragile')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(revived, 2);
+    let attempts: Vec<i32> = db
+        .query(
+            "SELECT attempts FROM chunkwise.items WHERE key IN (3, 7) ORDER BY key",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(attempts, vec![0, 0]);
+    let (_, processed) = processed_now(&mut db, "fragile");
+    assert_eq!(processed, 2);
+    assert_eq!(status_counts(&mut db, "fragile"), (0, 20, 0));
+    let loaded: i64 = db
+        .query_one("SELECT count(*) FROM loaded", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(loaded, 20);
+}
+
+#[test]
+fn purge_removes_only_finished_items_and_runs_older_than_asked() {
+    let mut db = test_db("purge");
+    fragile_task(&mut db, 30, &[5]);
+    processed_now(&mut db, "fragile");
+    db.batch_execute(
+        "SELECT chunkwise.enqueue('fragile', 1000);
+         UPDATE chunkwise.items SET finished_at = now() - interval '10 days' WHERE key <= 10;
+         UPDATE chunkwise.run_history SET finished_at = now() - interval '10 days';",
+    )
+    .unwrap();
+    let removed: i64 = db
+        .query_one("SELECT chunkwise.purge('fragile', '7 days')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(removed, 10, "keys 1..10: nine done, one dead");
+    let left: Vec<(String, i64)> = db
+        .query(
+            "SELECT status, count(*) FROM chunkwise.items GROUP BY status ORDER BY status",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        left,
+        vec![("done".to_string(), 20), ("pending".to_string(), 1)]
+    );
+    let runs: i64 = db
+        .query_one("SELECT count(*) FROM chunkwise.runs", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(runs, 0, "the old run is gone");
+    // A zero interval removes every finished item, never a pending one.
+    let removed: i64 = db
+        .query_one("SELECT chunkwise.purge('fragile', '0')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(removed, 20);
+    assert_eq!(status_counts(&mut db, "fragile"), (1, 0, 0));
+}
+
+#[test]
+fn listeners_hear_when_an_item_goes_dead_and_when_a_run_finishes() {
+    let mut db = test_db("notify");
+    fragile_task(&mut db, 10, &[4]);
+    let mut listener = Cluster::get().connect("notify");
+    listener.batch_execute("LISTEN chunkwise").unwrap();
+    let (run_id, processed) = processed_now(&mut db, "fragile");
+    assert_eq!(processed, 9);
+
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let mut notifications = listener.notifications();
+    let mut waiting = notifications.timeout_iter(Duration::from_secs(10));
+    while events.len() < 2 {
+        let note = waiting
+            .next()
+            .unwrap()
+            .expect("two notifications within 10 s");
+        assert_eq!(note.channel(), "chunkwise");
+        events.push(serde_json::from_str(note.payload()).unwrap());
+    }
+    let dead = events
+        .iter()
+        .find(|e| e["event"] == "item_dead")
+        .expect("an item_dead event");
+    assert_eq!(
+        (&dead["task"], &dead["key"], &dead["sqlstate"]),
+        (
+            &serde_json::json!("fragile"),
+            &serde_json::json!(4),
+            &serde_json::json!("P0001")
+        )
+    );
+    assert_eq!(dead["message"], "key 4 is broken");
+    let finished = events
+        .iter()
+        .find(|e| e["event"] == "run_finished")
+        .expect("a run_finished event");
+    assert_eq!(finished["run_id"], serde_json::json!(run_id.unwrap()));
+    assert_eq!(
+        (
+            &finished["processed"],
+            &finished["failed"],
+            &finished["dead"]
+        ),
+        (
+            &serde_json::json!(9),
+            &serde_json::json!(1),
+            &serde_json::json!(1)
+        )
+    );
+    assert!(finished["seconds"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn views_show_live_workers_their_items_runs_and_priority_tiers() {
+    let mut db = test_db("views");
+    bump_task(&mut db, 600, 50.0);
+    // Two tiers: keys 1..100 in tier 1, the rest in tier 2.
+    db.batch_execute(
+        "SELECT chunkwise.plan('bump', 'SELECT k AS key, CASE WHEN k <= 100 THEN 1 ELSE 2 END * 1000000000000 + k AS priority FROM counters')",
+    )
+    .unwrap();
+    let runner = run_in_background("views", "bump", 2);
+    let workers: Vec<(i32, String, i64, i64)> = wait_for(
+        "two busy workers",
+        Duration::from_secs(30),
+        || {
+            let rows: Vec<_> = db
+                .query(
+                    "SELECT pid, task, run_id, current_key FROM chunkwise.workers WHERE current_key IS NOT NULL",
+                    &[],
+                )
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect();
+            (rows.len() == 2).then_some(rows)
+        },
+    );
+    assert!(
+        workers
+            .iter()
+            .all(|w| w.1 == "bump" && (1..=600).contains(&w.3))
+    );
+    let running: (String, i64) = db
+        .query_one("SELECT state, workers_live FROM chunkwise.runs", &[])
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(running, ("running".to_string(), 2));
+    wait_for("items done to show", Duration::from_secs(30), || {
+        let done: i64 = db
+            .query_one("SELECT sum(items_done)::bigint FROM chunkwise.workers", &[])
+            .unwrap()
+            .get::<_, Option<i64>>(0)
+            .unwrap_or(0);
+        (done > 0).then_some(())
+    });
+    db.execute("SELECT chunkwise.cancel('bump')", &[]).unwrap();
+    runner.join().unwrap();
+
+    let tiers: Vec<(i64, i64, i64)> = db
+        .query(
+            "SELECT tier, pending + waiting_retry, done FROM chunkwise.priority_summary ORDER BY tier",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(tiers.len(), 2);
+    assert_eq!(tiers[0].1 + tiers[0].2, 100);
+    assert_eq!(tiers[1].1 + tiers[1].2, 500);
+    assert!(
+        tiers[0].2 > 0 && tiers[1].2 == 0,
+        "tier 1 runs first: {tiers:?}"
+    );
+}
+
+#[test]
+fn metrics_are_valid_prometheus_text_with_a_sample_per_task() {
+    let mut db = test_db("metrics");
+    fragile_task(&mut db, 10, &[2]);
+    processed_now(&mut db, "fragile");
+    db.batch_execute(
+        "CREATE PROCEDURE nothing(k bigint) LANGUAGE sql AS 'SELECT 1';
+         SELECT chunkwise.create_task('idle', call => 'nothing');
+         SELECT chunkwise.enqueue('idle', 1);",
+    )
+    .unwrap();
+    let text: String = db
+        .query_one("SELECT chunkwise.metrics()", &[])
+        .unwrap()
+        .get(0);
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition format");
+    let value = |name: &str, task: &str| -> f64 {
+        let sample = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get("task") == Some(task))
+            .unwrap_or_else(|| panic!("{name}{{task={task}}} in:\n{text}"));
+        match sample.value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: unexpected {other:?}"),
+        }
+    };
+    assert_eq!(value("chunkwise_items_done", "fragile"), 9.0);
+    assert_eq!(value("chunkwise_items_dead", "fragile"), 1.0);
+    assert_eq!(value("chunkwise_items_processed_total", "fragile"), 9.0);
+    assert_eq!(value("chunkwise_item_failures_total", "fragile"), 1.0);
+    assert_eq!(value("chunkwise_runs_total", "fragile"), 1.0);
+    assert_eq!(value("chunkwise_items_pending", "idle"), 1.0);
+    assert_eq!(value("chunkwise_task_paused", "idle"), 0.0);
+    for family in ["chunkwise_items_done", "chunkwise_items_processed_total"] {
+        assert!(scrape.docs.contains_key(family), "HELP line for {family}");
+    }
+    assert!(text.contains("# TYPE chunkwise_items_processed_total counter"));
+    assert!(text.contains("# TYPE chunkwise_items_pending gauge"));
+}
