@@ -15,6 +15,10 @@ pub struct Task {
     pub call: Option<pg_sys::Oid>,
     pub statement: Option<String>,
     pub after: Option<String>,
+    /// The planning query `run_cycle` re-runs, by activity when `rank_by_activity`.
+    pub source: Option<String>,
+    pub rank_by_activity: bool,
+    pub max_items_per_cycle: Option<i64>,
     pub workers: Option<i32>,
     pub max_attempts: i32,
     /// `item_timeout` in milliseconds, if set.
@@ -26,7 +30,7 @@ pub struct Task {
 
 const TASK_COLUMNS: &str = "task_id, task, owner, call::oid, statement, after, workers, \
      max_attempts, (extract(epoch FROM item_timeout) * 1000)::bigint, items_per_commit, \
-     synchronous_commit, paused";
+     synchronous_commit, paused, source, rank_by_activity, max_items_per_cycle";
 
 impl Task {
     fn from_row(row: &SpiHeapTupleData) -> SqlResult<Task> {
@@ -44,6 +48,9 @@ impl Task {
                 items_per_commit: row.get(10)?.unwrap_or(1),
                 synchronous_commit: row.get(11)?.unwrap_or(true),
                 paused: row.get(12)?.unwrap_or(false),
+                source: row.get(13)?,
+                rank_by_activity: row.get(14)?.unwrap_or(false),
+                max_items_per_cycle: row.get(15)?,
             })
         };
         Ok(read()?)

@@ -39,14 +39,72 @@ impl RunSummary {
 
 /// How often the launcher looks at its workers while it waits.
 const POLL: Duration = Duration::from_millis(200);
+/// How long start() waits for its workers to get going.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Workers a run gets when neither run() nor the task says.
 const DEFAULT_WORKERS: i32 = 2;
 
+/// A run whose workers have been launched.
+struct LaunchedRun {
+    run_id: i64,
+    shared: SharedRun,
+    handles: Vec<DynamicBackgroundWorker>,
+    /// Items the run expects to handle (backlog, capped by max_items).
+    total: i64,
+    started: Instant,
+}
+
+/// Runs the task and waits for its workers: `chunkwise.run()`.
 pub fn run_task(
     task: &Task,
     workers: Option<i32>,
     max_items: Option<i64>,
 ) -> SqlResult<RunSummary> {
+    let Some(run) = launch_run(task, workers, max_items)? else {
+        return Ok(RunSummary::nothing_run());
+    };
+    wait_for_workers(task, &run);
+    ensure_some_worker_started(&run)?;
+    let tally = run.shared.state().tally();
+    Ok(RunSummary {
+        run_id: Some(run.run_id),
+        processed: tally.processed,
+        failed: tally.failed,
+        dead: tally.dead,
+        seconds: run.started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Starts the task's workers and returns once they are under way (`chunkwise.start()`);
+/// `None` when there is nothing to run.
+pub fn start_task(
+    task: &Task,
+    workers: Option<i32>,
+    max_items: Option<i64>,
+) -> SqlResult<Option<i64>> {
+    let Some(run) = launch_run(task, workers, max_items)? else {
+        return Ok(None);
+    };
+    // The run's shared memory lives while a process maps it: this backend lets go when
+    // it returns, so wait until the workers hold it (or could not start).
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while run.shared.state().workers_attached() < run.handles.len() as i32
+        && !all_stopped(&run.handles)
+        && Instant::now() < deadline
+    {
+        wait_on_latch(POLL);
+    }
+    ensure_some_worker_started(&run)?;
+    Ok(Some(run.run_id))
+}
+
+/// Checks, reserves worker slots and launches the workers; `None` (with a NOTICE) when
+/// the task is paused or has nothing pending.
+fn launch_run(
+    task: &Task,
+    workers: Option<i32>,
+    max_items: Option<i64>,
+) -> SqlResult<Option<LaunchedRun>> {
     ensure_runnable(task)?;
     if let Some(limit) = max_items.filter(|&limit| limit < 1) {
         return Err(SqlError::invalid_parameter(format!(
@@ -66,12 +124,12 @@ pub fn run_task(
     }
     if task.paused {
         notice!("task \"{}\" is paused; nothing runs", task.name);
-        return Ok(RunSummary::nothing_run());
+        return Ok(None);
     }
     let backlog = pending_backlog(task)?;
     if backlog == 0 {
         notice!("task \"{}\" has no pending items", task.name);
-        return Ok(RunSummary::nothing_run());
+        return Ok(None);
     }
     let total = max_items.map_or(backlog, |m| m.min(backlog));
     let wanted = wanted.min(i32::try_from(total).unwrap_or(i32::MAX));
@@ -84,27 +142,29 @@ pub fn run_task(
     if shared.state().set_launched(handles.len() as i32) {
         announce_finish(task, run_id, shared.state());
     }
-    wait_for_workers(task, run_id, &handles, shared.state(), total, started);
+    Ok(Some(LaunchedRun {
+        run_id,
+        shared,
+        handles,
+        total,
+        started,
+    }))
+}
 
-    let state = shared.state();
-    if state.workers_attached() == 0 {
-        return Err(SqlError::new(
-            PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-            format!(
-                "none of the {} workers of run {run_id} could start",
-                handles.len()
-            ),
-        )
-        .hint("See the server log; workers connect to this database as the task's owner."));
+/// A run none of whose workers got to work is an error, not an empty success.
+fn ensure_some_worker_started(run: &LaunchedRun) -> SqlResult<()> {
+    if run.shared.state().workers_attached() > 0 {
+        return Ok(());
     }
-    let tally = state.tally();
-    Ok(RunSummary {
-        run_id: Some(run_id),
-        processed: tally.processed,
-        failed: tally.failed,
-        dead: tally.dead,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Err(SqlError::new(
+        PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+        format!(
+            "none of the {} workers of run {} could start",
+            run.handles.len(),
+            run.run_id
+        ),
+    )
+    .hint("See the server log; workers connect to this database as the task's owner."))
 }
 
 /// `NOTIFY chunkwise` that the run is over, with its totals.
@@ -263,33 +323,15 @@ fn all_stopped(handles: &[DynamicBackgroundWorker]) -> bool {
 /// Waits until every worker has exited, reporting progress. If the caller's statement is
 /// cancelled, the workers are told to stop after their current item and the cancel is
 /// re-raised.
-fn wait_for_workers(
-    task: &Task,
-    run_id: i64,
-    handles: &[DynamicBackgroundWorker],
-    state: &RunState,
-    total: i64,
-    started: Instant,
-) {
+fn wait_for_workers(task: &Task, run: &LaunchedRun) {
+    let state = run.shared.state();
     let interval = Duration::from_secs(gucs::progress_interval_secs().max(0) as u64);
-    let mut next_report = started + interval;
+    let mut next_report = run.started + interval;
     PgTryBuilder::new(AssertUnwindSafe(|| {
-        while !all_stopped(handles) {
-            // SAFETY: waits on this backend's latch; workers' state changes set it too
-            // (bgw_notify_pid), and WL_EXIT_ON_PM_DEATH ends us with the postmaster.
-            unsafe {
-                pg_sys::WaitLatch(
-                    pg_sys::MyLatch,
-                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
-                        as i32,
-                    POLL.as_millis() as i64,
-                    pg_sys::PG_WAIT_EXTENSION,
-                );
-                pg_sys::ResetLatch(pg_sys::MyLatch);
-            }
-            check_for_interrupts!();
+        while !all_stopped(&run.handles) {
+            wait_on_latch(POLL);
             if !interval.is_zero() && Instant::now() >= next_report {
-                report_progress(task, run_id, state, total, started);
+                report_progress(task, run.run_id, state, run.total, run.started);
                 next_report += interval;
             }
         }
@@ -299,6 +341,23 @@ fn wait_for_workers(
         caught.rethrow()
     })
     .execute();
+}
+
+/// Sleeps on this backend's latch for at most `timeout`, then serves interrupts (a
+/// cancel raises here). Workers' state changes set the latch too (bgw_notify_pid).
+pub fn wait_on_latch(timeout: Duration) {
+    // SAFETY: waits on this backend's latch; WL_EXIT_ON_PM_DEATH ends us with the
+    // postmaster.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout.as_millis() as i64,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    check_for_interrupts!();
 }
 
 fn report_progress(task: &Task, run_id: i64, state: &RunState, total: i64, started: Instant) {

@@ -54,7 +54,13 @@ impl Drop for RestoreUser {
 /// Runs `f` as the extension owner, for the extension's own bookkeeping SQL only. Never
 /// call user-supplied SQL or user-defined functions inside `f`.
 pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
-    let owner = extension_owner();
+    as_role(extension_owner(), f)
+}
+
+/// Runs `f` as `role` (as a SECURITY DEFINER function of that role would), restoring the
+/// caller's identity afterwards, also on error.
+pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let owner = role;
     let mut user = pg_sys::InvalidOid;
     let mut context = 0;
     // SAFETY: both out-parameters point to live locals.

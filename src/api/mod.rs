@@ -2,6 +2,7 @@
 //! or block range), running.
 
 pub mod chunks;
+pub mod cycles;
 pub mod metrics;
 pub mod operating;
 pub mod planning;

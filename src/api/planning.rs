@@ -268,84 +268,90 @@ fn required_key(columns: &PlanColumns, row: &SpiHeapTupleData) -> SqlResult<i64>
 /// Without `priority`, the query's row order is the processing order.
 #[pg_extern(volatile, parallel_unsafe)]
 fn plan(task: Option<&str>, query: Option<&str>) -> i64 {
-    let run = || -> SqlResult<i64> {
-        let task = task_to_plan(task)?;
-        let mut seen = HashSet::new();
-        let mut position = 0i64;
-        let mut added = 0i64;
-        for_each_batch(query, false, |columns, table| {
-            let mut batch = ItemBatch::default();
-            for row in table {
-                position += 1;
-                let key = required_key(columns, &row)?;
-                if !seen.insert(key) {
-                    continue;
-                }
-                let hi = match &columns.hi {
-                    Some(c) => c.get(&row)?,
-                    None => None,
-                };
-                let priority = match &columns.priority {
-                    Some(c) => c.get(&row)?.unwrap_or(0),
-                    None => position,
-                };
-                let group_key = match columns.group_key {
-                    Some(ord) => row.get::<String>(ord)?,
-                    None => None,
-                };
-                let payload = match columns.payload {
-                    Some(ord) => row.get::<JsonB>(ord)?,
-                    None => None,
-                };
-                batch.push(key, hi, priority, group_key, payload);
+    task_to_plan(task)
+        .and_then(|task| plan_query(&task, query))
+        .or_raise()
+}
+
+/// `plan()` for a task already checked: runs `query` as the current user.
+pub(crate) fn plan_query(task: &Task, query: Option<&str>) -> SqlResult<i64> {
+    let mut seen = HashSet::new();
+    let mut position = 0i64;
+    let mut added = 0i64;
+    for_each_batch(query, false, |columns, table| {
+        let mut batch = ItemBatch::default();
+        for row in table {
+            position += 1;
+            let key = required_key(columns, &row)?;
+            if !seen.insert(key) {
+                continue;
             }
-            added += batch.insert(task.id, None)?;
-            Ok(())
-        })?;
-        Ok(added)
-    };
-    run().or_raise()
+            let hi = match &columns.hi {
+                Some(c) => c.get(&row)?,
+                None => None,
+            };
+            let priority = match &columns.priority {
+                Some(c) => c.get(&row)?.unwrap_or(0),
+                None => position,
+            };
+            let group_key = match columns.group_key {
+                Some(ord) => row.get::<String>(ord)?,
+                None => None,
+            };
+            let payload = match columns.payload {
+                Some(ord) => row.get::<JsonB>(ord)?,
+                None => None,
+            };
+            batch.push(key, hi, priority, group_key, payload);
+        }
+        added += batch.insert(task.id, None)?;
+        Ok(())
+    })?;
+    Ok(added)
 }
 
 /// Plans the rows of `query` (`key`, `last_activity`, `actions`) in activity-recency order.
 #[pg_extern(volatile, parallel_unsafe)]
 fn plan_by_activity(task: Option<&str>, query: Option<&str>) -> i64 {
-    let run = || -> SqlResult<i64> {
-        let task = task_to_plan(task)?;
-        let ranking = Ranking::from_settings()?;
-        let mut seen = HashSet::new();
-        let mut entities = Vec::new();
-        for_each_batch(query, true, |columns, table| {
-            let last_activity = columns.last_activity.expect("checked by resolve");
-            let actions = columns.actions.expect("checked by resolve");
-            for row in table {
-                let key = required_key(columns, &row)?;
-                if seen.insert(key) {
-                    entities.push(Activity {
-                        key,
-                        last_activity: row
-                            .get::<TimestampWithTimeZone>(last_activity)?
-                            .map(i64::from),
-                        actions: actions.get(&row)?,
-                    });
-                }
+    task_to_plan(task)
+        .and_then(|task| plan_query_by_activity(&task, query))
+        .or_raise()
+}
+
+/// `plan_by_activity()` for a task already checked: runs `query` as the current user.
+pub(crate) fn plan_query_by_activity(task: &Task, query: Option<&str>) -> SqlResult<i64> {
+    let ranking = Ranking::from_settings()?;
+    let mut seen = HashSet::new();
+    let mut entities = Vec::new();
+    for_each_batch(query, true, |columns, table| {
+        let last_activity = columns.last_activity.expect("checked by resolve");
+        let actions = columns.actions.expect("checked by resolve");
+        for row in table {
+            let key = required_key(columns, &row)?;
+            if seen.insert(key) {
+                entities.push(Activity {
+                    key,
+                    last_activity: row
+                        .get::<TimestampWithTimeZone>(last_activity)?
+                        .map(i64::from),
+                    actions: actions.get(&row)?,
+                });
             }
-            Ok(())
-        })?;
-        let mut added = 0;
-        for chunk in ranking
-            .prioritise(transaction_now(), &mut entities)
-            .chunks(PLAN_BATCH as usize)
-        {
-            let mut batch = ItemBatch::default();
-            for &(key, priority) in chunk {
-                batch.push(key, None, priority, None, None);
-            }
-            added += batch.insert(task.id, None)?;
         }
-        Ok(added)
-    };
-    run().or_raise()
+        Ok(())
+    })?;
+    let mut added = 0;
+    for chunk in ranking
+        .prioritise(transaction_now(), &mut entities)
+        .chunks(PLAN_BATCH as usize)
+    {
+        let mut batch = ItemBatch::default();
+        for &(key, priority) in chunk {
+            batch.push(key, None, priority, None, None);
+        }
+        added += batch.insert(task.id, None)?;
+    }
+    Ok(added)
 }
 
 /// `now()` in PostgreSQL microseconds.

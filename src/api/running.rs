@@ -1,10 +1,14 @@
-//! Running: `run`.
+//! Running: `run` (waits), `start` (returns at once) and `wait`.
 
+use std::time::{Duration, Instant};
+
+use pgrx::datum::Interval;
 use pgrx::prelude::*;
 
 use crate::catalog::Task;
-use crate::error::{OrRaise, SqlResult};
-use crate::launcher::{RunSummary, run_task};
+use crate::error::{OrRaise, SqlError, SqlResult};
+use crate::launcher::{RunSummary, run_task, start_task, wait_on_latch};
+use crate::security::{as_extension_owner, ensure_may_manage};
 
 /// Runs the task's pending items with a pool of background workers and waits for them,
 /// reporting progress every `chunkwise.progress_interval`.
@@ -34,5 +38,147 @@ fn run(
         summary.failed,
         summary.dead,
         summary.seconds,
+    ))
+}
+
+/// Starts a run and returns its id once its workers are under way (NULL when nothing is
+/// pending or the task is paused). Follow it with `chunkwise.wait()` or the views.
+#[pg_extern(volatile, parallel_unsafe)]
+fn start(
+    task: Option<&str>,
+    workers: default!(Option<i32>, "NULL"),
+    max_items: default!(Option<i64>, "NULL"),
+) -> Option<i64> {
+    (|| -> SqlResult<Option<i64>> {
+        let task = Task::for_caller(task, "start")?;
+        start_task(&task, workers, max_items)
+    })()
+    .or_raise()
+}
+
+/// How often wait() looks at the run, and how long it waits for a just-started run's
+/// workers to record it.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+const REGISTRATION_WAIT: Duration = Duration::from_secs(10);
+
+/// A run as `chunkwise.runs` shows it.
+struct RunRow {
+    task: String,
+    owner: pg_sys::Oid,
+    state: String,
+    processed: i64,
+    failed: i64,
+    dead: i64,
+    seconds: f64,
+}
+
+fn read_run(run_id: i64) -> SqlResult<Option<RunRow>> {
+    let row = as_extension_owner(|| {
+        Spi::connect(|client| -> pgrx::spi::Result<Option<RunRow>> {
+            let table = client.select(
+                "SELECT r.task, t.owner, r.state, r.processed, r.failed, r.dead, r.seconds::float8 \
+                   FROM chunkwise.runs r JOIN chunkwise.tasks t USING (task) WHERE r.run_id = $1",
+                Some(1),
+                &[run_id.into()],
+            )?;
+            let Some(row) = table.into_iter().next() else {
+                return Ok(None);
+            };
+            Ok(Some(RunRow {
+                task: row.get(1)?.unwrap_or_default(),
+                owner: row.get(2)?.unwrap_or(pg_sys::InvalidOid),
+                state: row.get(3)?.unwrap_or_default(),
+                processed: row.get(4)?.unwrap_or(0),
+                failed: row.get(5)?.unwrap_or(0),
+                dead: row.get(6)?.unwrap_or(0),
+                seconds: row.get(7)?.unwrap_or(0.0),
+            }))
+        })
+    })?;
+    Ok(row)
+}
+
+/// The highest run id handed out so far.
+fn last_run_id() -> SqlResult<i64> {
+    let last = as_extension_owner(|| {
+        Spi::get_one::<i64>(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM chunkwise.run_id_seq",
+        )
+    })?;
+    Ok(last.unwrap_or(0))
+}
+
+fn unknown_run(run_id: i64) -> SqlError {
+    SqlError::new(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        format!("run {run_id} does not exist"),
+    )
+    .hint("See SELECT run_id, task, state FROM chunkwise.runs; purge() forgets old runs.")
+}
+
+/// Waits until the run is no longer running (or `timeout` passes) and returns it as
+/// `chunkwise.runs` shows it: state running, finished, cancelled or interrupted.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wait(
+    run_id: Option<i64>,
+    timeout: default!(Option<Interval>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(run_id, i64),
+        name!(task, String),
+        name!(state, String),
+        name!(processed, i64),
+        name!(failed, i64),
+        name!(dead, i64),
+        name!(seconds, f64),
+    ),
+> {
+    let (run_id, row) = (|| -> SqlResult<(i64, RunRow)> {
+        let run_id = run_id.ok_or_else(|| {
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                "run_id must not be NULL",
+            )
+            .hint("Pass the id chunkwise.start() returned.")
+        })?;
+        let deadline = match timeout {
+            None => None,
+            Some(t) if t.as_micros() < 0 => {
+                return Err(SqlError::invalid_parameter("timeout must not be negative")
+                    .hint("Leave timeout out to wait for the end of the run."));
+            }
+            Some(t) => Some(Instant::now() + Duration::from_micros(t.as_micros() as u64)),
+        };
+        if run_id < 1 || run_id > last_run_id()? {
+            return Err(unknown_run(run_id));
+        }
+        // Its workers record a just-started run in their first transaction.
+        let registration_deadline = Instant::now() + REGISTRATION_WAIT;
+        let mut row = loop {
+            if let Some(row) = read_run(run_id)? {
+                break row;
+            }
+            if Instant::now() >= registration_deadline {
+                return Err(unknown_run(run_id));
+            }
+            wait_on_latch(WAIT_POLL);
+        };
+        ensure_may_manage(&row.task, row.owner, "wait for")?;
+        while row.state == "running" && deadline.is_none_or(|d| Instant::now() < d) {
+            wait_on_latch(WAIT_POLL);
+            row = read_run(run_id)?.ok_or_else(|| unknown_run(run_id))?;
+        }
+        Ok((run_id, row))
+    })()
+    .or_raise();
+    TableIterator::once((
+        run_id,
+        row.task,
+        row.state,
+        row.processed,
+        row.failed,
+        row.dead,
+        row.seconds,
     ))
 }

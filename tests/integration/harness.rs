@@ -100,7 +100,9 @@ impl Cluster {
         let conf = format!(
             "listen_addresses = ''\nunix_socket_directories = '{}'\nport = {PORT}\n\
              max_worker_processes = 48\nmax_connections = 60\nfsync = off\n\
-             chunkwise.max_workers = 24\nlog_min_messages = warning\nlog_line_prefix = '%m [%p] %b '\n",
+             chunkwise.max_workers = 24\nlog_min_messages = warning\nlog_line_prefix = '%m [%p] %b '\n\
+             shared_preload_libraries = 'pg_cron'\ncron.database_name = 'postgres'\n\
+             cron.use_background_workers = on\n",
             dir.display()
         );
         let conf_path = data.join("postgresql.conf");

@@ -5,6 +5,7 @@ mod fixtures;
 mod harness;
 
 mod bad_input;
+mod cycles;
 mod engine;
 mod operating;
 mod planning;

@@ -1,0 +1,258 @@
+//! Scheduled work: `run_cycle` (re-plan from source, a per-cycle limit, no overlap),
+//! `start`/`wait`, and cycles driven by the real pg_cron.
+
+use std::time::{Duration, Instant};
+
+use postgres::Client;
+
+use crate::harness::{Cluster, sql_error, test_db, wait_for};
+
+/// 1,000 users with staggered activity, a procedure refreshing one (sleeping `sleep_ms`,
+/// failing once for `failing_user`), and a task `dm` with `workers` workers re-planning
+/// the users not yet refreshed by activity, 100 per cycle.
+fn datamart(db: &mut Client, sleep_ms: f64, failing_user: Option<i64>, workers: i32) {
+    db.batch_execute(&format!(
+        "CREATE TABLE users (id bigint PRIMARY KEY, seen timestamptz, actions bigint, refreshed int NOT NULL DEFAULT 0);
+         INSERT INTO users SELECT g, now() - g * interval '1 hour', 1000 - g, 0 FROM generate_series(1, 1000) g;
+         CREATE TABLE failing (id bigint);
+         INSERT INTO failing SELECT {failing} WHERE {failing} IS NOT NULL;
+         CREATE SEQUENCE failures;  -- not rolled back with the failed item
+         CREATE PROCEDURE refresh(k bigint) LANGUAGE plpgsql AS $$
+         BEGIN
+           PERFORM pg_sleep({sleep_ms} / 1000.0);
+           IF EXISTS (SELECT FROM failing f WHERE f.id = k) AND nextval('failures') = 1 THEN
+             RAISE EXCEPTION 'user % not ready', k;
+           END IF;
+           UPDATE users SET refreshed = refreshed + 1 WHERE id = k;
+         END $$;
+         SELECT chunkwise.create_task('dm', call => 'refresh', max_items_per_cycle => 100, workers => {workers},
+                  rank_by_activity => true, retry_backoff => '1 second', retry_backoff_max => '1 second',
+                  source => 'SELECT id AS key, seen AS last_activity, actions FROM users WHERE refreshed = 0');",
+        failing = failing_user.map_or("NULL".to_string(), |k| k.to_string()),
+    ))
+    .unwrap();
+}
+
+#[test]
+fn a_cycle_limit_of_100_over_1000_items_takes_10_cycles_highest_priorities_first() {
+    let mut db = test_db("cycle_limit");
+    datamart(&mut db, 0.0, None, 2);
+    for cycle in 1..=10 {
+        db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
+        let refreshed: i64 = db
+            .query_one("SELECT count(*) FROM users WHERE refreshed = 1", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(refreshed, 100 * cycle, "after cycle {cycle}");
+    }
+    db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
+    let (runs, over): (i64, i64) = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM chunkwise.runs), (SELECT count(*) FROM users WHERE refreshed > 1)",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        (runs, over),
+        (10, 0),
+        "an eleventh cycle finds nothing to do"
+    );
+
+    // Every cycle took the best 100 that were left: user ids are in activity order here
+    // (lower ids are both more recent and more active), so cycle k did users 100k-99..100k.
+    let runs: Vec<(i64, i64, i64, i64)> = db
+        .query(
+            "SELECT run_id, min(key), max(key), count(*) FROM chunkwise.items GROUP BY run_id ORDER BY run_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let ranges: Vec<(i64, i64, i64)> = runs.iter().map(|r| (r.1, r.2, r.3)).collect();
+    let expected: Vec<(i64, i64, i64)> =
+        (0..10).map(|k| (k * 100 + 1, k * 100 + 100, 100)).collect();
+    assert_eq!(ranges, expected, "cycles in priority order");
+}
+
+#[test]
+fn a_failed_item_is_retried_first_in_the_next_cycle() {
+    let mut db = test_db("cycle_retry");
+    datamart(&mut db, 0.0, Some(50), 1);
+    db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
+    let (status, attempts): (String, i32) = db
+        .query_one(
+            "SELECT status, attempts FROM chunkwise.items WHERE key = 50",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((status.as_str(), attempts), ("pending", 1));
+
+    // Once its backoff is due, the next cycle runs it before anything else.
+    wait_for("the retry to fall due", Duration::from_secs(10), || {
+        let due: bool = db
+            .query_one(
+                "SELECT not_before <= now() FROM chunkwise.items WHERE key = 50",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        due.then_some(())
+    });
+    db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
+    let first_of_second_cycle: i64 = db
+        .query_one(
+            "SELECT key FROM chunkwise.items WHERE run_id = (SELECT max(run_id) FROM chunkwise.runs) \
+              ORDER BY finished_at LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(first_of_second_cycle, 50);
+}
+
+#[test]
+fn a_second_concurrent_cycle_returns_at_once_and_does_no_work() {
+    let mut db = test_db("cycle_overlap");
+    datamart(&mut db, 30.0, None, 2);
+    let first = std::thread::spawn(|| {
+        let mut client = Cluster::get().connect("cycle_overlap");
+        client
+            .batch_execute("CALL chunkwise.run_cycle('dm')")
+            .unwrap();
+    });
+    wait_for("the first cycle's run", Duration::from_secs(30), || {
+        let running: i64 = db
+            .query_one(
+                "SELECT count(*) FROM chunkwise.runs WHERE state = 'running'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (running == 1).then_some(())
+    });
+    let started = Instant::now();
+    db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
+    let second_took = started.elapsed();
+    let still_running: i64 = db
+        .query_one(
+            "SELECT count(*) FROM chunkwise.runs WHERE state = 'running'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        still_running, 1,
+        "the second cycle returned ({second_took:?}) while the first still ran"
+    );
+    first.join().unwrap();
+    let (runs, refreshed): (i64, i64) = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM chunkwise.runs), (SELECT count(*) FROM users WHERE refreshed = 1)",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((runs, refreshed), (1, 100), "one cycle's work, done once");
+
+    // Inside a transaction block a cycle cannot commit its planning: refused.
+    let mut tx = db.transaction().unwrap();
+    let (code, _, _) = sql_error(tx.batch_execute("CALL chunkwise.run_cycle('dm')"));
+    assert_eq!(code, "25001");
+}
+
+#[test]
+fn start_returns_a_run_id_at_once_and_wait_returns_the_finished_run() {
+    let mut db = test_db("start_wait");
+    datamart(&mut db, 10.0, None, 2);
+    db.batch_execute(
+        "SELECT chunkwise.plan_by_activity('dm', 'SELECT id AS key, seen AS last_activity, actions FROM users WHERE id <= 200')",
+    )
+    .unwrap();
+    let run_id: i64 = db
+        .query_one("SELECT chunkwise.start('dm', 2)", &[])
+        .unwrap()
+        .get(0);
+    let (state, processed): (String, i64) = db
+        .query_one(
+            "SELECT state, processed FROM chunkwise.wait($1, '10 milliseconds')",
+            &[&run_id],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        state, "running",
+        "start() returned before the work was done"
+    );
+    assert!(processed < 200);
+
+    let row = db
+        .query_one("SELECT * FROM chunkwise.wait($1)", &[&run_id])
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>("task"),
+            row.get::<_, String>("state"),
+            row.get::<_, i64>("processed")
+        ),
+        ("dm".to_string(), "finished".to_string(), 200)
+    );
+    let (code, _, hint) = sql_error(db.query("SELECT * FROM chunkwise.wait(424242)", &[]));
+    assert_eq!(code, "42704");
+    assert!(!hint.is_empty());
+    let nothing: Option<i64> = db
+        .query_one("SELECT chunkwise.start('dm')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(nothing, None, "nothing pending: no run");
+}
+
+#[test]
+fn pg_cron_runs_a_cycle_every_minute() {
+    let mut db = test_db("cron_cycles");
+    datamart(&mut db, 0.0, None, 2);
+    let mut cron = Cluster::get().connect("postgres");
+    cron.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
+        .unwrap();
+    let job: i64 = cron
+        .query_one(
+            "SELECT cron.schedule_in_database('datamart', '* * * * *', 'CALL chunkwise.run_cycle(''dm'')', 'cron_cycles')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // Two cron ticks are at most two minutes away.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for(
+            "two cycles run by pg_cron",
+            Duration::from_secs(150),
+            || {
+                let succeeded: i64 = cron
+                .query_one(
+                    "SELECT count(*) FROM cron.job_run_details WHERE jobid = $1 AND status = 'succeeded'",
+                    &[&job],
+                )
+                .unwrap()
+                .get(0);
+                let runs: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM chunkwise.runs WHERE state = 'finished' AND processed = 100",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+                (succeeded >= 2 && runs >= 2).then_some(())
+            },
+        )
+    }));
+    cron.execute("SELECT cron.unschedule($1::bigint)", &[&job])
+        .unwrap();
+    outcome.unwrap();
+    let over: i64 = db
+        .query_one("SELECT count(*) FROM users WHERE refreshed > 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(over, 0);
+}
