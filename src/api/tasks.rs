@@ -15,9 +15,12 @@ const MAX_TASK_NAME: usize = 40;
 const MAX_ATTEMPTS: i32 = 1000;
 const MAX_ITEMS_PER_COMMIT: i32 = 10_000;
 
-/// The options of `create_task`, validated as a whole before anything is written.
+/// The options of `create_task` and `alter_task`, validated as a whole before anything
+/// is written.
 struct TaskOptions<'a> {
     name: &'a str,
+    /// The role the workers will run as.
+    owner: pg_sys::Oid,
     call: Option<pg_sys::Oid>,
     statement: Option<&'a str>,
     after: Option<&'a str>,
@@ -99,7 +102,7 @@ impl TaskOptions<'_> {
             }
             (Some(proc), None) => {
                 Target::for_call(proc)?;
-                ensure_owner_may_execute(proc)?;
+                ensure_owner_may_execute(self.owner, proc)?;
             }
             (None, Some(sql)) => ensure_single_statement(sql, "statement")?,
         }
@@ -154,10 +157,9 @@ impl TaskOptions<'_> {
         Ok(())
     }
 
-    fn insert(&self) -> SqlResult<()> {
-        let args: Vec<DatumWithOid> = vec![
-            self.name.into(),
-            current_user().into(),
+    /// The stored options as SPI arguments, in `OPTION_COLUMNS` order.
+    fn option_args(&self) -> Vec<DatumWithOid<'_>> {
+        vec![
             self.call.into(),
             self.statement.into(),
             self.after.into(),
@@ -172,16 +174,21 @@ impl TaskOptions<'_> {
             self.synchronous_commit.into(),
             self.sequential_groups.into(),
             self.rank_by_activity.into(),
-        ];
+        ]
+    }
+
+    fn insert(&self) -> SqlResult<()> {
+        let mut args: Vec<DatumWithOid> = vec![self.name.into(), self.owner.into()];
+        args.extend(self.option_args());
         let inserted = as_extension_owner(|| {
             Spi::connect_mut(|client| {
                 client
                     .update(
-                        "INSERT INTO chunkwise.tasks (task, owner, call, statement, after, source, workers, \
-                             max_items_per_cycle, max_attempts, retry_backoff, retry_backoff_max, item_timeout, \
-                             items_per_commit, synchronous_commit, sequential_groups, rank_by_activity) \
-                         VALUES ($1, $2, $3::regprocedure, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-                         ON CONFLICT (task) DO NOTHING",
+                        &format!(
+                            "INSERT INTO chunkwise.tasks (task, owner, {OPTION_COLUMNS}) \
+                             VALUES ($1, $2, $3::regprocedure, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+                             ON CONFLICT (task) DO NOTHING"
+                        ),
                         None,
                         &args,
                     )
@@ -197,12 +204,110 @@ impl TaskOptions<'_> {
         )
         .hint("Choose another name, or chunkwise.drop_task() the old task first."))
     }
+
+    fn update(&self, task_id: i32) -> SqlResult<()> {
+        let mut args: Vec<DatumWithOid> = vec![task_id.into()];
+        args.extend(self.option_args());
+        as_extension_owner(|| {
+            Spi::run_with_args(
+                &format!(
+                    "UPDATE chunkwise.tasks SET ({OPTION_COLUMNS}) = \
+                     ($2::regprocedure, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                     WHERE task_id = $1"
+                ),
+                &args,
+            )
+        })?;
+        Ok(())
+    }
 }
 
-fn ensure_owner_may_execute(proc: pg_sys::Oid) -> SqlResult<()> {
+/// The option columns of `chunkwise.tasks`, in `TaskOptions::option_args` order.
+const OPTION_COLUMNS: &str = "call, statement, after, source, workers, max_items_per_cycle, \
+     max_attempts, retry_backoff, retry_backoff_max, item_timeout, items_per_commit, \
+     synchronous_commit, sequential_groups, rank_by_activity";
+
+/// A task's options as stored, read back by `alter_task`.
+struct StoredOptions {
+    call: Option<pg_sys::Oid>,
+    statement: Option<String>,
+    after: Option<String>,
+    source: Option<String>,
+    workers: Option<i32>,
+    max_items_per_cycle: Option<i64>,
+    max_attempts: i32,
+    retry_backoff: Interval,
+    retry_backoff_max: Interval,
+    item_timeout: Option<Interval>,
+    items_per_commit: i32,
+    synchronous_commit: bool,
+    sequential_groups: bool,
+    rank_by_activity: bool,
+}
+
+impl StoredOptions {
+    fn load(task_id: i32) -> SqlResult<StoredOptions> {
+        let stored = as_extension_owner(|| {
+            Spi::connect(|client| -> pgrx::spi::Result<StoredOptions> {
+                let table = client.select(
+                    &format!(
+                        "SELECT {} FROM chunkwise.tasks WHERE task_id = $1",
+                        OPTION_COLUMNS.replacen("call", "call::oid", 1)
+                    ),
+                    Some(1),
+                    &[task_id.into()],
+                )?;
+                let row = table.first();
+                // Both backoff columns are NOT NULL.
+                let interval = |ordinal| -> pgrx::spi::Result<Interval> {
+                    Ok(row
+                        .get::<Interval>(ordinal)?
+                        .expect("a NOT NULL interval column"))
+                };
+                Ok(StoredOptions {
+                    call: row.get(1)?,
+                    statement: row.get(2)?,
+                    after: row.get(3)?,
+                    source: row.get(4)?,
+                    workers: row.get(5)?,
+                    max_items_per_cycle: row.get(6)?,
+                    max_attempts: row.get(7)?.unwrap_or(1),
+                    retry_backoff: interval(8)?,
+                    retry_backoff_max: interval(9)?,
+                    item_timeout: row.get(10)?,
+                    items_per_commit: row.get(11)?.unwrap_or(1),
+                    synchronous_commit: row.get(12)?.unwrap_or(true),
+                    sequential_groups: row.get(13)?.unwrap_or(false),
+                    rank_by_activity: row.get(14)?.unwrap_or(false),
+                })
+            })
+        })?;
+        Ok(stored)
+    }
+}
+
+/// A text option given to `alter_task`: NULL keeps the stored value, '' clears it.
+fn altered_text<'a>(given: Option<&'a str>, stored: &'a Option<String>) -> Option<&'a str> {
+    match given {
+        Some("") => None,
+        Some(value) => Some(value),
+        None => stored.as_deref(),
+    }
+}
+
+/// A number option given to `alter_task`: NULL keeps the stored value, 0 clears it.
+fn altered_number<T: Default + PartialEq>(given: Option<T>, stored: Option<T>) -> Option<T> {
+    match given {
+        Some(value) if value == T::default() => None,
+        Some(value) => Some(value),
+        None => stored,
+    }
+}
+
+fn ensure_owner_may_execute(owner: pg_sys::Oid, proc: pg_sys::Oid) -> SqlResult<()> {
     let allowed = Spi::get_one_with_args::<bool>(
         "SELECT pg_catalog.has_function_privilege($1, $2, 'EXECUTE')",
-        &[current_user().into(), proc.into()],
+        &[owner.into(), proc.into()],
     )
     .ok()
     .flatten()
@@ -240,6 +345,7 @@ fn create_task(
     let run = || -> SqlResult<()> {
         let options = TaskOptions {
             name: required_task_name(task)?,
+            owner: current_user(),
             call: call.map(|c| c.0),
             statement,
             after,
@@ -259,6 +365,65 @@ fn create_task(
         ensure_owner_can_run(options.name, current_user())?;
         options.insert()?;
         Ok(())
+    };
+    run().or_raise()
+}
+
+/// Changes a task's options. An option left out (NULL) keeps its value; '' clears
+/// `after` and `source`, 0 clears `workers`, `max_items_per_cycle` and `item_timeout`.
+/// Giving `call` replaces a `statement` and the other way round. Runs under way keep the
+/// options they started with; the next run uses the new ones.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::too_many_arguments)]
+fn alter_task(
+    task: Option<&str>,
+    call: default!(Option<RegProc>, "NULL"),
+    statement: default!(Option<&str>, "NULL"),
+    after: default!(Option<&str>, "NULL"),
+    source: default!(Option<&str>, "NULL"),
+    workers: default!(Option<i32>, "NULL"),
+    max_items_per_cycle: default!(Option<i64>, "NULL"),
+    max_attempts: default!(Option<i32>, "NULL"),
+    retry_backoff: default!(Option<Interval>, "NULL"),
+    retry_backoff_max: default!(Option<Interval>, "NULL"),
+    item_timeout: default!(Option<Interval>, "NULL"),
+    items_per_commit: default!(Option<i32>, "NULL"),
+    synchronous_commit: default!(Option<bool>, "NULL"),
+    sequential_groups: default!(Option<bool>, "NULL"),
+    rank_by_activity: default!(Option<bool>, "NULL"),
+) {
+    let run = || -> SqlResult<()> {
+        let current = Task::for_caller(task, "alter")?;
+        let stored = StoredOptions::load(current.id)?;
+        let (call, statement) = match (call, statement) {
+            (None, None) => (stored.call, stored.statement.as_deref()),
+            (call, statement) => (call.map(|c| c.0), statement),
+        };
+        let item_timeout = match item_timeout {
+            Some(t) if t.as_micros() == 0 && t.months() == 0 && t.days() == 0 => None,
+            Some(t) => Some(t),
+            None => stored.item_timeout,
+        };
+        let options = TaskOptions {
+            name: &current.name,
+            owner: current.owner,
+            call,
+            statement,
+            after: altered_text(after, &stored.after),
+            source: altered_text(source, &stored.source),
+            workers: altered_number(workers, stored.workers),
+            max_items_per_cycle: altered_number(max_items_per_cycle, stored.max_items_per_cycle),
+            max_attempts: max_attempts.unwrap_or(stored.max_attempts),
+            retry_backoff: retry_backoff.unwrap_or(stored.retry_backoff),
+            retry_backoff_max: retry_backoff_max.unwrap_or(stored.retry_backoff_max),
+            item_timeout,
+            items_per_commit: items_per_commit.unwrap_or(stored.items_per_commit),
+            synchronous_commit: synchronous_commit.unwrap_or(stored.synchronous_commit),
+            sequential_groups: sequential_groups.unwrap_or(stored.sequential_groups),
+            rank_by_activity: rank_by_activity.unwrap_or(stored.rank_by_activity),
+        };
+        options.validate()?;
+        options.update(current.id)
     };
     run().or_raise()
 }

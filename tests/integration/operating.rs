@@ -365,3 +365,84 @@ fn metrics_are_valid_prometheus_text_with_a_sample_per_task() {
     assert!(text.contains("# TYPE chunkwise_items_processed_total counter"));
     assert!(text.contains("# TYPE chunkwise_items_pending gauge"));
 }
+
+/// The stored options of task `t` that alter_task touches, as text.
+fn options_of(db: &mut Client) -> Vec<Option<String>> {
+    let row = db
+        .query_one(
+            "SELECT call::text, statement, after, workers::text, max_attempts::text, item_timeout::text, \
+                    max_items_per_cycle::text \
+               FROM chunkwise.tasks WHERE task = 't'",
+            &[],
+        )
+        .unwrap();
+    (0..7).map(|i| row.get(i)).collect()
+}
+
+#[test]
+fn alter_task_changes_what_it_is_given_clears_with_empty_values_and_refuses_bad_ones() {
+    let mut db = test_db("alter_task");
+    crate::fixtures::counters(&mut db, 10, 0.0);
+    db.batch_execute(
+        "SELECT chunkwise.create_task('t', call => 'bump', after => 'SELECT $1', workers => 3,
+                                      item_timeout => '1 minute', max_items_per_cycle => 50);",
+    )
+    .unwrap();
+    let some = |s: &str| Some(s.to_string());
+    db.execute("SELECT chunkwise.alter_task('t', max_attempts => 9)", &[])
+        .unwrap();
+    assert_eq!(
+        options_of(&mut db),
+        vec![
+            some("bump(bigint)"),
+            None,
+            some("SELECT $1"),
+            some("3"),
+            some("9"),
+            some("00:01:00"),
+            some("50")
+        ]
+    );
+
+    db.execute(
+        "SELECT chunkwise.alter_task('t', statement => 'UPDATE counters SET n = n + 10 WHERE k = $1', \
+                                     after => '', workers => 0, item_timeout => '0', max_items_per_cycle => 0)",
+        &[],
+    )
+    .unwrap();
+    let altered = options_of(&mut db);
+    assert_eq!(
+        altered,
+        vec![
+            None,
+            some("UPDATE counters SET n = n + 10 WHERE k = $1"),
+            None,
+            None,
+            some("9"),
+            None,
+            None
+        ]
+    );
+
+    let (code, _, hint) = crate::harness::sql_error(db.query(
+        "SELECT chunkwise.alter_task('t', items_per_commit => 0)",
+        &[],
+    ));
+    assert_eq!(code, "22023");
+    assert!(!hint.is_empty());
+    assert_eq!(
+        options_of(&mut db),
+        altered,
+        "a refused alter changes nothing"
+    );
+
+    // The next run uses the new statement.
+    db.execute("SELECT chunkwise.enqueue('t', 4)", &[]).unwrap();
+    db.query_one("SELECT * FROM chunkwise.run('t')", &[])
+        .unwrap();
+    let n: i32 = db
+        .query_one("SELECT n FROM counters WHERE k = 4", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 10);
+}
