@@ -122,9 +122,9 @@ SELECT t.task,
        c.done,
        c.dead,
        coalesce(w.workers, 0) AS active_workers,
-       round(r.per_minute / 60.0, 2) AS items_per_second,
-       CASE WHEN r.per_minute > 0
-            THEN make_interval(secs => round((c.pending + c.waiting_retry) * 60.0 / r.per_minute))
+       round(r.per_second, 2) AS items_per_second,
+       CASE WHEN r.per_second > 0
+            THEN make_interval(secs => round((c.pending + c.waiting_retry) / r.per_second))
        END AS estimated_time_left
   FROM chunkwise.tasks t
  CROSS JOIN LATERAL (
@@ -135,7 +135,9 @@ SELECT t.task,
           FROM chunkwise.items i
          WHERE i.task_id = t.task_id) c
  CROSS JOIN LATERAL (
-        SELECT count(*) AS per_minute
+        -- Throughput over the last minute, or over the part of it the work has run, so
+        -- that a run ten seconds old is not measured against sixty.
+        SELECT count(*) / greatest(extract(epoch FROM now() - min(i.finished_at)), 1.0) AS per_second
           FROM chunkwise.items i
          WHERE i.task_id = t.task_id AND i.status = 'done'
            AND i.finished_at > now() - interval '1 minute') r

@@ -446,3 +446,34 @@ fn alter_task_changes_what_it_is_given_clears_with_empty_values_and_refuses_bad_
         .get(0);
     assert_eq!(n, 10);
 }
+
+#[test]
+fn settings_reload_on_sighup_without_a_restart() {
+    let mut db = test_db("reload_settings");
+    bump_task(&mut db, 10, 0.0);
+    // A new session reads the reloaded configuration.
+    let setting = || -> String {
+        Cluster::get()
+            .connect("reload_settings")
+            .query_one("SHOW chunkwise.max_workers", &[])
+            .unwrap()
+            .get(0)
+    };
+    db.batch_execute("ALTER SYSTEM SET chunkwise.max_workers = 2")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_for("the reload", Duration::from_secs(10), || {
+        (setting() == "2").then_some(())
+    });
+    let mut fresh = Cluster::get().connect("reload_settings");
+    let (code, message, _) =
+        crate::harness::sql_error(fresh.query("SELECT * FROM chunkwise.run('bump', 3)", &[]));
+    db.batch_execute("ALTER SYSTEM RESET chunkwise.max_workers")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert_eq!(code, "22023", "{message}");
+    assert!(message.contains("chunkwise.max_workers (2)"), "{message}");
+    wait_for("the reset", Duration::from_secs(10), || {
+        (setting() == "24").then_some(())
+    });
+}
