@@ -17,14 +17,14 @@ const MAX_ITEMS_PER_COMMIT: i32 = 10_000;
 
 /// The options of `create_task` and `alter_task`, validated as a whole before anything
 /// is written.
-struct TaskOptions<'a> {
-    name: &'a str,
+struct TaskOptions {
+    name: String,
     /// The role the workers will run as.
     owner: pg_sys::Oid,
     call: Option<pg_sys::Oid>,
-    statement: Option<&'a str>,
-    after: Option<&'a str>,
-    source: Option<&'a str>,
+    statement: Option<String>,
+    after: Option<String>,
+    source: Option<String>,
     workers: Option<i32>,
     max_items_per_cycle: Option<i64>,
     max_attempts: i32,
@@ -88,10 +88,10 @@ pub fn validate_task_name(name: &str) -> SqlResult<()> {
     )))
 }
 
-impl TaskOptions<'_> {
+impl TaskOptions {
     fn validate(&self) -> SqlResult<()> {
-        validate_task_name(self.name)?;
-        match (self.call, self.statement) {
+        validate_task_name(&self.name)?;
+        match (self.call, self.statement.as_deref()) {
             (Some(_), Some(_)) => {
                 return Err(SqlError::invalid_parameter("give either call or statement, not both")
                     .hint("call => names a procedure taking the item; statement => is SQL using $1 (and $2)."));
@@ -106,10 +106,10 @@ impl TaskOptions<'_> {
             }
             (None, Some(sql)) => ensure_single_statement(sql, "statement")?,
         }
-        if let Some(sql) = self.after {
+        if let Some(sql) = self.after.as_deref() {
             ensure_single_statement(sql, "after")?;
         }
-        if let Some(sql) = self.source {
+        if let Some(sql) = self.source.as_deref() {
             ensure_single_statement(sql, "source")?;
         }
         if let Some(workers) = self.workers {
@@ -161,9 +161,9 @@ impl TaskOptions<'_> {
     fn option_args(&self) -> Vec<DatumWithOid<'_>> {
         vec![
             self.call.into(),
-            self.statement.into(),
-            self.after.into(),
-            self.source.into(),
+            self.statement.as_deref().into(),
+            self.after.as_deref().into(),
+            self.source.as_deref().into(),
             self.workers.into(),
             self.max_items_per_cycle.into(),
             self.max_attempts.into(),
@@ -178,7 +178,7 @@ impl TaskOptions<'_> {
     }
 
     fn insert(&self) -> SqlResult<()> {
-        let mut args: Vec<DatumWithOid> = vec![self.name.into(), self.owner.into()];
+        let mut args: Vec<DatumWithOid> = vec![self.name.as_str().into(), self.owner.into()];
         args.extend(self.option_args());
         let inserted = as_extension_owner(|| {
             Spi::connect_mut(|client| {
@@ -227,35 +227,18 @@ const OPTION_COLUMNS: &str = "call, statement, after, source, workers, max_items
      max_attempts, retry_backoff, retry_backoff_max, item_timeout, items_per_commit, \
      synchronous_commit, sequential_groups, rank_by_activity";
 
-/// A task's options as stored, read back by `alter_task`.
-struct StoredOptions {
-    call: Option<pg_sys::Oid>,
-    statement: Option<String>,
-    after: Option<String>,
-    source: Option<String>,
-    workers: Option<i32>,
-    max_items_per_cycle: Option<i64>,
-    max_attempts: i32,
-    retry_backoff: Interval,
-    retry_backoff_max: Interval,
-    item_timeout: Option<Interval>,
-    items_per_commit: i32,
-    synchronous_commit: bool,
-    sequential_groups: bool,
-    rank_by_activity: bool,
-}
-
-impl StoredOptions {
-    fn load(task_id: i32) -> SqlResult<StoredOptions> {
-        let stored = as_extension_owner(|| {
-            Spi::connect(|client| -> pgrx::spi::Result<StoredOptions> {
+impl TaskOptions {
+    /// The task's options as stored, for `alter_task` to change.
+    fn load(task: &Task) -> SqlResult<TaskOptions> {
+        let options = as_extension_owner(|| {
+            Spi::connect(|client| -> pgrx::spi::Result<TaskOptions> {
                 let table = client.select(
                     &format!(
                         "SELECT {} FROM chunkwise.tasks WHERE task_id = $1",
                         OPTION_COLUMNS.replacen("call", "call::oid", 1)
                     ),
                     Some(1),
-                    &[task_id.into()],
+                    &[task.id.into()],
                 )?;
                 let row = table.first();
                 // Both backoff columns are NOT NULL.
@@ -264,7 +247,9 @@ impl StoredOptions {
                         .get::<Interval>(ordinal)?
                         .expect("a NOT NULL interval column"))
                 };
-                Ok(StoredOptions {
+                Ok(TaskOptions {
+                    name: task.name.clone(),
+                    owner: task.owner,
                     call: row.get(1)?,
                     statement: row.get(2)?,
                     after: row.get(3)?,
@@ -282,25 +267,33 @@ impl StoredOptions {
                 })
             })
         })?;
-        Ok(stored)
+        Ok(options)
     }
 }
 
-/// A text option given to `alter_task`: NULL keeps the stored value, '' clears it.
-fn altered_text<'a>(given: Option<&'a str>, stored: &'a Option<String>) -> Option<&'a str> {
+/// Applies a text option given to `alter_task`: NULL keeps the stored value, '' clears it.
+fn alter_text(stored: &mut Option<String>, given: Option<&str>) {
     match given {
-        Some("") => None,
-        Some(value) => Some(value),
-        None => stored.as_deref(),
+        Some("") => *stored = None,
+        Some(value) => *stored = Some(value.to_string()),
+        None => {}
     }
 }
 
-/// A number option given to `alter_task`: NULL keeps the stored value, 0 clears it.
-fn altered_number<T: Default + PartialEq>(given: Option<T>, stored: Option<T>) -> Option<T> {
+/// Applies an optional setting given to `alter_task`: NULL keeps the stored value, a
+/// zero (`is_zero`) clears it.
+fn alter_optional<T>(stored: &mut Option<T>, given: Option<T>, is_zero: impl Fn(&T) -> bool) {
     match given {
-        Some(value) if value == T::default() => None,
-        Some(value) => Some(value),
-        None => stored,
+        Some(value) if is_zero(&value) => *stored = None,
+        Some(value) => *stored = Some(value),
+        None => {}
+    }
+}
+
+/// Applies a required setting given to `alter_task`: NULL keeps the stored value.
+fn alter_required<T>(stored: &mut T, given: Option<T>) {
+    if let Some(value) = given {
+        *stored = value;
     }
 }
 
@@ -344,12 +337,12 @@ fn create_task(
 ) {
     let run = || -> SqlResult<()> {
         let options = TaskOptions {
-            name: required_task_name(task)?,
+            name: required_task_name(task)?.to_string(),
             owner: current_user(),
             call: call.map(|c| c.0),
-            statement,
-            after,
-            source,
+            statement: statement.map(str::to_string),
+            after: after.map(str::to_string),
+            source: source.map(str::to_string),
             workers,
             max_items_per_cycle,
             max_attempts: required(max_attempts, "max_attempts")?,
@@ -362,7 +355,7 @@ fn create_task(
             rank_by_activity: required(rank_by_activity, "rank_by_activity")?,
         };
         options.validate()?;
-        ensure_owner_can_run(options.name, current_user())?;
+        ensure_owner_can_run(&options.name, current_user())?;
         options.insert()?;
         Ok(())
     };
@@ -394,34 +387,29 @@ fn alter_task(
 ) {
     let run = || -> SqlResult<()> {
         let current = Task::for_caller(task, "alter")?;
-        let stored = StoredOptions::load(current.id)?;
-        let (call, statement) = match (call, statement) {
-            (None, None) => (stored.call, stored.statement.as_deref()),
-            (call, statement) => (call.map(|c| c.0), statement),
-        };
-        let item_timeout = match item_timeout {
-            Some(t) if t.as_micros() == 0 && t.months() == 0 && t.days() == 0 => None,
-            Some(t) => Some(t),
-            None => stored.item_timeout,
-        };
-        let options = TaskOptions {
-            name: &current.name,
-            owner: current.owner,
-            call,
-            statement,
-            after: altered_text(after, &stored.after),
-            source: altered_text(source, &stored.source),
-            workers: altered_number(workers, stored.workers),
-            max_items_per_cycle: altered_number(max_items_per_cycle, stored.max_items_per_cycle),
-            max_attempts: max_attempts.unwrap_or(stored.max_attempts),
-            retry_backoff: retry_backoff.unwrap_or(stored.retry_backoff),
-            retry_backoff_max: retry_backoff_max.unwrap_or(stored.retry_backoff_max),
-            item_timeout,
-            items_per_commit: items_per_commit.unwrap_or(stored.items_per_commit),
-            synchronous_commit: synchronous_commit.unwrap_or(stored.synchronous_commit),
-            sequential_groups: sequential_groups.unwrap_or(stored.sequential_groups),
-            rank_by_activity: rank_by_activity.unwrap_or(stored.rank_by_activity),
-        };
+        let mut options = TaskOptions::load(&current)?;
+        if call.is_some() || statement.is_some() {
+            options.call = call.map(|c| c.0);
+            options.statement = statement.map(str::to_string);
+        }
+        alter_text(&mut options.after, after);
+        alter_text(&mut options.source, source);
+        alter_optional(&mut options.workers, workers, |&w| w == 0);
+        alter_optional(
+            &mut options.max_items_per_cycle,
+            max_items_per_cycle,
+            |&m| m == 0,
+        );
+        alter_optional(&mut options.item_timeout, item_timeout, |t| {
+            t.as_micros() == 0 && t.months() == 0 && t.days() == 0
+        });
+        alter_required(&mut options.max_attempts, max_attempts);
+        alter_required(&mut options.retry_backoff, retry_backoff);
+        alter_required(&mut options.retry_backoff_max, retry_backoff_max);
+        alter_required(&mut options.items_per_commit, items_per_commit);
+        alter_required(&mut options.synchronous_commit, synchronous_commit);
+        alter_required(&mut options.sequential_groups, sequential_groups);
+        alter_required(&mut options.rank_by_activity, rank_by_activity);
         options.validate()?;
         options.update(current.id)
     };
