@@ -2,18 +2,15 @@
 
 use postgres::Client;
 
-use crate::harness::{sql_error, test_db};
+use crate::harness::{one, sql_error, test_db};
 
 /// Everything the extension has queued or defined, as one comparable value.
 fn snapshot(client: &mut Client) -> String {
-    client
-        .query_one(
-            "SELECT coalesce((SELECT string_agg(t::text, '|' ORDER BY task_id) FROM chunkwise.tasks t), '') || '#' || \
+    one(
+        client,
+        "SELECT coalesce((SELECT string_agg(t::text, '|' ORDER BY task_id) FROM chunkwise.tasks t), '') || '#' || \
                     coalesce((SELECT string_agg(i::text, '|' ORDER BY item_id) FROM chunkwise.items i), '')",
-            &[],
-        )
-        .unwrap()
-        .get(0)
+    )
 }
 
 #[test]

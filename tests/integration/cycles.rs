@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use postgres::Client;
 
-use crate::harness::{Cluster, sql_error, test_db, wait_for};
+use crate::harness::{Cluster, one, sql_error, test_db, wait_for};
 
 /// 1,000 users with staggered activity, a procedure refreshing one (sleeping `sleep_ms`,
 /// failing once for `failing_user`), and a task `dm` with `workers` workers re-planning
@@ -39,10 +39,7 @@ fn a_cycle_limit_of_100_over_1000_items_takes_10_cycles_highest_priorities_first
     datamart(&mut db, 0.0, None, 2);
     for cycle in 1..=10 {
         db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
-        let refreshed: i64 = db
-            .query_one("SELECT count(*) FROM users WHERE refreshed = 1", &[])
-            .unwrap()
-            .get(0);
+        let refreshed: i64 = one(&mut db, "SELECT count(*) FROM users WHERE refreshed = 1");
         assert_eq!(refreshed, 100 * cycle, "after cycle {cycle}");
     }
     db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
@@ -92,24 +89,18 @@ fn a_failed_item_is_retried_first_in_the_next_cycle() {
 
     // Once its backoff is due, the next cycle runs it before anything else.
     wait_for("the retry to fall due", Duration::from_secs(10), || {
-        let due: bool = db
-            .query_one(
-                "SELECT not_before <= now() FROM chunkwise.items WHERE key = 50",
-                &[],
-            )
-            .unwrap()
-            .get(0);
+        let due: bool = one(
+            &mut db,
+            "SELECT not_before <= now() FROM chunkwise.items WHERE key = 50",
+        );
         due.then_some(())
     });
     db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
-    let first_of_second_cycle: i64 = db
-        .query_one(
-            "SELECT key FROM chunkwise.items WHERE run_id = (SELECT max(run_id) FROM chunkwise.runs) \
+    let first_of_second_cycle: i64 = one(
+        &mut db,
+        "SELECT key FROM chunkwise.items WHERE run_id = (SELECT max(run_id) FROM chunkwise.runs) \
               ORDER BY finished_at LIMIT 1",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    );
     assert_eq!(first_of_second_cycle, 50);
 }
 
@@ -124,25 +115,19 @@ fn a_second_concurrent_cycle_returns_at_once_and_does_no_work() {
             .unwrap();
     });
     wait_for("the first cycle's run", Duration::from_secs(30), || {
-        let running: i64 = db
-            .query_one(
-                "SELECT count(*) FROM chunkwise.runs WHERE state = 'running'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
+        let running: i64 = one(
+            &mut db,
+            "SELECT count(*) FROM chunkwise.runs WHERE state = 'running'",
+        );
         (running == 1).then_some(())
     });
     let started = Instant::now();
     db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
     let second_took = started.elapsed();
-    let still_running: i64 = db
-        .query_one(
-            "SELECT count(*) FROM chunkwise.runs WHERE state = 'running'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let still_running: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM chunkwise.runs WHERE state = 'running'",
+    );
     assert_eq!(
         still_running, 1,
         "the second cycle returned ({second_took:?}) while the first still ran"
@@ -171,10 +156,7 @@ fn start_returns_a_run_id_at_once_and_wait_returns_the_finished_run() {
         "SELECT chunkwise.plan_by_activity('dm', 'SELECT id AS key, seen AS last_activity, actions FROM users WHERE id <= 200')",
     )
     .unwrap();
-    let run_id: i64 = db
-        .query_one("SELECT chunkwise.start('dm', 2)", &[])
-        .unwrap()
-        .get(0);
+    let run_id: i64 = one(&mut db, "SELECT chunkwise.start('dm', 2)");
     let (state, processed): (String, i64) = db
         .query_one(
             "SELECT state, processed FROM chunkwise.wait($1, '10 milliseconds')",
@@ -202,10 +184,7 @@ fn start_returns_a_run_id_at_once_and_wait_returns_the_finished_run() {
     let (code, _, hint) = sql_error(db.query("SELECT * FROM chunkwise.wait(424242)", &[]));
     assert_eq!(code, "42704");
     assert!(!hint.is_empty());
-    let nothing: Option<i64> = db
-        .query_one("SELECT chunkwise.start('dm')", &[])
-        .unwrap()
-        .get(0);
+    let nothing: Option<i64> = one(&mut db, "SELECT chunkwise.start('dm')");
     assert_eq!(nothing, None, "nothing pending: no run");
 }
 
@@ -216,13 +195,10 @@ fn pg_cron_runs_a_cycle_every_minute() {
     let mut cron = Cluster::get().connect("postgres");
     cron.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
         .unwrap();
-    let job: i64 = cron
-        .query_one(
-            "SELECT cron.schedule_in_database('datamart', '* * * * *', 'CALL chunkwise.run_cycle(''dm'')', 'cron_cycles')",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let job: i64 = one(
+        &mut cron,
+        "SELECT cron.schedule_in_database('datamart', '* * * * *', 'CALL chunkwise.run_cycle(''dm'')', 'cron_cycles')",
+    );
     // Two cron ticks are at most two minutes away.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_for(
@@ -236,13 +212,10 @@ fn pg_cron_runs_a_cycle_every_minute() {
                 )
                 .unwrap()
                 .get(0);
-                let runs: i64 = db
-                .query_one(
+                let runs: i64 = one(
+                    &mut db,
                     "SELECT count(*) FROM chunkwise.runs WHERE state = 'finished' AND processed = 100",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
+                );
                 (succeeded >= 2 && runs >= 2).then_some(())
             },
         )
@@ -250,9 +223,6 @@ fn pg_cron_runs_a_cycle_every_minute() {
     cron.execute("SELECT cron.unschedule($1::bigint)", &[&job])
         .unwrap();
     outcome.unwrap();
-    let over: i64 = db
-        .query_one("SELECT count(*) FROM users WHERE refreshed > 1", &[])
-        .unwrap()
-        .get(0);
+    let over: i64 = one(&mut db, "SELECT count(*) FROM users WHERE refreshed > 1");
     assert_eq!(over, 0);
 }

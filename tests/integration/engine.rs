@@ -8,7 +8,7 @@ use postgres::Client;
 use crate::fixtures::{
     bump_task, counter_histogram, done_order, live_workers, recorder_task, status_counts,
 };
-use crate::harness::{Cluster, test_db, wait_for};
+use crate::harness::{Cluster, one, test_db, wait_for};
 
 fn run(client: &mut Client, sql: &str) -> (Option<i64>, i64, i64, i64) {
     let row = client.query_one(sql, &[]).unwrap();
@@ -55,10 +55,7 @@ fn terminating_a_worker_mid_run_loses_and_duplicates_nothing() {
         run(&mut client, "SELECT * FROM chunkwise.run('bump', 4)")
     });
     wait_for("the run to be under way", Duration::from_secs(60), || {
-        let done: i64 = db
-            .query_one("SELECT count(*) FROM counters WHERE n > 0", &[])
-            .unwrap()
-            .get(0);
+        let done: i64 = one(&mut db, "SELECT count(*) FROM counters WHERE n > 0");
         (done >= 2_000).then_some(())
     });
     let victim = live_workers(&mut db)[0];
@@ -82,10 +79,10 @@ fn terminating_a_worker_mid_run_loses_and_duplicates_nothing() {
     );
     assert_eq!(counter_histogram(&mut db), vec![(1, 20_000)]);
     assert_eq!(status_counts(&mut db, "bump"), (0, 20_000, 0));
-    let locked: i64 = db
-        .query_one("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'items'", &[])
-        .unwrap()
-        .get(0);
+    let locked: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'items'",
+    );
     assert_eq!(locked, 0, "no item is still claimed");
 }
 
@@ -125,15 +122,9 @@ fn failing_items_retry_with_backoff_then_die_while_workers_go_on() {
         );
     }
     // Two workers did all the good items: a failure did not end a worker.
-    let pids: i64 = db
-        .query_one("SELECT count(DISTINCT pid) FROM log", &[])
-        .unwrap()
-        .get(0);
+    let pids: i64 = one(&mut db, "SELECT count(DISTINCT pid) FROM log");
     assert!(pids <= 2);
-    let logged: i64 = db
-        .query_one("SELECT count(*) FROM log", &[])
-        .unwrap()
-        .get(0);
+    let logged: i64 = one(&mut db, "SELECT count(*) FROM log");
     assert_eq!(logged, 990);
 }
 
@@ -152,10 +143,10 @@ fn retry_is_scheduled_with_exponential_backoff() {
     for _ in 0..3 {
         let (_, _, failed, _) = run(&mut db, "SELECT * FROM chunkwise.run('fails', 1)");
         assert_eq!(failed, 1);
-        let secs: f64 = db
-            .query_one("SELECT extract(epoch FROM next_retry - last_failed_at)::float8 FROM chunkwise.failures", &[])
-            .unwrap()
-            .get(0);
+        let secs: f64 = one(
+            &mut db,
+            "SELECT extract(epoch FROM next_retry - last_failed_at)::float8 FROM chunkwise.failures",
+        );
         delays.push(secs.round() as i64);
         // Make the retry due now for the next round (as the extension owner may).
         db.batch_execute("UPDATE chunkwise.items SET not_before = now() - interval '1 second'")
@@ -187,14 +178,11 @@ fn one_worker_runs_items_in_priority_order() {
     expected.sort_by_key(|&(key, priority)| (priority, key));
     assert_eq!(done, expected.iter().map(|&(k, _)| k).collect::<Vec<_>>());
     // The done timestamps agree with the order.
-    let ordered: bool = db
-        .query_one(
-            "SELECT bool_and(ok) FROM (SELECT finished_at >= lag(finished_at) OVER (ORDER BY priority, item_id) \
+    let ordered: bool = one(
+        &mut db,
+        "SELECT bool_and(ok) FROM (SELECT finished_at >= lag(finished_at) OVER (ORDER BY priority, item_id) \
                OR lag(finished_at) OVER (ORDER BY priority, item_id) IS NULL AS ok FROM chunkwise.items) s",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    );
     assert!(ordered);
 }
 
@@ -242,10 +230,7 @@ fn cancelling_run_stops_workers_after_their_current_item() {
             .map(|_| ())
     });
     wait_for("items to be done", Duration::from_secs(60), || {
-        let done: i64 = db
-            .query_one("SELECT count(*) FROM counters WHERE n > 0", &[])
-            .unwrap()
-            .get(0);
+        let done: i64 = one(&mut db, "SELECT count(*) FROM counters WHERE n > 0");
         (done >= 20).then_some(())
     });
     cancel.cancel_query(postgres::NoTls).unwrap();
@@ -257,23 +242,14 @@ fn cancelling_run_stops_workers_after_their_current_item() {
     let (pending, done, dead) = status_counts(&mut db, "bump");
     assert!(pending > 0, "cancelled before the end");
     assert_eq!(pending + done + dead, 5_000);
-    let bumped: i64 = db
-        .query_one("SELECT count(*) FROM counters WHERE n = 1", &[])
-        .unwrap()
-        .get(0);
+    let bumped: i64 = one(&mut db, "SELECT count(*) FROM counters WHERE n = 1");
     assert_eq!(
         bumped, done,
         "every done item bumped its counter once, and no pending one did"
     );
-    let over: i64 = db
-        .query_one("SELECT count(*) FROM counters WHERE n > 1", &[])
-        .unwrap()
-        .get(0);
+    let over: i64 = one(&mut db, "SELECT count(*) FROM counters WHERE n > 1");
     assert_eq!(over, 0);
-    let state: String = db
-        .query_one("SELECT state FROM chunkwise.runs", &[])
-        .unwrap()
-        .get(0);
+    let state: String = one(&mut db, "SELECT state FROM chunkwise.runs");
     assert_eq!(state, "cancelled");
 }
 

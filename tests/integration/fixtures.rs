@@ -2,6 +2,8 @@
 
 use postgres::Client;
 
+use crate::harness::one;
+
 /// A task whose target appends each key it runs to `done_order`, so tests can read the
 /// processing order back.
 pub fn recorder_task(client: &mut Client, task: &str) {
@@ -51,13 +53,10 @@ pub fn bump_task(client: &mut Client, keys: i64, sleep_ms: f64) {
     client
         .batch_execute("SELECT chunkwise.create_task('bump', call => 'bump')")
         .unwrap();
-    let planned: i64 = client
-        .query_one(
-            "SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters')",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let planned: i64 = one(
+        client,
+        "SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters')",
+    );
     assert_eq!(planned, keys);
 }
 

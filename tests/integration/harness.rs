@@ -168,6 +168,13 @@ pub fn test_db(name: &str) -> Client {
     client
 }
 
+/// The first column of the one row `sql` returns.
+pub fn one<T: for<'a> postgres::types::FromSql<'a>>(db: &mut Client, sql: &str) -> T {
+    db.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
 /// Polls `check` until it returns Some or the deadline passes (then panics with `what`).
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

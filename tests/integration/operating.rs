@@ -8,7 +8,7 @@ use postgres::Client;
 use postgres::fallible_iterator::FallibleIterator;
 
 use crate::fixtures::{bump_task, counter_histogram, live_workers, status_counts};
-use crate::harness::{Cluster, test_db, wait_for};
+use crate::harness::{Cluster, one, test_db, wait_for};
 
 /// Starts `run(task, workers)` in another session; the handle yields `processed`.
 fn run_in_background(db_name: &'static str, task: &'static str, workers: i32) -> JoinHandle<i64> {
@@ -22,9 +22,7 @@ fn run_in_background(db_name: &'static str, task: &'static str, workers: i32) ->
 }
 
 fn bumped(db: &mut Client) -> i64 {
-    db.query_one("SELECT count(*) FROM counters WHERE n > 0", &[])
-        .unwrap()
-        .get(0)
+    one(db, "SELECT count(*) FROM counters WHERE n > 0")
 }
 
 fn wait_until_bumped(db: &mut Client, at_least: i64) {
@@ -53,13 +51,10 @@ fn pause_stops_the_workers_after_their_item_and_resume_lets_the_next_run_finish(
         live_workers(&mut db).is_empty().then_some(())
     });
     assert_eq!(bumped(&mut db), first, "each finished item counted once");
-    let paused: bool = db
-        .query_one(
-            "SELECT paused FROM chunkwise.task_status WHERE task = 'bump'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let paused: bool = one(
+        &mut db,
+        "SELECT paused FROM chunkwise.task_status WHERE task = 'bump'",
+    );
     assert!(paused);
 
     // While paused, a run starts nothing.
@@ -77,20 +72,14 @@ fn cancel_from_another_session_stops_the_run_and_nothing_is_lost() {
     bump_task(&mut db, 2_000, 5.0);
     let runner = run_in_background("cancel_task", "bump", 2);
     wait_until_bumped(&mut db, 50);
-    let told: i64 = db
-        .query_one("SELECT chunkwise.cancel('bump')", &[])
-        .unwrap()
-        .get(0);
+    let told: i64 = one(&mut db, "SELECT chunkwise.cancel('bump')");
     assert_eq!(told, 2, "both workers told to stop");
     let first = runner.join().unwrap();
     assert!(first < 2_000);
     wait_for("the workers to exit", Duration::from_secs(30), || {
         live_workers(&mut db).is_empty().then_some(())
     });
-    let state: String = db
-        .query_one("SELECT state FROM chunkwise.runs", &[])
-        .unwrap()
-        .get(0);
+    let state: String = one(&mut db, "SELECT state FROM chunkwise.runs");
     assert_eq!(state, "cancelled");
 
     // The cancel was for that run only: the next one runs to the end.
@@ -136,10 +125,7 @@ fn retry_makes_dead_items_pending_again_with_their_attempts_reset() {
 
     // Nothing to retry in another task; the fix, then the retry.
     db.batch_execute("DELETE FROM broken").unwrap();
-    let revived: i64 = db
-        .query_one("SELECT chunkwise.retry('fragile')", &[])
-        .unwrap()
-        .get(0);
+    let revived: i64 = one(&mut db, "SELECT chunkwise.retry('fragile')");
     assert_eq!(revived, 2);
     let attempts: Vec<i32> = db
         .query(
@@ -154,10 +140,7 @@ fn retry_makes_dead_items_pending_again_with_their_attempts_reset() {
     let (_, processed) = processed_now(&mut db, "fragile");
     assert_eq!(processed, 2);
     assert_eq!(status_counts(&mut db, "fragile"), (0, 20, 0));
-    let loaded: i64 = db
-        .query_one("SELECT count(*) FROM loaded", &[])
-        .unwrap()
-        .get(0);
+    let loaded: i64 = one(&mut db, "SELECT count(*) FROM loaded");
     assert_eq!(loaded, 20);
 }
 
@@ -172,10 +155,7 @@ fn purge_removes_only_finished_items_and_runs_older_than_asked() {
          UPDATE chunkwise.run_history SET finished_at = now() - interval '10 days';",
     )
     .unwrap();
-    let removed: i64 = db
-        .query_one("SELECT chunkwise.purge('fragile', '7 days')", &[])
-        .unwrap()
-        .get(0);
+    let removed: i64 = one(&mut db, "SELECT chunkwise.purge('fragile', '7 days')");
     assert_eq!(removed, 10, "keys 1..10: nine done, one dead");
     let left: Vec<(String, i64)> = db
         .query(
@@ -190,16 +170,10 @@ fn purge_removes_only_finished_items_and_runs_older_than_asked() {
         left,
         vec![("done".to_string(), 20), ("pending".to_string(), 1)]
     );
-    let runs: i64 = db
-        .query_one("SELECT count(*) FROM chunkwise.runs", &[])
-        .unwrap()
-        .get(0);
+    let runs: i64 = one(&mut db, "SELECT count(*) FROM chunkwise.runs");
     assert_eq!(runs, 0, "the old run is gone");
     // A zero interval removes every finished item, never a pending one.
-    let removed: i64 = db
-        .query_one("SELECT chunkwise.purge('fragile', '0')", &[])
-        .unwrap()
-        .get(0);
+    let removed: i64 = one(&mut db, "SELECT chunkwise.purge('fragile', '0')");
     assert_eq!(removed, 20);
     assert_eq!(status_counts(&mut db, "fragile"), (1, 0, 0));
 }
@@ -333,10 +307,7 @@ fn metrics_are_valid_prometheus_text_with_a_sample_per_task() {
          SELECT chunkwise.enqueue('idle', 1);",
     )
     .unwrap();
-    let text: String = db
-        .query_one("SELECT chunkwise.metrics()", &[])
-        .unwrap()
-        .get(0);
+    let text: String = one(&mut db, "SELECT chunkwise.metrics()");
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition format");
     let value = |name: &str, task: &str| -> f64 {
@@ -440,10 +411,7 @@ fn alter_task_changes_what_it_is_given_clears_with_empty_values_and_refuses_bad_
     db.execute("SELECT chunkwise.enqueue('t', 4)", &[]).unwrap();
     db.query_one("SELECT * FROM chunkwise.run('t')", &[])
         .unwrap();
-    let n: i32 = db
-        .query_one("SELECT n FROM counters WHERE k = 4", &[])
-        .unwrap()
-        .get(0);
+    let n: i32 = one(&mut db, "SELECT n FROM counters WHERE k = 4");
     assert_eq!(n, 10);
 }
 

@@ -2,6 +2,8 @@
 
 use postgres::Client;
 
+use crate::harness::one;
+
 use crate::fixtures::{done_order, recorder_task};
 use crate::harness::test_db;
 
@@ -9,19 +11,19 @@ use crate::harness::test_db;
 fn replanning_a_pending_key_updates_its_priority_instead_of_duplicating_it() {
     let mut db = test_db("replan");
     recorder_task(&mut db, "ranked");
-    let first: i64 = db
-        .query_one("SELECT chunkwise.enqueue('ranked', 1, priority => 5)", &[])
-        .unwrap()
-        .get(0);
-    let again: i64 = db
-        .query_one("SELECT chunkwise.enqueue('ranked', 1, priority => 2)", &[])
-        .unwrap()
-        .get(0);
+    let first: i64 = one(
+        &mut db,
+        "SELECT chunkwise.enqueue('ranked', 1, priority => 5)",
+    );
+    let again: i64 = one(
+        &mut db,
+        "SELECT chunkwise.enqueue('ranked', 1, priority => 2)",
+    );
     assert_eq!((first, again), (1, 0));
-    let added: i64 = db
-        .query_one("SELECT chunkwise.plan('ranked', 'SELECT k AS key, 9 AS priority FROM unnest(ARRAY[1, 2, 2, 3]) k')", &[])
-        .unwrap()
-        .get(0);
+    let added: i64 = one(
+        &mut db,
+        "SELECT chunkwise.plan('ranked', 'SELECT k AS key, 9 AS priority FROM unnest(ARRAY[1, 2, 2, 3]) k')",
+    );
     assert_eq!(
         added, 2,
         "keys 2 and 3 are new; 1 is pending already, and 2 repeats"
@@ -112,12 +114,10 @@ fn plan_by_activity_orders_users_by_recency_then_activity() {
 fn ranking_windows_and_thresholds_are_settings() {
     let mut db = test_db("ranking_gucs");
     let tier = |db: &mut Client| -> i32 {
-        db.query_one(
+        one(
+            db,
             "SELECT chunkwise.activity_tier(now() - interval '10 days', 20)",
-            &[],
         )
-        .unwrap()
-        .get(0)
     };
     assert_eq!(tier(&mut db), 5, "30-day window, >10 actions");
     db.batch_execute(

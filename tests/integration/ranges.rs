@@ -7,7 +7,7 @@ use std::time::Duration;
 use postgres::Client;
 
 use crate::fixtures::{done_order, recorder_task};
-use crate::harness::{Cluster, test_db, wait_for};
+use crate::harness::{Cluster, one, test_db, wait_for};
 
 /// A task whose statement takes `[lo, hi)` and does nothing: for planning tests.
 fn noop_range_task(db: &mut Client, task: &str) {
@@ -146,17 +146,11 @@ fn block_ranges_cover_the_heap_and_run_as_tid_range_scans() {
            'INSERT INTO copied SELECT id FROM src WHERE ctid >= chunkwise.block_tid($1) AND ctid < chunkwise.block_tid($2)');",
     )
     .unwrap();
-    let blocks: i64 = db
-        .query_one(
-            "SELECT pg_relation_size('src') / current_setting('block_size')::bigint",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    let planned: i64 = db
-        .query_one("SELECT chunkwise.plan_blocks('copy', 'src', 10)", &[])
-        .unwrap()
-        .get(0);
+    let blocks: i64 = one(
+        &mut db,
+        "SELECT pg_relation_size('src') / current_setting('block_size')::bigint",
+    );
+    let planned: i64 = one(&mut db, "SELECT chunkwise.plan_blocks('copy', 'src', 10)");
     assert_eq!(planned, (blocks + 9) / 10);
     let ranges: Vec<(i64, i64)> = db
         .query("SELECT key, hi FROM chunkwise.items ORDER BY key", &[])
@@ -187,10 +181,7 @@ fn block_ranges_cover_the_heap_and_run_as_tid_range_scans() {
         "{plan}"
     );
 
-    let processed: i64 = db
-        .query_one("SELECT processed FROM chunkwise.run('copy', 2)", &[])
-        .unwrap()
-        .get(0);
+    let processed: i64 = one(&mut db, "SELECT processed FROM chunkwise.run('copy', 2)");
     assert_eq!(processed, planned);
     let (rows, distinct): (i64, i64) = db
         .query_one("SELECT count(*), count(DISTINCT id) FROM copied", &[])
@@ -222,31 +213,25 @@ fn upsert_fixture(db: &mut Client, rows: i64, sleep_ms: i64) -> i64 {
             ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, note = ''upd''');"
     ))
     .unwrap();
-    db.query_one(
+    one(
+        db,
         "SELECT chunkwise.plan_ranges('upsert', 'stage', 'id', 200)",
-        &[],
     )
-    .unwrap()
-    .get(0)
 }
 
 /// Rows in which the chunked target and the one-statement result differ.
 fn target_differences(db: &mut Client) -> i64 {
-    db.query_one(
+    one(
+        db,
         "SELECT count(*) FROM ((TABLE target EXCEPT TABLE expected) UNION ALL (TABLE expected EXCEPT TABLE target)) d",
-        &[],
     )
-    .unwrap()
-    .get(0)
 }
 
 fn done_items(db: &mut Client) -> i64 {
-    db.query_one(
+    one(
+        db,
         "SELECT count(*) FROM chunkwise.items WHERE status = 'done'",
-        &[],
     )
-    .unwrap()
-    .get(0)
 }
 
 fn processed_by(db: &mut Client, sql: &str) -> i64 {
@@ -301,10 +286,7 @@ fn chunked_upsert_resumes_after_an_immediate_restart_and_matches_one_statement()
     );
 
     let mut db = Cluster::get().connect("upsert_resume_crash");
-    let state: String = db
-        .query_one("SELECT state FROM chunkwise.runs", &[])
-        .unwrap()
-        .get(0);
+    let state: String = one(&mut db, "SELECT state FROM chunkwise.runs");
     assert_eq!(
         state, "interrupted",
         "a run whose workers died is not running"
@@ -359,13 +341,10 @@ fn items_per_commit_groups_items_in_one_transaction_and_a_failing_one_rolls_back
         ("dead", "item three fails")
     );
     // Ten items, five per transaction: two commits wrote all the statuses.
-    let transactions: i64 = db
-        .query_one(
-            "SELECT count(DISTINCT xmin::text) FROM chunkwise.items",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let transactions: i64 = one(
+        &mut db,
+        "SELECT count(DISTINCT xmin::text) FROM chunkwise.items",
+    );
     assert_eq!(transactions, 2);
 }
 
