@@ -12,7 +12,8 @@ use crate::error::{SqlError, SqlResult};
 use crate::gucs;
 use crate::notify;
 use crate::run_state::{RunState, SharedRun};
-use crate::security::{as_extension_owner, ensure_owner_can_run};
+use crate::security::{as_extension_owner, ensure_owner_can_run, ensure_owner_may_execute};
+use crate::target::Target;
 use crate::worker::WorkerArgs;
 
 /// What `chunkwise.run()` returns.
@@ -207,7 +208,13 @@ fn ensure_runnable(task: &Task) -> SqlResult<()> {
         )
         .hint("Commit before chunkwise.run(): workers see only committed tasks and items."));
     }
-    ensure_owner_can_run(&task.name, task.owner)
+    ensure_owner_can_run(&task.name, task.owner)?;
+    // The target may have been dropped, or the owner lost EXECUTE, since creation.
+    Target::of_task(task)?;
+    if let Some(proc) = task.call {
+        ensure_owner_may_execute(task.owner, proc)?;
+    }
+    Ok(())
 }
 
 /// Pending items that are due now or within `chunkwise.retry_wait_max`.

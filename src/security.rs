@@ -119,7 +119,7 @@ pub fn ensure_owner_can_run(task: &str, owner: pg_sys::Oid) -> SqlResult<()> {
     .ok()
     .flatten();
     match can_login {
-        Some(true) => Ok(()),
+        Some(true) => ensure_owner_may_connect(task, owner),
         Some(false) => Err(SqlError::new(
             PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
             format!(
@@ -135,4 +135,46 @@ pub fn ensure_owner_can_run(task: &str, owner: pg_sys::Oid) -> SqlResult<()> {
         )
         .hint("Drop the task and create it again as an existing role.")),
     }
+}
+
+/// Workers connect to this database as the owner: it needs the CONNECT privilege.
+fn ensure_owner_may_connect(task: &str, owner: pg_sys::Oid) -> SqlResult<()> {
+    let allowed = Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.has_database_privilege($1, pg_catalog.current_database(), 'CONNECT')",
+        &[owner.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if allowed {
+        return Ok(());
+    }
+    Err(SqlError::new(
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!(
+            "owner \"{}\" of task \"{task}\" may not connect to this database",
+            role_name(owner)
+        ),
+    )
+    .detail("pg_chunkwise workers connect as the task's owner.")
+    .hint("GRANT CONNECT ON DATABASE ... TO the owner."))
+}
+
+/// Workers call the target as the task owner: the owner needs EXECUTE on it.
+pub fn ensure_owner_may_execute(owner: pg_sys::Oid, proc: pg_sys::Oid) -> SqlResult<()> {
+    let allowed = Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.has_function_privilege($1, $2, 'EXECUTE')",
+        &[owner.into(), proc.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if allowed {
+        return Ok(());
+    }
+    Err(SqlError::new(
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        "the task owner may not execute the target procedure",
+    )
+    .hint("GRANT EXECUTE on it to the role creating the task; workers run as that role."))
 }

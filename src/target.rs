@@ -84,7 +84,8 @@ impl Target {
             return Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
                 format!("function with OID {} does not exist", proc.to_u32()),
-            ));
+            )
+            .hint("The task's target was dropped; point the task at another with chunkwise.alter_task(task, call => ...)."));
         };
         let (shape, takes_payload) = signature_shape(&arg_types).ok_or_else(|| {
             SqlError::new(

@@ -19,6 +19,10 @@ use crate::target::ensure_single_statement;
 /// Rows fetched from a planning query and written to the queue at a time.
 pub(crate) const PLAN_BATCH: i64 = 10_000;
 
+/// Largest payload an item may carry (its JSON text), and longest group key.
+const MAX_PAYLOAD_BYTES: usize = 1 << 20;
+const MAX_GROUP_KEY_CHARS: usize = 1000;
+
 /// Items on their way into the queue, column by column (they travel as SQL arrays).
 #[derive(Default)]
 pub struct ItemBatch {
@@ -45,12 +49,44 @@ impl ItemBatch {
         self.payloads.push(payload);
     }
 
+    /// Refuses payloads and group keys too big to be sensible item data (they would
+    /// bloat the queue and every claim that reads it).
+    fn ensure_within_limits(&self) -> SqlResult<()> {
+        if let Some(key) = self
+            .group_keys
+            .iter()
+            .flatten()
+            .find(|g| g.chars().count() > MAX_GROUP_KEY_CHARS)
+        {
+            return Err(SqlError::new(
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!(
+                    "group_key of {} characters is longer than {MAX_GROUP_KEY_CHARS}",
+                    key.chars().count()
+                ),
+            )
+            .hint("Use a short identifier of the group (an organisation id, say), not its data."));
+        }
+        for payload in self.payloads.iter().flatten() {
+            let bytes = payload.0.to_string().len();
+            if bytes > MAX_PAYLOAD_BYTES {
+                return Err(SqlError::new(
+                    PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                    format!("payload of {bytes} bytes is larger than {MAX_PAYLOAD_BYTES}"),
+                )
+                .hint("Keep large data in a table and put its key or path in the payload."));
+            }
+        }
+        Ok(())
+    }
+
     /// Adds the batch to the task's queue: new keys become pending items in batch order,
     /// keys already pending get the new priority. Returns the number of items added.
     pub fn insert(self, task_id: i32, not_before: Option<TimestampWithTimeZone>) -> SqlResult<i64> {
         if self.keys.is_empty() {
             return Ok(0);
         }
+        self.ensure_within_limits()?;
         let added = as_extension_owner(|| {
             Spi::get_one_with_args::<i64>(
                 "WITH added AS ( \

@@ -7,7 +7,9 @@ use crate::catalog::{Task, required_task_name};
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::gucs;
 use crate::oid_args::RegProc;
-use crate::security::{as_extension_owner, current_user, ensure_owner_can_run};
+use crate::security::{
+    as_extension_owner, current_user, ensure_owner_can_run, ensure_owner_may_execute,
+};
 use crate::target::{Target, ensure_single_statement};
 
 /// Longest task name: it must fit in `application_name` beside the run id.
@@ -295,24 +297,6 @@ fn alter_required<T>(stored: &mut T, given: Option<T>) {
     if let Some(value) = given {
         *stored = value;
     }
-}
-
-fn ensure_owner_may_execute(owner: pg_sys::Oid, proc: pg_sys::Oid) -> SqlResult<()> {
-    let allowed = Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.has_function_privilege($1, $2, 'EXECUTE')",
-        &[owner.into(), proc.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
-    if allowed {
-        return Ok(());
-    }
-    Err(SqlError::new(
-        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-        "the task owner may not execute the target procedure",
-    )
-    .hint("GRANT EXECUTE on it to the role creating the task; workers run as that role."))
 }
 
 /// Defines a task: what to run per item and how (see the README for every option).

@@ -11,3 +11,4 @@ mod operating;
 mod planning;
 mod ranges;
 mod regress;
+mod security;
