@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, after .ci/setup.sh: client tests against a real cluster
-# (tests/), which the test harness starts and stops itself, then the benchmarks in
-# smoke mode (tiny sizes, seconds) so that they cannot rot.
+# (tests/integration), which the test harness starts and stops itself, the fault-
+# injection suite (tests/faults), then the benchmarks in smoke mode (tiny sizes,
+# seconds) so that they cannot rot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUST_TEST_THREADS=1
 cargo test --release --test integration
+# Fault injection (its own cluster); prints its report table.
+cargo test --release --test faults -- --nocapture
 CHUNKWISE_SETUP_DONE=1 bash bench/run.sh --smoke

@@ -95,7 +95,7 @@ impl Targets {
     }
 
     /// Runs the item in a subtransaction. Whatever the target changes in the session
-    /// (SET, SET ROLE, search_path) is undone before the next item.
+    /// (SET, SET ROLE, search_path, session advisory locks) is undone before the next item.
     pub fn execute(&mut self, item: &ClaimedItem) -> ItemOutcome {
         // SAFETY: the pattern of PL/pgSQL's exception blocks: remember the memory context
         // and resource owner, start a subtransaction, and restore both on either exit.
@@ -114,7 +114,7 @@ impl Targets {
             saved
         };
         let timeout_ms = self.timeout_ms;
-        PgTryBuilder::new(AssertUnwindSafe(|| {
+        let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
             // SAFETY: a new GUC nesting level inside the subtransaction; it is popped
             // (discarding the target's settings) before the subtransaction is released.
             let guc_level = unsafe { pg_sys::NewGUCNestLevel() };
@@ -151,7 +151,13 @@ impl Targets {
             }
             ItemOutcome::Failed(ItemFailure::from(caught))
         })
-        .execute()
+        .execute();
+        // A session-level advisory lock outlives the subtransaction: one a target took and
+        // kept would block every later item that wants it. Let them all go, as
+        // pg_advisory_unlock_all() does. (The worker takes none of its own.)
+        // SAFETY: releases this backend's session-level user locks; callable any time.
+        unsafe { pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID) };
+        outcome
     }
 }
 

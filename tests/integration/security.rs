@@ -534,3 +534,39 @@ fn hostile_input_is_refused_or_harmless_and_changes_nothing() {
     let victim: i64 = one(&mut db, "SELECT count(*) FROM victim");
     assert_eq!(victim, 1);
 }
+
+#[test]
+fn a_session_lock_a_target_keeps_is_released_after_its_item() {
+    let mut db = test_db("leaked_lock");
+    db.batch_execute(
+        "CREATE PROCEDURE keep_lock(k bigint) LANGUAGE plpgsql AS $$
+         BEGIN
+           IF k = 1 THEN PERFORM pg_advisory_lock(42); ELSE PERFORM pg_sleep(3); END IF;
+         END $$;
+         SELECT chunkwise.create_task('t', call => 'keep_lock');
+         SELECT chunkwise.plan('t', 'SELECT generate_series(1, 2)::bigint AS key');",
+    )
+    .unwrap();
+    let runner = std::thread::spawn(|| {
+        Cluster::get()
+            .connect("leaked_lock")
+            .query_one("SELECT * FROM chunkwise.run('t', 1)", &[])
+            .unwrap()
+            .get::<_, i64>("processed")
+    });
+    // While the worker sleeps in item 2, nobody holds the lock item 1 took.
+    crate::harness::wait_for(
+        "item 2 to start",
+        std::time::Duration::from_secs(30),
+        || {
+            let key: Option<i64> = one(&mut db, "SELECT max(current_key) FROM chunkwise.workers");
+            (key == Some(2)).then_some(())
+        },
+    );
+    let held: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 42 AND granted",
+    );
+    assert_eq!(held, 0, "the advisory lock of item 1 was let go");
+    assert_eq!(runner.join().unwrap(), 2);
+}

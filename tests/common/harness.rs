@@ -1,6 +1,8 @@
+#![allow(dead_code)] // shared by the test binaries; each uses its part
 //! A throwaway PostgreSQL 15 cluster for the client tests: started once per test binary
 //! as the `postgres` OS user on a private Unix socket, stopped when the binary exits.
-//! Each test gets a database of its own with the extension created in it.
+//! Each test gets a database of its own with the extension created in it. Each test
+//! binary says where its cluster lives and how it is configured in `crate::CLUSTER`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,7 +16,13 @@ pub struct Cluster {
     pub port: u16,
 }
 
-const PORT: u16 = 54_329;
+/// A test binary's cluster: directory name under the temp dir, port, and the
+/// postgresql.conf lines beyond the socket and port.
+pub struct ClusterSpec {
+    pub name: &'static str,
+    pub port: u16,
+    pub settings: &'static str,
+}
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
@@ -80,7 +88,8 @@ impl Cluster {
     }
 
     fn start() -> Cluster {
-        let dir = std::env::temp_dir().join("pg_chunkwise_tests");
+        let spec = &crate::CLUSTER;
+        let dir = std::env::temp_dir().join(spec.name);
         let data = dir.join("data");
         if data.join("postmaster.pid").exists() {
             let _ = pg_command("pg_ctl")
@@ -98,12 +107,10 @@ impl Cluster {
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
             .arg(&data));
         let conf = format!(
-            "listen_addresses = ''\nunix_socket_directories = '{}'\nport = {PORT}\n\
-             max_worker_processes = 48\nmax_connections = 60\nfsync = off\n\
-             chunkwise.max_workers = 24\nlog_min_messages = warning\nlog_line_prefix = '%m [%p] %b '\n\
-             shared_preload_libraries = 'pg_cron'\ncron.database_name = 'postgres'\n\
-             cron.use_background_workers = on\n",
-            dir.display()
+            "listen_addresses = ''\nunix_socket_directories = '{}'\nport = {}\n{}\n",
+            dir.display(),
+            spec.port,
+            spec.settings
         );
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path).unwrap();
@@ -115,23 +122,56 @@ impl Cluster {
             .arg("-l")
             .arg(dir.join("server.log"))
             .args(["-w", "start"]));
-        Cluster { dir, port: PORT }
+        Cluster {
+            dir,
+            port: spec.port,
+        }
     }
 
     /// Stops the server as a crash would (`pg_ctl stop -m immediate`: no checkpoint,
     /// every backend killed) and starts it again, which replays the WAL.
     pub fn restart_immediately(&self) {
-        let data = self.dir.join("data");
+        self.restart("immediate");
+    }
+
+    /// Stops the server in `mode` (`smart`, `fast`, `immediate`) and starts it again.
+    pub fn restart(&self, mode: &str) {
+        self.stop(mode);
+        self.start_again();
+    }
+
+    pub fn stop(&self, mode: &str) {
         run(pg_command("pg_ctl")
             .arg("-D")
-            .arg(&data)
-            .args(["-m", "immediate", "-w", "stop"]));
+            .arg(self.dir.join("data"))
+            .args(["-m", mode, "-w", "stop"]));
+    }
+
+    /// Starts the stopped server.
+    pub fn start_again(&self) {
+        let data = self.dir.join("data");
         run(pg_command("pg_ctl")
             .arg("-D")
             .arg(&data)
             .arg("-l")
             .arg(self.dir.join("server.log"))
             .args(["-w", "start"]));
+    }
+
+    /// Waits until the server accepts connections (after a crash restart, say).
+    pub fn wait_until_accepting(&self, timeout: Duration) {
+        wait_for("the server to accept connections", timeout, || {
+            Client::connect(
+                &format!(
+                    "host={} port={} user=postgres dbname=postgres connect_timeout=2",
+                    self.dir.display(),
+                    self.port
+                ),
+                NoTls,
+            )
+            .ok()
+            .map(|_| ())
+        });
     }
 
     pub fn connect(&self, dbname: &str) -> Client {
