@@ -128,7 +128,8 @@ def noop_chunks_by_pool(dsn, chunks, threads):
     return timed(run_all)[0]
 
 
-def run(cluster, rows, chunk_rows, noop, smoke):
+def run(cluster, args):
+    rows, chunk_rows, noop, smoke = args.rows, args.chunk_rows, args.noop_chunks, args.smoke
     conn = cluster.connect()
     build(conn, rows)
     rows_per_block = conn.execute(

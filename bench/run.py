@@ -5,9 +5,10 @@ import argparse
 import sys
 
 import chunked_upsert
+import claim_groups
 from lib import Cluster, machine_facts, save
 
-SCENARIOS = {"chunked_upsert": chunked_upsert}
+SCENARIOS = {"chunked_upsert": chunked_upsert, "claim_groups": claim_groups}
 
 
 def main():
@@ -35,7 +36,7 @@ def main():
         for name in args.scenarios:
             print(f"\n== {name}", flush=True)
             scenario = SCENARIOS[name]
-            result = scenario.run(cluster, args.rows, args.chunk_rows, args.noop_chunks, args.smoke)
+            result = scenario.run(cluster, args)
             result["machine"] = facts
             print("\n" + scenario.tables(result))
             print(f"\nwritten to {save(name, result, args.smoke)}")

@@ -44,7 +44,7 @@ CREATE TABLE chunkwise.items (
     group_key       text,
     payload         jsonb,
     status          text NOT NULL DEFAULT 'pending'
-                    CHECK (status IN ('pending', 'done', 'dead')),
+                    CHECK (status IN ('pending', 'done', 'dead', 'skipped')),
     attempts        int NOT NULL DEFAULT 0,
     not_before      timestamptz NOT NULL DEFAULT now(),
     enqueued_at     timestamptz NOT NULL DEFAULT now(),
@@ -67,7 +67,25 @@ CREATE INDEX items_done_idx ON chunkwise.items (task_id, finished_at)
     WHERE status = 'done';
 -- chunkwise.failures lists items that failed at least once and are not done.
 CREATE INDEX items_failed_idx ON chunkwise.items (task_id, last_failed_at)
-    WHERE last_failed_at IS NOT NULL AND status <> 'done';
+    WHERE last_failed_at IS NOT NULL AND status IN ('pending', 'dead');
+
+-- Sequential groups: one row per group of a task with sequential_groups. A worker takes
+-- the group served longest ago that has a due head item (round-robin across groups, so a
+-- big group cannot starve small ones) and keeps the group's row locked while it runs the
+-- head: at most one item of a group is in flight, and a group's items run in order.
+-- `open` counts its pending and dead items, so finished groups cost the claim nothing.
+CREATE TABLE chunkwise.groups (
+    task_id   int NOT NULL,
+    group_key text NOT NULL,
+    open      bigint NOT NULL DEFAULT 0,
+    served    bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (task_id, group_key)
+);
+CREATE INDEX groups_turn_idx ON chunkwise.groups (task_id, served) WHERE open > 0;
+CREATE SEQUENCE chunkwise.turn_seq AS bigint;
+-- A group's head: its first item not yet done or skipped, in (priority, item_id) order.
+CREATE INDEX items_group_head_idx ON chunkwise.items (task_id, group_key, priority, item_id)
+    WHERE status IN ('pending', 'dead');
 
 -- One row per run, written by its workers in their own transactions (the caller of
 -- run() cannot commit before the run ends). Whether a run is still live is read from
@@ -95,9 +113,10 @@ CREATE SEQUENCE chunkwise.run_id_seq AS bigint;
 SELECT pg_catalog.pg_extension_config_dump('chunkwise.tasks', '');
 SELECT pg_catalog.pg_extension_config_dump('chunkwise.items', '');
 SELECT pg_catalog.pg_extension_config_dump('chunkwise.run_history', '');
+SELECT pg_catalog.pg_extension_config_dump('chunkwise.groups', '');
 
-REVOKE ALL ON chunkwise.tasks, chunkwise.items, chunkwise.run_history FROM PUBLIC;
-REVOKE ALL ON SEQUENCE chunkwise.run_id_seq FROM PUBLIC;
+REVOKE ALL ON chunkwise.tasks, chunkwise.items, chunkwise.run_history, chunkwise.groups FROM PUBLIC;
+REVOKE ALL ON SEQUENCE chunkwise.run_id_seq, chunkwise.turn_seq FROM PUBLIC;
 
 -- Live workers, as pg_stat_activity shows them: application_name is
 -- 'chunkwise <task> #<run_id>' and the query column names the item in flight.
@@ -122,6 +141,7 @@ SELECT t.task,
        c.done,
        c.dead,
        coalesce(w.workers, 0) AS active_workers,
+       b.blocked_groups,
        round(r.per_second, 2) AS items_per_second,
        CASE WHEN r.per_second > 0
             THEN make_interval(secs => round((c.pending + c.waiting_retry) / r.per_second))
@@ -134,6 +154,11 @@ SELECT t.task,
                count(*) FILTER (WHERE i.status = 'dead') AS dead
           FROM chunkwise.items i
          WHERE i.task_id = t.task_id) c
+ CROSS JOIN LATERAL (
+        -- In a task with sequential_groups, a dead item blocks its group.
+        SELECT CASE WHEN t.sequential_groups THEN count(DISTINCT i.group_key) ELSE 0 END AS blocked_groups
+          FROM chunkwise.items i
+         WHERE i.task_id = t.task_id AND i.status = 'dead') b
  CROSS JOIN LATERAL (
         -- Throughput over the last minute, or over the part of it the work has run, so
         -- that a run ten seconds old is not measured against sixty.
@@ -160,10 +185,12 @@ SELECT t.task,
        i.last_sqlstate AS sqlstate,
        i.last_error AS message,
        i.last_failed_at,
-       CASE WHEN i.status = 'pending' THEN i.not_before END AS next_retry
+       CASE WHEN i.status = 'pending' THEN i.not_before END AS next_retry,
+       i.group_key,
+       (t.sequential_groups AND i.status = 'dead') AS blocks_group
   FROM chunkwise.items i
   JOIN chunkwise.tasks t USING (task_id)
- WHERE i.last_failed_at IS NOT NULL AND i.status <> 'done'
+ WHERE i.last_failed_at IS NOT NULL AND i.status IN ('pending', 'dead')
    AND (pg_catalog.pg_has_role(t.owner, 'USAGE')
         OR pg_catalog.pg_has_role('pg_monitor', 'USAGE'));
 

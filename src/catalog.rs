@@ -25,12 +25,14 @@ pub struct Task {
     pub item_timeout_ms: Option<i64>,
     pub items_per_commit: i32,
     pub synchronous_commit: bool,
+    /// One item per group in flight, groups in turn (see `chunkwise.groups`).
+    pub sequential_groups: bool,
     pub paused: bool,
 }
 
 const TASK_COLUMNS: &str = "task_id, task, owner, call::oid, statement, after, workers, \
      max_attempts, (extract(epoch FROM item_timeout) * 1000)::bigint, items_per_commit, \
-     synchronous_commit, paused, source, rank_by_activity, max_items_per_cycle";
+     synchronous_commit, paused, source, rank_by_activity, max_items_per_cycle, sequential_groups";
 
 impl Task {
     fn from_row(row: &SpiHeapTupleData) -> SqlResult<Task> {
@@ -51,6 +53,7 @@ impl Task {
                 source: row.get(13)?,
                 rank_by_activity: row.get(14)?.unwrap_or(false),
                 max_items_per_cycle: row.get(15)?,
+                sequential_groups: row.get(16)?.unwrap_or(false),
             })
         };
         Ok(read()?)

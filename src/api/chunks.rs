@@ -185,18 +185,18 @@ fn positive(value: Option<i64>, name: &str) -> SqlResult<i64> {
 
 /// Turns ordered cut points into consecutive ranges and queues them, `PLAN_BATCH` at a
 /// time, in ascending order (which is also their priority order).
-struct RangeQueue {
-    task_id: i32,
+struct RangeQueue<'a> {
+    task: &'a Task,
     lo: i64,
     ordinal: i64,
     batch: ItemBatch,
     added: i64,
 }
 
-impl RangeQueue {
-    fn starting_at(task_id: i32, lo: i64) -> Self {
+impl<'a> RangeQueue<'a> {
+    fn starting_at(task: &'a Task, lo: i64) -> Self {
         RangeQueue {
-            task_id,
+            task,
             lo,
             ordinal: 0,
             batch: ItemBatch::default(),
@@ -215,14 +215,14 @@ impl RangeQueue {
             .push(self.lo, Some(cut), self.ordinal, None, None);
         self.lo = cut;
         if self.ordinal % PLAN_BATCH == 0 {
-            self.added += std::mem::take(&mut self.batch).insert(self.task_id, None)?;
+            self.added += std::mem::take(&mut self.batch).insert(self.task, None)?;
         }
         Ok(())
     }
 
     fn finish(mut self, end: i64) -> SqlResult<i64> {
         self.cut(end)?;
-        Ok(self.added + self.batch.insert(self.task_id, None)?)
+        Ok(self.added + self.batch.insert(self.task, None)?)
     }
 }
 
@@ -308,7 +308,7 @@ fn plan_key_ranges(
                           FROM {rel} {sample} WHERE {col} IS NOT NULL) s \
           WHERE rn > 1 AND (rn - 1) % $1 = 0 ORDER BY rn"
     );
-    let mut ranges = RangeQueue::starting_at(task.id, min);
+    let mut ranges = RangeQueue::starting_at(task, min);
     let mut cursor = client.try_open_cursor(&cuts, &[step.into()])?;
     loop {
         let table = cursor.fetch(PLAN_BATCH)?;
@@ -357,7 +357,7 @@ fn plan_blocks(task: Option<&str>, relation: Option<RegClass>, chunk_blocks: Opt
             &['r', 'm'],
             "plan_blocks reads the blocks of a table or materialized view; plan each partition of a partitioned table.",
         )?;
-        let mut ranges = RangeQueue::starting_at(task.id, 0);
+        let mut ranges = RangeQueue::starting_at(&task, 0);
         for cut in (chunk_blocks..relation.blocks).step_by(chunk_blocks as usize) {
             ranges.cut(cut)?;
         }

@@ -1,4 +1,4 @@
-//! Steering tasks: `pause`, `resume`, `cancel`, `retry`, `purge`.
+//! Steering tasks: `pause`, `resume`, `cancel`, `retry`, `skip`, `purge`.
 //!
 //! Workers look at the task's `paused` flag and `cancelled_through` run id with every
 //! claim: a worker asked to stop finishes (commits) its current item, claims no other and
@@ -111,7 +111,42 @@ fn retry(task: Option<&str>) -> i64 {
     run().or_raise()
 }
 
-/// Removes the task's done and dead items and its finished runs older than `older_than`.
+/// Gives up on the task's dead item with `key`: it becomes `skipped`, and a sequential
+/// group it blocked goes on with its next item. Returns the item's id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn skip(task: Option<&str>, key: Option<i64>) -> i64 {
+    let run = || -> SqlResult<i64> {
+        let task = Task::for_caller(task, "skip an item of")?;
+        let key = key.ok_or_else(|| null_argument("key", "Pass the key of the dead item."))?;
+        let skipped = as_extension_owner(|| {
+            Spi::get_one_with_args::<i64>(
+                "WITH skipped AS ( \
+                   UPDATE chunkwise.items SET status = 'skipped', finished_at = clock_timestamp() \
+                    WHERE item_id = (SELECT item_id FROM chunkwise.items \
+                                      WHERE task_id = $1 AND key = $2 AND status = 'dead' \
+                                      ORDER BY item_id DESC LIMIT 1) \
+                   RETURNING item_id, task_id, group_key), \
+                 closed AS ( \
+                   UPDATE chunkwise.groups g SET open = g.open - 1 FROM skipped s \
+                    WHERE g.task_id = s.task_id AND g.group_key = s.group_key) \
+                 SELECT item_id FROM skipped",
+                &[task.id.into(), key.into()],
+            )
+        });
+        match skipped {
+            Ok(Some(id)) => Ok(id),
+            _ => Err(SqlError::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("task \"{}\" has no dead item with key {key}", task.name),
+            )
+            .hint("See SELECT key, status FROM chunkwise.failures WHERE task = ...; only dead items can be skipped.")),
+        }
+    };
+    run().or_raise()
+}
+
+/// Removes the task's done, dead and skipped items and its finished runs older than
+/// `older_than`.
 /// Pending items are never removed. Returns the number of items removed.
 #[pg_extern(volatile, parallel_unsafe)]
 fn purge(task: Option<&str>, older_than: Option<Interval>) -> i64 {
@@ -139,11 +174,17 @@ fn purge(task: Option<&str>, older_than: Option<Interval>) -> i64 {
             &task,
             Some(older_than),
         )?;
+        // Dead items purged no longer hold their group open.
         count_as_owner(
             "WITH gone AS ( \
                DELETE FROM chunkwise.items \
-                WHERE task_id = $1 AND status IN ('done', 'dead') AND finished_at < now() - $2 \
-                RETURNING 1) \
+                WHERE task_id = $1 AND status IN ('done', 'dead', 'skipped') \
+                  AND finished_at < now() - $2 \
+                RETURNING group_key, status), \
+             closed AS ( \
+               UPDATE chunkwise.groups g SET open = g.open - d.dead FROM \
+                 (SELECT group_key, count(*) AS dead FROM gone WHERE status = 'dead' GROUP BY group_key) d \
+                WHERE g.task_id = $1 AND g.group_key = d.group_key) \
              SELECT count(*) FROM gone",
             &task,
             Some(older_than),

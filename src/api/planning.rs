@@ -80,13 +80,31 @@ impl ItemBatch {
         Ok(())
     }
 
+    /// Items of a task with sequential groups belong to a group.
+    fn ensure_grouped(&self, task: &Task) -> SqlResult<()> {
+        if !task.sequential_groups || self.group_keys.iter().all(Option::is_some) {
+            return Ok(());
+        }
+        Err(SqlError::new(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!(
+                "task \"{}\" has sequential_groups: every item needs a group_key",
+                task.name
+            ),
+        )
+        .hint("Pass group_key => ..., or return a text group_key column from the planning query."))
+    }
+
     /// Adds the batch to the task's queue: new keys become pending items in batch order,
     /// keys already pending get the new priority. Returns the number of items added.
-    pub fn insert(self, task_id: i32, not_before: Option<TimestampWithTimeZone>) -> SqlResult<i64> {
+    /// For a task with sequential groups, the groups' counts of open items follow.
+    pub fn insert(self, task: &Task, not_before: Option<TimestampWithTimeZone>) -> SqlResult<i64> {
         if self.keys.is_empty() {
             return Ok(0);
         }
         self.ensure_within_limits()?;
+        self.ensure_grouped(task)?;
+        let task_id = task.id;
         let added = as_extension_owner(|| {
             Spi::get_one_with_args::<i64>(
                 "WITH added AS ( \
@@ -97,9 +115,15 @@ impl ItemBatch {
                     ORDER BY u.ord \
                    ON CONFLICT (task_id, key) WHERE status = 'pending' DO UPDATE \
                       SET priority = EXCLUDED.priority, hi = EXCLUDED.hi, \
-                          group_key = coalesce(EXCLUDED.group_key, i.group_key), \
+                          group_key = CASE WHEN $8 THEN i.group_key \
+                                           ELSE coalesce(EXCLUDED.group_key, i.group_key) END, \
                           payload = coalesce(EXCLUDED.payload, i.payload) \
-                   RETURNING (xmax = 0) AS inserted) \
+                   RETURNING (xmax = 0) AS inserted, i.group_key), \
+                 opened AS ( \
+                   INSERT INTO chunkwise.groups AS g (task_id, group_key, open) \
+                   SELECT $1, group_key, count(*) FROM added \
+                    WHERE $8 AND inserted GROUP BY group_key \
+                   ON CONFLICT (task_id, group_key) DO UPDATE SET open = g.open + EXCLUDED.open) \
                  SELECT count(*) FILTER (WHERE inserted) FROM added",
                 &[
                     task_id.into(),
@@ -109,6 +133,7 @@ impl ItemBatch {
                     self.group_keys.into(),
                     self.payloads.into(),
                     not_before.into(),
+                    task.sequential_groups.into(),
                 ],
             )
         })?;
@@ -153,7 +178,7 @@ fn enqueue(
         })?;
         let mut batch = ItemBatch::default();
         batch.push(key, None, priority, group_key.map(str::to_string), payload);
-        batch.insert(task.id, Some(not_before))
+        batch.insert(&task, Some(not_before))
     };
     run().or_raise()
 }
@@ -340,7 +365,7 @@ pub(crate) fn plan_query(task: &Task, query: Option<&str>) -> SqlResult<i64> {
             };
             batch.push(key, hi, priority, group_key, payload);
         }
-        added += batch.insert(task.id, None)?;
+        added += batch.insert(task, None)?;
         Ok(())
     })?;
     Ok(added)
@@ -385,7 +410,7 @@ pub(crate) fn plan_query_by_activity(task: &Task, query: Option<&str>) -> SqlRes
         for &(key, priority) in chunk {
             batch.push(key, None, priority, None, None);
         }
-        added += batch.insert(task.id, None)?;
+        added += batch.insert(task, None)?;
     }
     Ok(added)
 }

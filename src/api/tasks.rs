@@ -143,12 +143,11 @@ impl TaskOptions {
             MAX_ITEMS_PER_COMMIT,
             "items_per_commit",
         )?;
-        if self.sequential_groups {
-            return Err(SqlError::new(
-                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                "sequential_groups is not supported yet",
+        if self.sequential_groups && self.items_per_commit > 1 {
+            return Err(SqlError::invalid_parameter(
+                "sequential_groups runs one item of a group per transaction; items_per_commit must be 1",
             )
-            .hint("Create the task without sequential_groups; per-group ordering is planned."));
+            .hint("Leave items_per_commit out, or drop sequential_groups."));
         }
         if self.rank_by_activity && self.source.is_none() {
             return Err(
@@ -273,6 +272,30 @@ impl TaskOptions {
     }
 }
 
+/// The groups' bookkeeping starts with a group's first item: switching sequential_groups
+/// is only possible while the task has no pending or dead item.
+fn ensure_queue_empty(task: &Task, sequential: bool) -> SqlResult<()> {
+    let open = as_extension_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM chunkwise.items WHERE task_id = $1 AND status IN ('pending', 'dead')",
+            &[task.id.into()],
+        )
+    })?
+    .unwrap_or(0);
+    if open == 0 {
+        return Ok(());
+    }
+    Err(SqlError::new(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!(
+            "cannot turn sequential_groups {} while task \"{}\" has {open} pending or dead items",
+            if sequential { "on" } else { "off" },
+            task.name
+        ),
+    )
+    .hint("Let the queue drain (or purge it), then alter the task."))
+}
+
 /// Applies a text option given to `alter_task`: NULL keeps the stored value, '' clears it.
 fn alter_text(stored: &mut Option<String>, given: Option<&str>) {
     match given {
@@ -392,6 +415,9 @@ fn alter_task(
         alter_required(&mut options.retry_backoff_max, retry_backoff_max);
         alter_required(&mut options.items_per_commit, items_per_commit);
         alter_required(&mut options.synchronous_commit, synchronous_commit);
+        if let Some(wanted) = sequential_groups.filter(|&w| w != options.sequential_groups) {
+            ensure_queue_empty(&current, wanted)?;
+        }
         alter_required(&mut options.sequential_groups, sequential_groups);
         alter_required(&mut options.rank_by_activity, rank_by_activity);
         options.validate()?;
@@ -427,6 +453,10 @@ fn drop_task(task: Option<&str>) {
             )?;
             Spi::run_with_args(
                 "DELETE FROM chunkwise.run_history WHERE task_id = $1",
+                &[task.id.into()],
+            )?;
+            Spi::run_with_args(
+                "DELETE FROM chunkwise.groups WHERE task_id = $1",
                 &[task.id.into()],
             )?;
             Spi::run_with_args(

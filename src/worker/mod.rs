@@ -124,7 +124,7 @@ impl Worker {
         if !task.synchronous_commit {
             set_session_option("synchronous_commit", "off");
         }
-        let queue = Queue::prepare();
+        let queue = Queue::prepare(&task);
         queue.register_worker(&args);
         shared.state().attach_worker();
         let targets = Targets::new(

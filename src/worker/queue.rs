@@ -32,6 +32,41 @@ const CLAIM: &str = "SELECT item_id, key, hi, payload, attempts FROM chunkwise.i
                     WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
      ORDER BY priority, item_id LIMIT $2 FOR UPDATE SKIP LOCKED";
 
+/// The claim of a task with sequential groups: the head item of the group served longest
+/// ago whose head is due (a dead head blocks its group, a head waiting for its retry makes
+/// the group wait: order is kept). The group's row stays locked until this transaction
+/// ends, so no other worker takes an item of that group meanwhile. One item per claim.
+/// The head is read before the group's row is locked: if the worker that held the lock
+/// finished that head meanwhile, the re-check of the locked item row (status, due)
+/// refuses it and the claim comes back empty instead of running the item twice.
+const CLAIM_IN_GROUPS: &str = "WITH turn AS ( \
+       SELECT g.group_key, head.item_id FROM chunkwise.groups g \
+       CROSS JOIN LATERAL ( \
+         SELECT i.item_id, i.status, i.not_before FROM chunkwise.items i \
+          WHERE i.task_id = g.task_id AND i.group_key = g.group_key \
+            AND i.status IN ('pending', 'dead') \
+          ORDER BY i.priority, i.item_id LIMIT 1) head \
+        WHERE g.task_id = $1 AND g.open > 0 AND $2 > 0 \
+          AND head.status = 'pending' AND head.not_before <= now() \
+          AND EXISTS (SELECT FROM chunkwise.tasks t \
+                       WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
+        ORDER BY g.served LIMIT 1 \
+        FOR UPDATE OF g SKIP LOCKED), \
+     next_turn AS ( \
+       UPDATE chunkwise.groups g SET served = nextval('chunkwise.turn_seq') FROM turn \
+        WHERE g.task_id = $1 AND g.group_key = turn.group_key) \
+     SELECT i.item_id, i.key, i.hi, i.payload, i.attempts \
+       FROM chunkwise.items i JOIN turn USING (item_id) \
+      WHERE i.status = 'pending' AND i.not_before <= now() \
+        FOR UPDATE OF i";
+
+/// Done, in a task with sequential groups: the group has one open item fewer.
+const MARK_DONE_IN_GROUP: &str = "WITH done AS ( \
+       UPDATE chunkwise.items SET status = 'done', finished_at = clock_timestamp(), run_id = $2 \
+        WHERE item_id = $1 RETURNING task_id, group_key) \
+     UPDATE chunkwise.groups g SET open = g.open - 1 FROM done \
+      WHERE g.task_id = done.task_id AND g.group_key = done.group_key";
+
 /// Whether the run ($2) must stop: its task was paused, cancelled up to it, or dropped.
 const STOP_REQUESTED: &str = "SELECT coalesce((SELECT paused OR cancelled_through >= $2 \
        FROM chunkwise.tasks WHERE task_id = $1), true)";
@@ -73,16 +108,21 @@ fn int4() -> PgOid {
 }
 
 impl Queue {
-    /// Prepares the hot-path statements; call inside a transaction.
-    pub fn prepare() -> Queue {
+    /// Prepares the hot-path statements for `task`; call inside a transaction.
+    pub fn prepare(task: &Task) -> Queue {
+        let (claim, mark_done) = if task.sequential_groups {
+            (CLAIM_IN_GROUPS, MARK_DONE_IN_GROUP)
+        } else {
+            (CLAIM, MARK_DONE)
+        };
         as_extension_owner(|| {
             Spi::connect(|client| -> Result<Queue, pgrx::spi::SpiError> {
                 Ok(Queue {
-                    claim: client.prepare_mut(CLAIM, &[int4(), int8(), int8()])?.keep(),
+                    claim: client.prepare_mut(claim, &[int4(), int8(), int8()])?.keep(),
                     stop_requested: client
                         .prepare_mut(STOP_REQUESTED, &[int4(), int8()])?
                         .keep(),
-                    mark_done: client.prepare_mut(MARK_DONE, &[int8(), int8()])?.keep(),
+                    mark_done: client.prepare_mut(mark_done, &[int8(), int8()])?.keep(),
                     record_failure: client
                         .prepare_mut(RECORD_FAILURE, &[int8(), text(), text(), int8()])?
                         .keep(),

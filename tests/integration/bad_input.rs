@@ -25,6 +25,8 @@ fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
          CREATE TABLE parted (id bigint) PARTITION BY RANGE (id);
          SELECT chunkwise.create_task('existing', call => 'good');
          SELECT chunkwise.create_task('ranges', statement => 'SELECT $1, $2');
+         SELECT chunkwise.create_task('seq', call => 'good', sequential_groups => true);
+         SELECT chunkwise.enqueue('seq', 1, group_key => 'org1');
          SELECT chunkwise.enqueue('existing', 42, priority => 3);",
     )
     .unwrap();
@@ -224,6 +226,30 @@ fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
             "SELECT chunkwise.alter_task('existing', statement => 'SELECT 1; SELECT 2')",
             "22023",
         ),
+        ("SELECT chunkwise.enqueue('seq', 2)", "22004"),
+        (
+            "SELECT chunkwise.plan('seq', 'SELECT 2::bigint AS key')",
+            "22004",
+        ),
+        (
+            "SELECT chunkwise.plan_by_activity('seq', 'SELECT 2::bigint AS key, now() AS last_activity, 1 AS actions')",
+            "22004",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', sequential_groups => true, items_per_commit => 2)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.alter_task('seq', sequential_groups => false)",
+            "55000",
+        ),
+        (
+            "SELECT chunkwise.alter_task('existing', sequential_groups => true)",
+            "55000",
+        ),
+        ("SELECT chunkwise.skip('existing', 42)", "42704"),
+        ("SELECT chunkwise.skip('existing', NULL)", "22004"),
+        ("SELECT chunkwise.skip('nope', 1)", "42704"),
         ("SELECT chunkwise.pause('nope')", "42704"),
         ("SELECT chunkwise.resume(NULL)", "22004"),
         ("SELECT chunkwise.cancel('nope')", "42704"),

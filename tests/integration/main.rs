@@ -8,6 +8,8 @@ mod harness;
 mod bad_input;
 mod cycles;
 mod engine;
+mod examples;
+mod groups;
 mod operating;
 mod planning;
 mod ranges;
