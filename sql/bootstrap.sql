@@ -69,20 +69,18 @@ CREATE INDEX items_done_idx ON chunkwise.items (task_id, finished_at)
 CREATE INDEX items_failed_idx ON chunkwise.items (task_id, last_failed_at)
     WHERE last_failed_at IS NOT NULL AND status IN ('pending', 'dead');
 
--- Sequential groups: one row per group of a task with sequential_groups. A worker takes
--- the group served longest ago that has a due head item (round-robin across groups, so a
--- big group cannot starve small ones) and keeps the group's row locked while it runs the
--- head: at most one item of a group is in flight, and a group's items run in order.
--- `open` counts its pending and dead items, so finished groups cost the claim nothing.
+-- Sequential groups: one row per group of a task with sequential_groups. Each worker
+-- walks the groups in group_key order, round-robin, taking the head item of the next
+-- group whose head is due (so a big group cannot starve small ones), and keeps the
+-- group's row locked while it runs the head: at most one item of a group is in flight,
+-- and a group's items run in order. `open` counts its pending and dead items, so that
+-- finished groups are passed over; it is in no index, so updating it is a HOT update.
 CREATE TABLE chunkwise.groups (
     task_id   int NOT NULL,
     group_key text NOT NULL,
     open      bigint NOT NULL DEFAULT 0,
-    served    bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (task_id, group_key)
 );
-CREATE INDEX groups_turn_idx ON chunkwise.groups (task_id, served) WHERE open > 0;
-CREATE SEQUENCE chunkwise.turn_seq AS bigint;
 -- A group's head: its first item not yet done or skipped, in (priority, item_id) order.
 CREATE INDEX items_group_head_idx ON chunkwise.items (task_id, group_key, priority, item_id)
     WHERE status IN ('pending', 'dead');
@@ -116,7 +114,7 @@ SELECT pg_catalog.pg_extension_config_dump('chunkwise.run_history', '');
 SELECT pg_catalog.pg_extension_config_dump('chunkwise.groups', '');
 
 REVOKE ALL ON chunkwise.tasks, chunkwise.items, chunkwise.run_history, chunkwise.groups FROM PUBLIC;
-REVOKE ALL ON SEQUENCE chunkwise.run_id_seq, chunkwise.turn_seq FROM PUBLIC;
+REVOKE ALL ON SEQUENCE chunkwise.run_id_seq FROM PUBLIC;
 
 -- Live workers, as pg_stat_activity shows them: application_name is
 -- 'chunkwise <task> #<run_id>' and the query column names the item in flight.

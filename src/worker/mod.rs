@@ -17,7 +17,7 @@ use crate::launcher::announce_finish;
 use crate::run_state::{Attempt, SharedRun, Tally};
 use crate::target::Target;
 use item::{ItemOutcome, Targets};
-use queue::Queue;
+use queue::{ClaimCursor, Queue};
 
 /// What the launcher tells a worker, carried in `bgw_extra`.
 #[derive(Debug, Clone, Copy)]
@@ -91,6 +91,8 @@ struct Worker {
     tally: Tally,
     /// pause() or cancel() asked this run to stop (seen when a claim came back empty).
     stop_requested: bool,
+    /// Where its next claim starts.
+    claim_cursor: ClaimCursor,
     stopped_early: bool,
 }
 
@@ -140,6 +142,7 @@ impl Worker {
             targets,
             tally: Tally::default(),
             stop_requested: false,
+            claim_cursor: ClaimCursor::default(),
             stopped_early: false,
         })
     }
@@ -187,7 +190,12 @@ impl Worker {
     /// Claims up to `limit` items and runs each in its own subtransaction; the caller's
     /// transaction commits them together. Returns how many items were claimed.
     fn process_batch(&mut self, limit: i64) -> i64 {
-        let items = self.queue.claim(self.task.id, self.args.run_id, limit);
+        let items = self.queue.claim(
+            self.task.id,
+            self.args.run_id,
+            limit,
+            &mut self.claim_cursor,
+        );
         if items.is_empty() {
             self.stop_requested = self.queue.stop_requested(self.task.id, self.args.run_id);
         }

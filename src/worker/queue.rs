@@ -1,7 +1,10 @@
 //! The worker's bookkeeping on the queue tables: claim, mark done, record a failure,
 //! and the run's row. All of it runs as the extension owner, with plans prepared once.
 
+use std::time::{Duration, Instant};
+
 use pgrx::JsonB;
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
@@ -20,45 +23,89 @@ pub struct ClaimedItem {
     pub hi: Option<i64>,
     pub payload: Option<JsonB>,
     pub attempts: i32,
+    /// Set by the claim of a task with sequential groups.
+    pub group_key: Option<String>,
+    pub priority: i64,
+}
+
+/// A claim from the start of the queue and one from after the worker's cursor.
+struct Claim {
+    from_start: OwnedPreparedStatement,
+    after: OwnedPreparedStatement,
+}
+
+/// How long a worker claims after its cursor before it looks at the whole queue again:
+/// items before the cursor (retries that fell due, items planned meanwhile with a better
+/// priority, items a dead worker let go) wait at most this long.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where a worker's next claim starts: after the last item it claimed (plain tasks) or
+/// after the last group it served (sequential groups: round-robin).
+#[derive(Default)]
+pub struct ClaimCursor {
+    after_item: Option<(i64, i64)>,
+    after_group: Option<String>,
+    rescanned_at: Option<Instant>,
 }
 
 /// The next due pending items in (priority, item_id) order. SKIP LOCKED lets workers
 /// pass each other's items without waiting; the partial index keeps it cheap. Nothing is
 /// claimed while the task is paused or this run ($3) is cancelled (an init plan: one
-/// primary-key lookup per claim).
-const CLAIM: &str = "SELECT item_id, key, hi, payload, attempts FROM chunkwise.items \
-     WHERE task_id = $1 AND status = 'pending' AND not_before <= now() \
-       AND EXISTS (SELECT FROM chunkwise.tasks t \
-                    WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
-     ORDER BY priority, item_id LIMIT $2 FOR UPDATE SKIP LOCKED";
+/// primary-key lookup per claim). With `after_cursor`, only items after ($4, $5), the
+/// last one this worker claimed: a done item leaves a dead entry at the front of the
+/// partial index until vacuum, and a claim from the start walks over all of them, so
+/// claims would slow down as a run goes on (see `ClaimCursor`).
+fn plain_claim_sql(after_cursor: bool) -> String {
+    format!(
+        "SELECT item_id, key, hi, payload, attempts, NULL::text, priority FROM chunkwise.items \
+          WHERE task_id = $1 AND status = 'pending' AND not_before <= now() {cursor} \
+            AND EXISTS (SELECT FROM chunkwise.tasks t \
+                         WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
+          ORDER BY priority, item_id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        cursor = if after_cursor {
+            "AND (priority, item_id) > ($4, $5)"
+        } else {
+            ""
+        }
+    )
+}
 
-/// The claim of a task with sequential groups: the head item of the group served longest
-/// ago whose head is due (a dead head blocks its group, a head waiting for its retry makes
-/// the group wait: order is kept). The group's row stays locked until this transaction
-/// ends, so no other worker takes an item of that group meanwhile. One item per claim.
-/// The head is read before the group's row is locked: if the worker that held the lock
-/// finished that head meanwhile, the re-check of the locked item row (status, due)
-/// refuses it and the claim comes back empty instead of running the item twice.
-const CLAIM_IN_GROUPS: &str = "WITH turn AS ( \
-       SELECT g.group_key, head.item_id FROM chunkwise.groups g \
-       CROSS JOIN LATERAL ( \
-         SELECT i.item_id, i.status, i.not_before FROM chunkwise.items i \
-          WHERE i.task_id = g.task_id AND i.group_key = g.group_key \
-            AND i.status IN ('pending', 'dead') \
-          ORDER BY i.priority, i.item_id LIMIT 1) head \
-        WHERE g.task_id = $1 AND g.open > 0 AND $2 > 0 \
-          AND head.status = 'pending' AND head.not_before <= now() \
-          AND EXISTS (SELECT FROM chunkwise.tasks t \
-                       WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
-        ORDER BY g.served LIMIT 1 \
-        FOR UPDATE OF g SKIP LOCKED), \
-     next_turn AS ( \
-       UPDATE chunkwise.groups g SET served = nextval('chunkwise.turn_seq') FROM turn \
-        WHERE g.task_id = $1 AND g.group_key = turn.group_key) \
-     SELECT i.item_id, i.key, i.hi, i.payload, i.attempts \
-       FROM chunkwise.items i JOIN turn USING (item_id) \
-      WHERE i.status = 'pending' AND i.not_before <= now() \
-        FOR UPDATE OF i";
+/// The claim of a task with sequential groups: the head item of the next group after
+/// this worker's cursor (in group_key order, wrapping around) whose head is due. Each
+/// worker walks the groups round-robin, so every group with work gets a turn per pass,
+/// whatever its size. A dead head blocks its group; a head waiting for its retry makes the
+/// group wait (order is kept). The group's row stays locked (SKIP LOCKED for the others)
+/// until this transaction ends: one item per group in flight. The head is read before the
+/// group's row is locked: if the worker that held the lock finished that head meanwhile,
+/// the re-check of the locked item row (pending, due) refuses it and the claim comes back
+/// empty instead of running the item twice. Nothing here updates the groups table, and
+/// `open` is in no index, so the mark-done update of a group's row stays a HOT update.
+fn groups_claim_sql(after_cursor: bool) -> String {
+    format!(
+        "WITH turn AS ( \
+           SELECT g.group_key, head.item_id FROM chunkwise.groups g \
+           CROSS JOIN LATERAL ( \
+             SELECT i.item_id, i.status, i.not_before FROM chunkwise.items i \
+              WHERE i.task_id = g.task_id AND i.group_key = g.group_key \
+                AND i.status IN ('pending', 'dead') \
+              ORDER BY i.priority, i.item_id LIMIT 1) head \
+            WHERE g.task_id = $1 AND g.open > 0 AND $2 > 0 {cursor} \
+              AND head.status = 'pending' AND head.not_before <= now() \
+              AND EXISTS (SELECT FROM chunkwise.tasks t \
+                           WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
+            ORDER BY g.group_key LIMIT 1 \
+            FOR UPDATE OF g SKIP LOCKED) \
+         SELECT i.item_id, i.key, i.hi, i.payload, i.attempts, turn.group_key, i.priority \
+           FROM chunkwise.items i JOIN turn USING (item_id) \
+          WHERE i.status = 'pending' AND i.not_before <= now() \
+            FOR UPDATE OF i",
+        cursor = if after_cursor {
+            "AND g.group_key > $4"
+        } else {
+            ""
+        }
+    )
+}
 
 /// Done, in a task with sequential groups: the group has one open item fewer.
 const MARK_DONE_IN_GROUP: &str = "WITH done AS ( \
@@ -89,7 +136,8 @@ const RECORD_FAILURE: &str = "UPDATE chunkwise.items i \
      RETURNING i.status = 'dead', i.attempts, to_char(i.not_before, 'YYYY-MM-DD HH24:MI:SS.MS TZ')";
 
 pub struct Queue {
-    claim: OwnedPreparedStatement,
+    claim: Claim,
+    grouped: bool,
     stop_requested: OwnedPreparedStatement,
     mark_done: OwnedPreparedStatement,
     record_failure: OwnedPreparedStatement,
@@ -110,15 +158,29 @@ fn int4() -> PgOid {
 impl Queue {
     /// Prepares the hot-path statements for `task`; call inside a transaction.
     pub fn prepare(task: &Task) -> Queue {
-        let (claim, mark_done) = if task.sequential_groups {
-            (CLAIM_IN_GROUPS, MARK_DONE_IN_GROUP)
+        let grouped = task.sequential_groups;
+        let (claim_sql, claim_args, mark_done): (fn(bool) -> String, Vec<PgOid>, &str) = if grouped
+        {
+            (
+                groups_claim_sql,
+                vec![int4(), int8(), int8(), text()],
+                MARK_DONE_IN_GROUP,
+            )
         } else {
-            (CLAIM, MARK_DONE)
+            (
+                plain_claim_sql,
+                vec![int4(), int8(), int8(), int8(), int8()],
+                MARK_DONE,
+            )
         };
         as_extension_owner(|| {
             Spi::connect(|client| -> Result<Queue, pgrx::spi::SpiError> {
                 Ok(Queue {
-                    claim: client.prepare_mut(claim, &[int4(), int8(), int8()])?.keep(),
+                    claim: Claim {
+                        from_start: client.prepare_mut(&claim_sql(false), &claim_args)?.keep(),
+                        after: client.prepare_mut(&claim_sql(true), &claim_args)?.keep(),
+                    },
+                    grouped,
                     stop_requested: client
                         .prepare_mut(STOP_REQUESTED, &[int4(), int8()])?
                         .keep(),
@@ -132,14 +194,54 @@ impl Queue {
         .expect("pg_chunkwise bookkeeping statements prepare")
     }
 
-    pub fn claim(&self, task_id: i32, run_id: i64, limit: i64) -> Vec<ClaimedItem> {
+    /// Claims up to `limit` due items (one, from the next group, for sequential groups)
+    /// after the worker's cursor, or from the start when nothing is left after it or the
+    /// cursor is older than `RESCAN_INTERVAL`; moves the cursor to the last item claimed.
+    pub fn claim(
+        &self,
+        task_id: i32,
+        run_id: i64,
+        limit: i64,
+        cursor: &mut ClaimCursor,
+    ) -> Vec<ClaimedItem> {
+        let args = |after: bool| -> Vec<DatumWithOid<'static>> {
+            let mut args: Vec<DatumWithOid<'static>> =
+                vec![task_id.into(), limit.into(), run_id.into()];
+            if self.grouped {
+                args.push(cursor.after_group.clone().filter(|_| after).into());
+            } else {
+                let (priority, item) = cursor.after_item.filter(|_| after).unwrap_or((0, 0));
+                args.extend([priority.into(), item.into()]);
+            }
+            args
+        };
+        let fresh = cursor
+            .rescanned_at
+            .is_some_and(|at| at.elapsed() < RESCAN_INTERVAL);
+        let has_cursor = cursor.after_item.is_some() || cursor.after_group.is_some();
+        let mut items = if fresh && has_cursor {
+            Self::claim_with(&self.claim.after, &args(true))
+        } else {
+            Vec::new()
+        };
+        if items.is_empty() {
+            items = Self::claim_with(&self.claim.from_start, &args(false));
+            cursor.rescanned_at = Some(Instant::now());
+        }
+        if let Some(last) = items.last() {
+            cursor.after_item = Some((last.priority, last.id));
+            cursor.after_group.clone_from(&last.group_key);
+        }
+        items
+    }
+
+    fn claim_with(
+        statement: &OwnedPreparedStatement,
+        args: &[DatumWithOid<'_>],
+    ) -> Vec<ClaimedItem> {
         as_extension_owner(|| {
             Spi::connect_mut(|client| -> Result<Vec<ClaimedItem>, pgrx::spi::SpiError> {
-                let table = client.update(
-                    &self.claim,
-                    None,
-                    &[task_id.into(), limit.into(), run_id.into()],
-                )?;
+                let table = client.update(statement, None, args)?;
                 table
                     .into_iter()
                     .map(|row| {
@@ -149,6 +251,8 @@ impl Queue {
                             hi: row.get(3)?,
                             payload: row.get(4)?,
                             attempts: row.get(5)?.unwrap_or_default(),
+                            group_key: row.get(6)?,
+                            priority: row.get(7)?.unwrap_or_default(),
                         })
                     })
                     .collect()
