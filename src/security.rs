@@ -137,16 +137,21 @@ pub fn ensure_owner_can_run(task: &str, owner: pg_sys::Oid) -> SqlResult<()> {
     }
 }
 
+/// Whether a `has_*_privilege` check (`sql`, with `args`) says yes; an unknown role or
+/// object counts as no.
+fn privilege_granted(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> bool {
+    Spi::get_one_with_args::<bool>(sql, args)
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
 /// Workers connect to this database as the owner: it needs the CONNECT privilege.
 fn ensure_owner_may_connect(task: &str, owner: pg_sys::Oid) -> SqlResult<()> {
-    let allowed = Spi::get_one_with_args::<bool>(
+    if privilege_granted(
         "SELECT pg_catalog.has_database_privilege($1, pg_catalog.current_database(), 'CONNECT')",
         &[owner.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
-    if allowed {
+    ) {
         return Ok(());
     }
     Err(SqlError::new(
@@ -162,14 +167,10 @@ fn ensure_owner_may_connect(task: &str, owner: pg_sys::Oid) -> SqlResult<()> {
 
 /// Workers call the target as the task owner: the owner needs EXECUTE on it.
 pub fn ensure_owner_may_execute(owner: pg_sys::Oid, proc: pg_sys::Oid) -> SqlResult<()> {
-    let allowed = Spi::get_one_with_args::<bool>(
+    if privilege_granted(
         "SELECT pg_catalog.has_function_privilege($1, $2, 'EXECUTE')",
         &[owner.into(), proc.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
-    if allowed {
+    ) {
         return Ok(());
     }
     Err(SqlError::new(

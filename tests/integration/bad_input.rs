@@ -1,17 +1,7 @@
 //! Bad input: each refusal has a specific SQLSTATE and a hint, and changes nothing queued.
 
-use postgres::Client;
-
-use crate::harness::{one, sql_error, test_db};
-
-/// Everything the extension has queued or defined, as one comparable value.
-fn snapshot(client: &mut Client) -> String {
-    one(
-        client,
-        "SELECT coalesce((SELECT string_agg(t::text, '|' ORDER BY task_id) FROM chunkwise.tasks t), '') || '#' || \
-                    coalesce((SELECT string_agg(i::text, '|' ORDER BY item_id) FROM chunkwise.items i), '')",
-    )
-}
+use crate::fixtures::queue_snapshot;
+use crate::harness::{sql_error, test_db};
 
 #[test]
 fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
@@ -30,7 +20,7 @@ fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
          SELECT chunkwise.enqueue('existing', 42, priority => 3);",
     )
     .unwrap();
-    let before = snapshot(&mut db);
+    let before = queue_snapshot(&mut db);
     let cases: &[(&str, &str)] = &[
         ("SELECT chunkwise.run('nope')", "42704"),
         ("SELECT chunkwise.enqueue('nope', 1)", "42704"),
@@ -274,7 +264,7 @@ fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
         if *code != "42601" && !sql.contains("no_such_") {
             assert!(!hint.is_empty(), "{sql} should carry a hint ({message})");
         }
-        assert_eq!(snapshot(&mut db), before, "{sql} changed the queue");
+        assert_eq!(queue_snapshot(&mut db), before, "{sql} changed the queue");
     }
 }
 

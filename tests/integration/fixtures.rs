@@ -1,4 +1,4 @@
-//! Targets shared by several test files.
+//! Targets, fixtures and checks shared by several test files.
 
 use postgres::Client;
 
@@ -90,4 +90,14 @@ pub fn live_workers(client: &mut Client) -> Vec<i32> {
         .iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+/// Everything the extension has defined or queued, as one comparable value: refused
+/// calls must leave it unchanged.
+pub fn queue_snapshot(client: &mut Client) -> String {
+    one(
+        client,
+        "SELECT coalesce((SELECT string_agg(t::text, '|' ORDER BY task_id) FROM chunkwise.tasks t), '') || '#' || \
+                coalesce((SELECT string_agg(i::text, '|' ORDER BY item_id) FROM chunkwise.items i), '')",
+    )
 }

@@ -3,6 +3,7 @@
 
 use postgres::Client;
 
+use crate::fixtures::queue_snapshot;
 use crate::harness::{Cluster, one, test_db};
 
 const DB: &str = "role_matrix";
@@ -269,15 +270,6 @@ fn targets_run_as_the_owner_and_cannot_keep_a_role_or_setting_past_their_item() 
     assert_eq!(seen.len(), 3);
 }
 
-/// Everything pg_chunkwise holds, to compare before and after refused calls.
-fn snapshot(client: &mut Client) -> String {
-    one(
-        client,
-        "SELECT coalesce((SELECT string_agg(t::text, '|' ORDER BY task_id) FROM chunkwise.tasks t), '') || '#' || \
-                coalesce((SELECT string_agg(i::text, '|' ORDER BY item_id) FROM chunkwise.items i), '')",
-    )
-}
-
 #[test]
 fn hostile_input_is_refused_or_harmless_and_changes_nothing() {
     let mut db = test_db("hostile");
@@ -290,7 +282,7 @@ fn hostile_input_is_refused_or_harmless_and_changes_nothing() {
          SELECT chunkwise.create_task('ranges', statement => 'SELECT $1, $2');",
     )
     .unwrap();
-    let before = snapshot(&mut db);
+    let before = queue_snapshot(&mut db);
     let huge = "x".repeat(2_000_000);
     let long_group = "g".repeat(1_001);
     let owned: Vec<String> = vec![
@@ -508,7 +500,7 @@ fn hostile_input_is_refused_or_harmless_and_changes_nothing() {
         if &got != code {
             unexpected.push(format!("{shown}: got {got}, expected {code}"));
         }
-        assert_eq!(snapshot(&mut db), before, "{shown} changed the queue");
+        assert_eq!(queue_snapshot(&mut db), before, "{shown} changed the queue");
     }
     assert!(unexpected.is_empty(), "{}", unexpected.join("\n"));
     let victim: i64 = one(&mut db, "SELECT count(*) FROM victim");
