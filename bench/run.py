@@ -4,11 +4,18 @@ writes bench/results/<name>.json. `bench/run.sh --help` for the options."""
 import argparse
 import sys
 
+import backlog_memory
 import chunked_upsert
 import claim_groups
+import per_item
 from lib import Cluster, machine_facts, save
 
-SCENARIOS = {"chunked_upsert": chunked_upsert, "claim_groups": claim_groups}
+SCENARIOS = {
+    "chunked_upsert": chunked_upsert,
+    "claim_groups": claim_groups,
+    "per_item": per_item,
+    "backlog_memory": backlog_memory,
+}
 
 
 def main():
@@ -19,6 +26,7 @@ def main():
                         help="tiny sizes, seconds in all: checks the benchmarks still run")
     parser.add_argument("--rows", type=int, default=2_000_000, help="stage rows of chunked_upsert")
     parser.add_argument("--chunk-rows", type=int, default=20_000, help="rows per chunk")
+    parser.add_argument("--items", type=int, default=50_000, help="items of per_item")
     parser.add_argument("--noop-chunks", type=int, default=10_000,
                         help="chunks of the per-chunk overhead measurement")
     args = parser.parse_args()
