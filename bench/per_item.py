@@ -5,6 +5,8 @@ table, by
   2. pgbench doing the same work per transaction with the same number of clients:
      claim a row with SKIP LOCKED, CALL the target, mark the row done ("equal work"),
   3. pgbench doing only the CALL (the ceiling: no queue at all),
+  4. graphile-worker (a fast Postgres job queue for Node.js) running the same CALL as its
+     task with the same concurrency (bench/graphile/drain.mjs),
 
 each on a fresh log table. Wall time includes everything the contender needs (pgbench's
 connections, pg_chunkwise's worker start), not the setup of the queue.
@@ -14,6 +16,7 @@ import os
 import pathlib
 import subprocess
 import tempfile
+import urllib.parse
 
 from lib import markdown_table, timed
 
@@ -90,6 +93,32 @@ def call_only(cluster, conn, items, clients, synchronous):
     return pgbench(cluster, CALL_ONLY, clients, items, synchronous)
 
 
+GRAPHILE = pathlib.Path(__file__).resolve().parent / "graphile"
+
+
+def graphile_url(cluster, synchronous):
+    options = urllib.parse.quote(f"-c synchronous_commit={'on' if synchronous else 'off'}")
+    return (f"postgresql://postgres@/postgres?host={urllib.parse.quote(cluster.dir)}"
+            f"&port={cluster.port}&options={options}")
+
+
+def graphile(cluster, conn, items, concurrency, synchronous):
+    node = lambda *argv: subprocess.run(["node", str(GRAPHILE / "drain.mjs"), *argv],
+                                        capture_output=True, text=True, check=True)
+    url = graphile_url(cluster, synchronous)
+    node("migrate", url)
+    conn.execute("DELETE FROM graphile_worker._private_jobs")
+    conn.execute(
+        "SELECT graphile_worker.add_jobs(ARRAY(SELECT json_populate_record(null::graphile_worker.job_spec, "
+        "json_build_object('identifier', 'log_item', 'payload', json_build_object('k', g))) "
+        "FROM generate_series(1, %s) g))",
+        (items,),
+    )
+    fresh_log(conn)
+    seconds, _ = timed(lambda: node("drain", url, str(items), str(concurrency)))
+    return seconds
+
+
 def run(cluster, args):
     items = 2_000 if args.smoke else args.items
     conn = cluster.connect()
@@ -104,6 +133,8 @@ def run(cluster, args):
                  lambda: equal_work(cluster, conn, items, workers, synchronous), True),
                 (f"pgbench CALL only, {workers} client{'s' if workers > 1 else ''}",
                  lambda: call_only(cluster, conn, items, workers, synchronous), False),
+                (f"graphile-worker, concurrency {workers}",
+                 lambda: graphile(cluster, conn, items, workers, synchronous), True),
             ]:
                 seconds = measure()
                 count, distinct = logged(conn)

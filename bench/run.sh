@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # All benchmarks, one command: installs what is missing (the extension via .ci/setup.sh,
-# psycopg in bench/.venv), then runs bench/run.py with the given options, e.g.
+# psycopg in bench/.venv, graphile-worker in bench/graphile), then runs bench/run.py
+# with the given options, e.g.
 #   bash bench/run.sh                   # default sizes; results in bench/results/
 #   bash bench/run.sh --smoke           # tiny sizes, a few seconds
 #   bash bench/run.sh --rows 500000     # a smaller chunked_upsert
@@ -17,5 +18,8 @@ fi
 if [ ! -x bench/.venv/bin/python ]; then
   python3 -m venv bench/.venv
   bench/.venv/bin/pip install -q "psycopg[binary]==3.2.*"
+fi
+if [ ! -d bench/graphile/node_modules ]; then
+  (cd bench/graphile && npm ci --no-audit --no-fund --silent)
 fi
 exec bench/.venv/bin/python bench/run.py "$@"
