@@ -7,6 +7,7 @@ import sys
 import backlog_memory
 import chunked_upsert
 import claim_groups
+import datamart
 import per_item
 from lib import Cluster, machine_facts, save
 
@@ -15,6 +16,7 @@ SCENARIOS = {
     "claim_groups": claim_groups,
     "per_item": per_item,
     "backlog_memory": backlog_memory,
+    "datamart": datamart,
 }
 
 
@@ -27,6 +29,7 @@ def main():
     parser.add_argument("--rows", type=int, default=2_000_000, help="stage rows of chunked_upsert")
     parser.add_argument("--chunk-rows", type=int, default=20_000, help="rows per chunk")
     parser.add_argument("--items", type=int, default=50_000, help="items of per_item")
+    parser.add_argument("--users", type=int, default=20_000, help="users of datamart")
     parser.add_argument("--noop-chunks", type=int, default=10_000,
                         help="chunks of the per-chunk overhead measurement")
     args = parser.parse_args()
