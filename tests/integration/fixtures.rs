@@ -101,3 +101,10 @@ pub fn queue_snapshot(client: &mut Client) -> String {
                 coalesce((SELECT string_agg(i::text, '|' ORDER BY item_id) FROM chunkwise.items i), '')",
     )
 }
+
+/// `chunkwise.run(task, workers)` (the task's own workers when `None`): its summary row.
+pub fn run_task(client: &mut Client, task: &str, workers: Option<i32>) -> postgres::Row {
+    client
+        .query_one("SELECT * FROM chunkwise.run($1, $2)", &[&task, &workers])
+        .unwrap_or_else(|e| panic!("run {task}: {e}"))
+}

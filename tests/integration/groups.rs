@@ -3,6 +3,7 @@
 
 use postgres::Client;
 
+use crate::fixtures::run_task;
 use crate::harness::{one, test_db};
 
 /// A task `files` with sequential groups whose target logs when each item starts and
@@ -48,9 +49,7 @@ fn plan_files(db: &mut Client, orgs: &[(&str, i64)]) {
 }
 
 fn run(db: &mut Client, workers: i32) -> (i64, i64) {
-    let row = db
-        .query_one("SELECT * FROM chunkwise.run('files', $1)", &[&workers])
-        .unwrap();
+    let row = run_task(db, "files", Some(workers));
     (row.get("processed"), row.get("dead"))
 }
 

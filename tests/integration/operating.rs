@@ -7,7 +7,7 @@ use std::time::Duration;
 use postgres::Client;
 use postgres::fallible_iterator::FallibleIterator;
 
-use crate::fixtures::{bump_task, counter_histogram, live_workers, status_counts};
+use crate::fixtures::{bump_task, counter_histogram, live_workers, run_task, status_counts};
 use crate::harness::{Cluster, one, test_db, wait_for};
 
 /// Starts `run(task, workers)` in another session; the handle yields `processed`.
@@ -32,9 +32,7 @@ fn wait_until_bumped(db: &mut Client, at_least: i64) {
 }
 
 fn processed_now(db: &mut Client, task: &str) -> (Option<i64>, i64) {
-    let row = db
-        .query_one("SELECT * FROM chunkwise.run($1)", &[&task])
-        .unwrap();
+    let row = run_task(db, task, None);
     (row.get("run_id"), row.get("processed"))
 }
 
