@@ -116,6 +116,13 @@ SELECT pg_catalog.pg_extension_config_dump('chunkwise.groups', '');
 REVOKE ALL ON chunkwise.tasks, chunkwise.items, chunkwise.run_history, chunkwise.groups FROM PUBLIC;
 REVOKE ALL ON SEQUENCE chunkwise.run_id_seq FROM PUBLIC;
 
+-- Who sees a task in the views: members of its owner role and of pg_monitor. One SQL
+-- function, inlined by the planner, so that every view applies the same rule.
+CREATE FUNCTION chunkwise._visible(owner oid) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT pg_catalog.pg_has_role(owner, 'USAGE') OR pg_catalog.pg_has_role('pg_monitor', 'USAGE')
+$$;
+
 -- Live workers, as pg_stat_activity shows them: application_name is
 -- 'chunkwise <task> #<run_id>' and the query column names the item in flight.
 CREATE VIEW chunkwise._live_workers WITH (security_barrier) AS
@@ -170,8 +177,7 @@ SELECT t.task,
           FROM chunkwise._live_workers lw
           JOIN chunkwise.run_history ru USING (run_id)
          WHERE ru.task_id = t.task_id) w ON true
- WHERE pg_catalog.pg_has_role(t.owner, 'USAGE')
-    OR pg_catalog.pg_has_role('pg_monitor', 'USAGE');
+ WHERE chunkwise._visible(t.owner);
 
 CREATE VIEW chunkwise.failures WITH (security_barrier) AS
 SELECT t.task,
@@ -189,8 +195,7 @@ SELECT t.task,
   FROM chunkwise.items i
   JOIN chunkwise.tasks t USING (task_id)
  WHERE i.last_failed_at IS NOT NULL AND i.status IN ('pending', 'dead')
-   AND (pg_catalog.pg_has_role(t.owner, 'USAGE')
-        OR pg_catalog.pg_has_role('pg_monitor', 'USAGE'));
+   AND chunkwise._visible(t.owner);
 
 -- Every run, with its state: running while one of its workers is alive; otherwise
 -- cancelled, interrupted (a worker died without saying goodbye: crash, restart, kill -9)
@@ -219,8 +224,7 @@ SELECT r.run_id,
   JOIN chunkwise.tasks t USING (task_id)
   LEFT JOIN LATERAL (SELECT count(*) AS live FROM chunkwise._live_workers lw
                       WHERE lw.run_id = r.run_id) l ON true
- WHERE pg_catalog.pg_has_role(t.owner, 'USAGE')
-    OR pg_catalog.pg_has_role('pg_monitor', 'USAGE');
+ WHERE chunkwise._visible(t.owner);
 
 -- Every live worker and what it is doing. Workers publish
 -- 'task <name>: key <k> (item <id>); <n> items done' as their current query.
@@ -236,8 +240,7 @@ SELECT lw.pid,
   FROM chunkwise._live_workers lw
   JOIN chunkwise.run_history r USING (run_id)
   JOIN chunkwise.tasks t USING (task_id)
- WHERE pg_catalog.pg_has_role(t.owner, 'USAGE')
-    OR pg_catalog.pg_has_role('pg_monitor', 'USAGE');
+ WHERE chunkwise._visible(t.owner);
 
 -- Items by task and priority tier (priority / 10^12: the activity tier of
 -- plan_by_activity; 0 for plain priorities).
@@ -252,8 +255,7 @@ SELECT t.task,
        max(i.finished_at) FILTER (WHERE i.status = 'done') AS last_done
   FROM chunkwise.items i
   JOIN chunkwise.tasks t USING (task_id)
- WHERE pg_catalog.pg_has_role(t.owner, 'USAGE')
-    OR pg_catalog.pg_has_role('pg_monitor', 'USAGE')
+ WHERE chunkwise._visible(t.owner)
  GROUP BY t.task, i.priority / 1000000000000;
 
 GRANT SELECT ON chunkwise.task_status, chunkwise.failures, chunkwise.runs, chunkwise.workers,

@@ -44,14 +44,19 @@ fn unlock(task_id: i32) {
     );
 }
 
-/// Runs `f`; if it raises, lets the cycle lock go before the error goes on.
-fn unlocking_on_error<R>(task_id: i32, f: impl FnOnce() -> R) -> R {
-    PgTryBuilder::new(AssertUnwindSafe(f))
+/// Runs `f`; if it raises or returns an error, lets the cycle lock go before the error
+/// goes on.
+fn unlocking_on_error<R>(task_id: i32, f: impl FnOnce() -> SqlResult<R>) -> SqlResult<R> {
+    let result = PgTryBuilder::new(AssertUnwindSafe(f))
         .catch_others(|caught| {
             unlock(task_id);
             caught.rethrow()
         })
-        .execute()
+        .execute();
+    if result.is_err() {
+        unlock(task_id);
+    }
+    result
 }
 
 /// Takes the cycle lock and plans from `source`. False (with a NOTICE) when another
@@ -81,11 +86,7 @@ fn cycle_begin(task: Option<&str>) -> bool {
             notice!("task \"{}\" is paused; no cycle runs", task.name);
             return Ok(false);
         }
-        let planned = unlocking_on_error(task.id, || plan_source(&task));
-        if planned.is_err() {
-            unlock(task.id);
-        }
-        let planned = planned?;
+        let planned = unlocking_on_error(task.id, || plan_source(&task))?;
         if let Some(planned) = planned {
             debug1!("cycle of task \"{}\": {planned} new items", task.name);
         }
