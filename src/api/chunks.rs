@@ -26,10 +26,10 @@ const SAMPLE_ROWS_PER_CHUNK: f64 = 200.0;
 const MAX_SAMPLE_ROWS: f64 = 5_000_000.0;
 
 /// A relation about to be chunked.
-struct Relation {
-    oid: pg_sys::Oid,
+pub(super) struct Relation {
+    pub(super) oid: pg_sys::Oid,
     /// Schema-qualified and quoted: safe to splice into SQL.
-    quoted: String,
+    pub(super) quoted: String,
     kind: char,
     reltuples: f64,
     relpages: f64,
@@ -38,7 +38,7 @@ struct Relation {
 }
 
 impl Relation {
-    fn open(relation: Option<RegClass>) -> SqlResult<Relation> {
+    pub(super) fn open(relation: Option<RegClass>) -> SqlResult<Relation> {
         let oid = relation
             .ok_or_else(|| null_argument("relation", "Pass the table to chunk, e.g. 'stage'."))?
             .0;
@@ -157,7 +157,7 @@ impl KeyColumn {
 }
 
 /// The task a chunked plan writes to: its target must take `[lo, hi)` ranges.
-fn range_task(task: Option<&str>, function: &str) -> SqlResult<Task> {
+pub(super) fn range_task(task: Option<&str>, function: &str) -> SqlResult<Task> {
     let task = task_to_plan(task)?;
     if Target::of_task(&task)?.takes_ranges() {
         return Ok(task);

@@ -1,5 +1,5 @@
 //! The SQL surface (schema `chunkwise`): task definition, planning (by query, key range
-//! or block range), running.
+//! block range or Citus shard), running.
 
 pub mod chunks;
 pub mod cycles;
@@ -7,4 +7,5 @@ pub mod metrics;
 pub mod operating;
 pub mod planning;
 pub mod running;
+pub mod shards;
 pub mod tasks;

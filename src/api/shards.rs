@@ -1,0 +1,227 @@
+//! `plan_shards`: one item per shard of a Citus hash-distributed table, so that the
+//! coordinator's workers drive the shards in parallel on the worker nodes.
+//!
+//! An item's `[lo, hi)` is its shard's interval of the distribution column's hash
+//! (Citus stores it inclusive; `hi` is its maximum plus one). Its payload says which shard
+//! it is and how to reach it:
+//! `{"shard_id": 102008, "shard": "stage_102008", "node": "10.0.0.7:5432", "route": 17}`.
+//!
+//! Why the route: Citus sends a statement to a single shard only when it filters the
+//! distribution column by equality. A statement over a whole hash interval
+//! (`WHERE worker_hash(id) >= $1 AND ...`) is planned against every shard, and Citus
+//! refuses `worker_hash()` in an UPDATE or DELETE outright because it is volatile. The
+//! documented way to run a piece of work where one shard lives is a function distributed
+//! with `create_distributed_function(..., distribution_arg_name, colocate_with,
+//! force_delegation => true)`: Citus delegates each call to the node holding the shard of
+//! its distribution argument, inside the caller's transaction. `route` is a value of the
+//! distribution column that falls in the item's shard; the delegated function works on
+//! the shard tables (`shard_name(...)`) of that node.
+//!
+//! pg_chunkwise does not link against Citus: everything Citus-specific is looked up by
+//! name through SPI, and without Citus `plan_shards` says so.
+
+use std::collections::HashMap;
+
+use pgrx::JsonB;
+use pgrx::prelude::*;
+use pgrx::spi::{self, SpiClient};
+use serde_json::{Value, json};
+
+use super::chunks::{Relation, range_task};
+use super::planning::ItemBatch;
+use crate::error::{OrRaise, SqlError, SqlResult};
+use crate::oid_args::RegClass;
+
+/// Routing values are searched among the first `n` integers (cast to the distribution
+/// column's type), `n` doubling from this many per shard until every shard has one.
+const ROUTE_CANDIDATES_PER_SHARD: i64 = 64;
+const MAX_ROUTE_CANDIDATES: i64 = 1 << 24;
+
+const NOT_DISTRIBUTED_HINT: &str = "plan_shards plans the shards of a Citus hash-distributed table; for a local table use plan_ranges or plan_blocks.";
+
+/// A hash-distributed table as Citus's metadata describes it.
+struct DistributedTable<'a> {
+    relation: &'a Relation,
+    /// The distribution column's type, as `format_type` spells it (safe to splice).
+    column_type: String,
+    /// Whether integers cast to that type through text (numbers and strings do), which
+    /// is how routing values are found.
+    routable: bool,
+}
+
+/// One shard, in hash order.
+struct Shard {
+    id: i64,
+    lo: i64,
+    hi: i64,
+    name: String,
+    node: Option<String>,
+}
+
+impl<'a> DistributedTable<'a> {
+    fn find(relation: &'a Relation) -> SqlResult<Self> {
+        let not_distributed = |detail: &str| {
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+                format!("{} is not a hash-distributed table", relation.quoted),
+            )
+            .detail(detail.to_string())
+            .hint(NOT_DISTRIBUTED_HINT)
+        };
+        let citus =
+            Spi::get_one::<bool>("SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL")?
+                .unwrap_or(false);
+        if !citus {
+            return Err(not_distributed("Citus is not installed in this database."));
+        }
+        let found = Spi::connect(
+            |client| -> spi::Result<Option<(String, String, String, String)>> {
+                let table = client.select(
+                "SELECT p.partmethod::text, p.repmodel::text, \
+                        coalesce(format_type(a.atttypid, NULL), ''), coalesce(t.typcategory::text, '') \
+                   FROM pg_catalog.pg_dist_partition p \
+                   LEFT JOIN pg_catalog.pg_attribute a \
+                          ON a.attrelid = p.logicalrelid \
+                         AND a.attname = pg_catalog.column_to_column_name(p.logicalrelid, p.partkey) \
+                   LEFT JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+                  WHERE p.logicalrelid = $1",
+                Some(1),
+                &[relation.oid.into()],
+            )?;
+                match table.into_iter().next() {
+                    None => Ok(None),
+                    Some(row) => Ok(Some((
+                        row.get::<String>(1)?.unwrap_or_default(),
+                        row.get::<String>(2)?.unwrap_or_default(),
+                        row.get::<String>(3)?.unwrap_or_default(),
+                        row.get::<String>(4)?.unwrap_or_default(),
+                    ))),
+                }
+            },
+        )?;
+        let Some((method, replication, column_type, category)) = found else {
+            return Err(not_distributed(
+                "It is a local table: Citus has no shards of it.",
+            ));
+        };
+        match method.as_str() {
+            "h" => Ok(DistributedTable {
+                relation,
+                column_type,
+                routable: category == "N" || category == "S",
+            }),
+            "n" if replication == "t" => Err(not_distributed(
+                "It is a reference table: one shard, copied to every node.",
+            )),
+            "n" => Err(not_distributed(
+                "It is a Citus local table: its one shard lives on the coordinator.",
+            )),
+            _ => Err(SqlError::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!(
+                    "{} is {}-distributed; plan_shards plans hash-distributed tables",
+                    relation.quoted,
+                    if method == "r" { "range" } else { "append" }
+                ),
+            )
+            .hint("Plan its rows with plan_ranges on the distribution column, or redistribute it by hash with alter_distributed_table.")),
+        }
+    }
+
+    fn shards(&self, client: &SpiClient<'_>) -> SqlResult<Vec<Shard>> {
+        let table = client.select(
+            "SELECT s.shardid, s.shardminvalue::bigint, s.shardmaxvalue::bigint + 1, \
+                    pg_catalog.shard_name(s.logicalrelid, s.shardid), \
+                    (SELECT n.nodename || ':' || n.nodeport \
+                       FROM pg_catalog.pg_dist_placement p \
+                       JOIN pg_catalog.pg_dist_node n ON n.groupid = p.groupid \
+                      WHERE p.shardid = s.shardid AND n.noderole = 'primary' \
+                      ORDER BY n.nodeid LIMIT 1) \
+               FROM pg_catalog.pg_dist_shard s \
+              WHERE s.logicalrelid = $1 \
+              ORDER BY 2",
+            None,
+            &[self.relation.oid.into()],
+        )?;
+        let mut shards = Vec::with_capacity(table.len());
+        for row in table {
+            shards.push(Shard {
+                id: row.get::<i64>(1)?.unwrap_or_default(),
+                lo: row.get::<i64>(2)?.unwrap_or_default(),
+                hi: row.get::<i64>(3)?.unwrap_or_default(),
+                name: row.get::<String>(4)?.unwrap_or_default(),
+                node: row.get::<String>(5)?,
+            });
+        }
+        Ok(shards)
+    }
+
+    /// A value of the distribution column in each shard: the smallest integer (cast to
+    /// the column's type) that Citus places there. Citus itself decides, so the route is
+    /// right whatever hash function the type uses.
+    fn routes(&self, client: &SpiClient<'_>, shards: usize) -> SqlResult<HashMap<i64, Value>> {
+        let mut routes = HashMap::new();
+        if !self.routable || shards == 0 {
+            return Ok(routes);
+        }
+        let value = format!("g::text::{}", self.column_type);
+        let sql = format!(
+            "SELECT DISTINCT ON (sid) sid, to_jsonb(v) FROM ( \
+               SELECT g, {value} AS v, \
+                      pg_catalog.get_shard_id_for_distribution_column($1, {value}) AS sid \
+                 FROM generate_series(0, $2 - 1) g) c \
+              ORDER BY sid, g"
+        );
+        let mut candidates = ROUTE_CANDIDATES_PER_SHARD * shards as i64;
+        loop {
+            let table =
+                client.select(&sql, None, &[self.relation.oid.into(), candidates.into()])?;
+            for row in table {
+                if let (Some(sid), Some(route)) = (row.get::<i64>(1)?, row.get::<JsonB>(2)?) {
+                    routes.insert(sid, route.0);
+                }
+            }
+            if routes.len() >= shards || candidates >= MAX_ROUTE_CANDIDATES {
+                return Ok(routes);
+            }
+            candidates *= 2;
+        }
+    }
+}
+
+/// Plans one `[lo, hi)` item per shard of a hash-distributed Citus table, in hash order.
+/// The payload names the shard, the node it was on when planned, and `route`: a value of
+/// the distribution column that Citus places in that shard, for delegating a distributed
+/// function to its node (NULL for distribution column types that integers do not cast
+/// to, such as uuid).
+#[pg_extern(volatile, parallel_unsafe)]
+fn plan_shards(task: Option<&str>, relation: Option<RegClass>) -> i64 {
+    let run = || -> SqlResult<i64> {
+        let task = range_task(task, "plan_shards")?;
+        let relation = Relation::open(relation)?;
+        let table = DistributedTable::find(&relation)?;
+        let (shards, routes) = Spi::connect(|client| -> SqlResult<_> {
+            let shards = table.shards(client)?;
+            let routes = table.routes(client, shards.len())?;
+            Ok((shards, routes))
+        })?;
+        let mut batch = ItemBatch::default();
+        for (ordinal, shard) in shards.iter().enumerate() {
+            let payload = json!({
+                "shard_id": shard.id,
+                "shard": shard.name,
+                "node": shard.node,
+                "route": routes.get(&shard.id).cloned().unwrap_or(Value::Null),
+            });
+            batch.push(
+                shard.lo,
+                Some(shard.hi),
+                ordinal as i64,
+                None,
+                Some(JsonB(payload)),
+            );
+        }
+        batch.insert(&task, None)
+    };
+    run().or_raise()
+}
