@@ -33,5 +33,13 @@ if ! grep -qs '^pg15' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
   cargo pgrx init --pg15="$PG_CONFIG"
 fi
 
+# Citus for the scale-out tests and benchmark: not in Debian's archive, so a build of it
+# travels beside the project (../shared/citus). Without it those tests skip, saying so.
+CITUS_BUILD=${CITUS_BUILD:-../shared/citus}
+if [ ! -f "$($PG_CONFIG --sharedir)/extension/citus.control" ] && [ -x "$CITUS_BUILD/install.sh" ]; then
+  say "installing Citus from $CITUS_BUILD"
+  PG_CONFIG="$PG_CONFIG" "$CITUS_BUILD/install.sh"
+fi
+
 say "building and installing pg_chunkwise"
 cargo pgrx install --release --pg-config "$PG_CONFIG"

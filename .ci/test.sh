@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite, after .ci/setup.sh: client tests against a real cluster
-# (tests/integration), which the test harness starts and stops itself, the fault-
-# injection suite (tests/faults), then the benchmarks in smoke mode (tiny sizes,
-# seconds) so that they cannot rot.
+# (tests/integration), which the test harness starts and stops itself, the Citus
+# scale-out tests (tests/citus), the fault-injection suite (tests/faults), then the
+# benchmarks in smoke mode (tiny sizes, seconds) so that they cannot rot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUST_TEST_THREADS=1
 cargo test --release --test integration
+# Scale-out over a local 3-node Citus cluster (skips where Citus is not installed).
+cargo test --release --test citus
 # Fault injection (its own cluster); prints its report table.
 cargo test --release --test faults -- --nocapture
 CHUNKWISE_SETUP_DONE=1 bash bench/run.sh --smoke

@@ -36,9 +36,11 @@ CREATE TABLE dwh.datamart_users (
 );
 
 -- Recomputes one user's datamart row from the facts: the per-entity procedure that
--- used to be called in a one-by-one loop.
+-- used to be called in a one-by-one loop. PL/pgSQL rather than SQL so that it runs
+-- unchanged over Citus too (Citus cannot plan parameters of SQL-language functions).
 CREATE PROCEDURE dwh.update_datamart_user(p_user bigint)
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
 INSERT INTO dwh.datamart_users AS d
 SELECT p_user,
        count(*), count(*) FILTER (WHERE happened_at > now() - interval '1 day'),
@@ -85,6 +87,7 @@ ON CONFLICT (user_id) DO UPDATE SET
        click_through = EXCLUDED.click_through, conversion = EXCLUDED.conversion, refund_rate = EXCLUDED.refund_rate,
        days_since_seen = EXCLUDED.days_since_seen, tenure_days = EXCLUDED.tenure_days,
        refreshed_at = EXCLUDED.refreshed_at;
+END
 $$;
 
 -- What needs refreshing, with what the activity ranking needs.

@@ -1,6 +1,7 @@
 //! The background worker: connects as the task owner, then claims and runs items until
 //! the queue is drained (or the run's limit is reached, or it is told to stop).
 
+mod citus;
 mod item;
 mod queue;
 
@@ -217,6 +218,9 @@ impl Worker {
             };
             self.tally.record(attempt);
             self.shared.state().record(attempt);
+        }
+        if !items.is_empty() {
+            citus::commit_remote_work_with_2pc();
         }
         items.len() as i64
     }

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
@@ -25,6 +25,8 @@ pub struct ClusterSpec {
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+/// Data directories of every cluster this binary started, stopped at exit.
+static STARTED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// A directory `pg_config` reports, e.g. `--bindir`.
 pub fn pg_config_dir(option: &str) -> PathBuf {
@@ -67,28 +69,25 @@ fn run(cmd: &mut Command) {
     );
 }
 
-extern "C" fn stop_cluster() {
-    if let Some(cluster) = CLUSTER.get() {
+extern "C" fn stop_clusters() {
+    let started = STARTED.lock().map(|dirs| dirs.clone()).unwrap_or_default();
+    for data in started {
         let _ = pg_command("pg_ctl")
             .arg("-D")
-            .arg(cluster.dir.join("data"))
+            .arg(data)
             .args(["-m", "immediate", "-w", "stop"])
             .output();
     }
 }
 
 impl Cluster {
+    /// This binary's shared cluster (`crate::CLUSTER`), started on first use.
     pub fn get() -> &'static Cluster {
-        CLUSTER.get_or_init(|| {
-            let cluster = Cluster::start();
-            // SAFETY: registers a plain extern "C" fn to run at process exit.
-            unsafe { libc::atexit(stop_cluster) };
-            cluster
-        })
+        CLUSTER.get_or_init(|| Cluster::start(&crate::CLUSTER))
     }
 
-    fn start() -> Cluster {
-        let spec = &crate::CLUSTER;
+    /// Starts a fresh cluster as `spec` says; it is stopped when the binary exits.
+    pub fn start(spec: &ClusterSpec) -> Cluster {
         let dir = std::env::temp_dir().join(spec.name);
         let data = dir.join("data");
         if data.join("postmaster.pid").exists() {
@@ -122,6 +121,12 @@ impl Cluster {
             .arg("-l")
             .arg(dir.join("server.log"))
             .args(["-w", "start"]));
+        let mut started = STARTED.lock().unwrap();
+        if started.is_empty() {
+            // SAFETY: registers a plain extern "C" fn to run at process exit.
+            unsafe { libc::atexit(stop_clusters) };
+        }
+        started.push(data);
         Cluster {
             dir,
             port: spec.port,
