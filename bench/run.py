@@ -6,6 +6,7 @@ import sys
 
 import backlog_memory
 import chunked_upsert
+import citus_upsert
 import claim_groups
 import datamart
 import per_item
@@ -17,6 +18,7 @@ SCENARIOS = {
     "per_item": per_item,
     "backlog_memory": backlog_memory,
     "datamart": datamart,
+    "citus_upsert": citus_upsert,
 }
 
 

@@ -186,6 +186,10 @@ fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
             "SELECT chunkwise.plan_blocks('ranges', 'parted', 10)",
             "42809",
         ),
+        // Without Citus there is nothing distributed to plan shards of.
+        ("SELECT chunkwise.plan_shards('ranges', 't')", "42809"),
+        ("SELECT chunkwise.plan_shards('existing', 't')", "42809"),
+        ("SELECT chunkwise.plan_shards('ranges', NULL)", "22004"),
         ("SELECT chunkwise.block_tid(-1)", "22003"),
         ("SELECT chunkwise.block_tid(4294967296)", "22003"),
         (
