@@ -32,6 +32,8 @@ def main():
     parser.add_argument("--chunk-rows", type=int, default=20_000, help="rows per chunk")
     parser.add_argument("--items", type=int, default=50_000, help="items of per_item")
     parser.add_argument("--users", type=int, default=20_000, help="users of datamart")
+    parser.add_argument("--shell-users", type=int, default=5_000,
+                        help="users the datamart's shell runner refreshes (the head of the ranking)")
     parser.add_argument("--noop-chunks", type=int, default=10_000,
                         help="chunks of the per-chunk overhead measurement")
     args = parser.parse_args()
