@@ -17,8 +17,8 @@ use crate::gucs;
 use crate::launcher::announce_finish;
 use crate::run_state::{Attempt, SharedRun, Tally};
 use crate::target::Target;
-use item::{ItemOutcome, Targets};
-use queue::{ClaimCursor, Queue};
+use item::{ItemFailure, ItemOutcome, Targets};
+use queue::{ClaimCursor, ClaimedItem, Queue};
 
 /// What the launcher tells a worker, carried in `bgw_extra`.
 #[derive(Debug, Clone, Copy)]
@@ -178,8 +178,7 @@ impl Worker {
             if granted == 0 {
                 return; // the run's max_items is used up
             }
-            let handled =
-                BackgroundWorker::transaction(AssertUnwindSafe(|| self.process_batch(granted)));
+            let handled = self.run_batch(granted);
             self.shared.state().release(granted - handled);
             report_idle();
             if handled == 0 && !self.stop_requested && !self.wait_for_retry() {
@@ -188,9 +187,41 @@ impl Worker {
         }
     }
 
-    /// Claims up to `limit` items and runs each in its own subtransaction; the caller's
-    /// transaction commits them together. Returns how many items were claimed.
-    fn process_batch(&mut self, limit: i64) -> i64 {
+    /// Claims up to `limit` items and runs them in one transaction, then counts what
+    /// happened to them. Returns how many items were claimed.
+    ///
+    /// The commit itself can fail: under Citus, a worker node that went away between the
+    /// item's statements and the commit makes the PREPARE fail. Then every item of the
+    /// batch is rolled back, and each is recorded as a failed attempt (with a retry) in a
+    /// new transaction, as a failure inside the item would be; the worker goes on.
+    fn run_batch(&mut self, limit: i64) -> i64 {
+        let (items, attempts) = match transaction_surviving_commit_errors(|| {
+            self.process_batch(limit)
+        }) {
+            Ok(batch) => batch,
+            Err(((items, _), failure)) => {
+                let attempts = BackgroundWorker::transaction(AssertUnwindSafe(|| {
+                    items
+                        .iter()
+                        .map(|item| {
+                            self.queue
+                                .record_failure(&self.task, item, &failure, self.args.run_id)
+                        })
+                        .collect()
+                }));
+                (items, attempts)
+            }
+        };
+        for attempt in attempts {
+            self.tally.record(attempt);
+            self.shared.state().record(attempt);
+        }
+        items.len() as i64
+    }
+
+    /// Claims up to `limit` items and runs each in its own subtransaction, in the
+    /// caller's transaction. Returns the items and what happened to each.
+    fn process_batch(&mut self, limit: i64) -> (Vec<ClaimedItem>, Vec<Attempt>) {
         let items = self.queue.claim(
             self.task.id,
             self.args.run_id,
@@ -200,13 +231,14 @@ impl Worker {
         if items.is_empty() {
             self.stop_requested = self.queue.stop_requested(self.task.id, self.args.run_id);
         }
+        let mut attempts = Vec::with_capacity(items.len());
         for item in &items {
             // chunkwise.workers parses this text.
             report_activity(&format!(
                 "task {}: key {} (item {}); {} items done",
                 self.task.name, item.key, item.id, self.tally.processed
             ));
-            let attempt = match self.targets.execute(item) {
+            attempts.push(match self.targets.execute(item) {
                 ItemOutcome::Done => {
                     self.queue.mark_done(item.id, self.args.run_id);
                     Attempt::Done
@@ -215,14 +247,12 @@ impl Worker {
                     self.queue
                         .record_failure(&self.task, item, &failure, self.args.run_id)
                 }
-            };
-            self.tally.record(attempt);
-            self.shared.state().record(attempt);
+            });
         }
         if !items.is_empty() {
             citus::commit_remote_work_with_2pc();
         }
-        items.len() as i64
+        (items, attempts)
     }
 
     /// Nothing is claimable: waits for the next retry if it falls due within
@@ -274,6 +304,52 @@ impl Worker {
                 announce_finish(&task, args.run_id, shared.state());
             }
         }));
+    }
+}
+
+/// Runs `body` in a transaction of its own and commits it, as
+/// `BackgroundWorker::transaction` does, except that an ERROR raised by the commit (by a
+/// pre-commit callback: Citus's PREPARE on worker nodes) rolls the transaction back and
+/// is returned with the body's result instead of ending the worker. An ERROR in the body
+/// itself still ends the worker, as before.
+fn transaction_surviving_commit_errors<R>(body: impl FnOnce() -> R) -> Result<R, (R, ItemFailure)> {
+    // SAFETY: the start of a transaction as pgrx's BackgroundWorker::transaction does it;
+    // the memory context is remembered to return to after a failed commit.
+    let memory = unsafe {
+        let memory = pg_sys::CurrentMemoryContext;
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        memory
+    };
+    let result = body();
+    // SAFETY: pops the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    let failure = PgTryBuilder::new(AssertUnwindSafe(|| {
+        // SAFETY: commits the transaction started above.
+        unsafe { pg_sys::CommitTransactionCommand() };
+        None
+    }))
+    .catch_others(|caught| {
+        // SAFETY: what PostgresMain does after an ERROR: leave the failed transaction's
+        // memory and abort it (the commit failed before the transaction was committed).
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(memory);
+            pg_sys::AbortCurrentTransaction();
+        }
+        Some(ItemFailure::from(caught))
+    })
+    .execute();
+    match failure {
+        None => Ok(result),
+        Some(failure) => {
+            warning!(
+                "pg_chunkwise: commit failed [SQLSTATE {}]: {}; the batch's items are retried",
+                failure.sqlstate,
+                failure.message
+            );
+            Err((result, failure))
+        }
     }
 }
 

@@ -7,12 +7,14 @@ use postgres::Client;
 use crate::harness::{Cluster, ClusterSpec, pg_config_dir};
 
 /// Settings every node needs: Citus preloaded, TCP on the loopback interface only (Citus
-/// addresses nodes by host and port), prepared transactions for Citus's two-phase commit.
+/// addresses nodes by host and port), prepared transactions for Citus's two-phase commit
+/// (room for those a fault leaves behind until Citus's recovery, every second here,
+/// finishes them).
 macro_rules! node_settings {
     ($extra:literal) => {
         concat!(
             "listen_addresses = '127.0.0.1'\nshared_preload_libraries = 'citus'\n",
-            "max_prepared_transactions = 32\nfsync = off\nlog_min_messages = warning\n",
+            "max_prepared_transactions = 100\nfsync = off\nlog_min_messages = warning\n",
             "log_line_prefix = '%m [%p] %b '\n",
             $extra
         )
@@ -20,7 +22,10 @@ macro_rules! node_settings {
 }
 
 pub const COORDINATOR_SETTINGS: &str =
-    node_settings!("max_worker_processes = 32\nchunkwise.max_workers = 8\nmax_connections = 60\n");
+    node_settings!(
+    "max_worker_processes = 32\nchunkwise.max_workers = 8\nmax_connections = 60\n\
+     citus.recover_2pc_interval = '1s'\n"
+);
 
 const WORKER_NODES: [ClusterSpec; 2] = [
     ClusterSpec {

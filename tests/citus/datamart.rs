@@ -224,6 +224,7 @@ fn killing_worker_node_backends_and_a_worker_node_mid_run_loses_nothing() {
             return Some(());
         }
         kills += kill_citus_connections(&mut worker);
+        std::thread::sleep(Duration::from_millis(80)); // a kill every 100 ms or so
         None
     });
     assert!(kills > 0, "no connection was killed while the run went on");

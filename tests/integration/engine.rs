@@ -128,6 +128,52 @@ fn failing_items_retry_with_backoff_then_die_while_workers_go_on() {
     assert_eq!(logged, 990);
 }
 
+/// A deferred constraint is checked when the transaction commits, after the item's
+/// subtransaction is long released (Citus's PREPARE on a worker node that went away
+/// fails at the same moment). Such an item fails and is retried like any other, and the
+/// worker goes on, rather than the commit's ERROR ending the worker.
+#[test]
+fn an_item_failing_only_at_commit_is_retried_and_the_worker_goes_on() {
+    let mut db = test_db("commit_failures");
+    db.batch_execute(
+        "CREATE TABLE claimed (k bigint, UNIQUE (k) DEFERRABLE INITIALLY DEFERRED);
+         INSERT INTO claimed VALUES (7);
+         CREATE TABLE log (k bigint PRIMARY KEY, pid int NOT NULL);
+         CREATE PROCEDURE claim(k bigint) LANGUAGE sql AS $$
+           INSERT INTO claimed VALUES (k); INSERT INTO log VALUES (k, pg_backend_pid()) $$;
+         SELECT chunkwise.create_task('claim', call => 'claim', max_attempts => 2,
+                                      retry_backoff => '10 milliseconds', retry_backoff_max => '10 milliseconds');
+         SELECT chunkwise.plan('claim', 'SELECT g AS key FROM generate_series(1, 20) g');",
+    )
+    .unwrap();
+    let (_, processed, failed, dead) = run(&mut db, "SELECT * FROM chunkwise.run('claim', 1)");
+    assert_eq!((processed, failed, dead), (19, 2, 1));
+    let row = db
+        .query_one(
+            "SELECT status, attempts, sqlstate FROM chunkwise.failures WHERE key = 7",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, &str>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, &str>(2)
+        ),
+        ("dead", 2, "23505")
+    );
+    // One worker did every other item, and its run finished rather than broke off.
+    let (pids, logged): (i64, i64) = {
+        let row = db
+            .query_one("SELECT count(DISTINCT pid), count(*) FROM log", &[])
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((pids, logged), (1, 19));
+    let state: String = one(&mut db, "SELECT state FROM chunkwise.runs");
+    assert_eq!(state, "finished");
+}
+
 #[test]
 fn retry_is_scheduled_with_exponential_backoff() {
     let mut db = test_db("backoff");
