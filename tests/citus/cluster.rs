@@ -21,8 +21,7 @@ macro_rules! node_settings {
     };
 }
 
-pub const COORDINATOR_SETTINGS: &str =
-    node_settings!(
+pub const COORDINATOR_SETTINGS: &str = node_settings!(
     "max_worker_processes = 32\nchunkwise.max_workers = 8\nmax_connections = 60\n\
      citus.recover_2pc_interval = '1s'\n"
 );
