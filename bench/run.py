@@ -10,6 +10,7 @@ import citus_upsert
 import claim_groups
 import datamart
 import per_item
+import readme
 from lib import Cluster, machine_facts, save
 
 SCENARIOS = {
@@ -26,6 +27,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                         help=f"which benchmarks to run: {', '.join(SCENARIOS)} (default: all)")
+    parser.add_argument("--readme", action="store_true",
+                        help="run nothing: rewrite the README's tables from bench/results/*.json")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, seconds in all: checks the benchmarks still run")
     parser.add_argument("--rows", type=int, default=2_000_000, help="stage rows of chunked_upsert")
@@ -41,6 +44,9 @@ def main():
     if unknown:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}")
     args.scenarios = args.scenarios or list(SCENARIOS)
+    if args.readme:
+        readme.update({name: SCENARIOS[name] for name in args.scenarios})
+        return
     if args.smoke:
         args.rows, args.chunk_rows, args.noop_chunks = 20_000, 1_000, 500
 
