@@ -131,3 +131,14 @@ impl Citus {
         client
     }
 }
+
+/// `chunkwise.run(task)`: its processed, failed and dead counts.
+pub fn run_counts(db: &mut Client, task: &str) -> (i64, i64, i64) {
+    let row = db
+        .query_one(
+            "SELECT processed, failed, dead FROM chunkwise.run($1)",
+            &[&task],
+        )
+        .unwrap_or_else(|e| panic!("run {task}: {e}"));
+    (row.get(0), row.get(1), row.get(2))
+}

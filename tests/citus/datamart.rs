@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use postgres::Client;
 
-use crate::cluster::{Citus, citus_or_skip};
+use crate::cluster::{Citus, citus_or_skip, run_counts};
 use crate::harness::{one, wait_for};
 
 const USERS: i64 = 600;
@@ -98,20 +98,7 @@ fn the_per_user_datamart_over_distributed_facts_matches_a_local_reference() {
     let mut db = citus.db("citus_datamart");
     warehouses(&mut db);
 
-    let row = db
-        .query_one(
-            "SELECT processed, failed, dead FROM chunkwise.run('datamart')",
-            &[],
-        )
-        .unwrap();
-    assert_eq!(
-        (
-            row.get::<_, i64>(0),
-            row.get::<_, i64>(1),
-            row.get::<_, i64>(2)
-        ),
-        (USERS, 0, 0)
-    );
+    assert_eq!(run_counts(&mut db, "datamart"), (USERS, 0, 0));
     reference_refresh(&mut db);
     assert_eq!(datamart_differences(&mut db), 0);
     assert_eq!(still_modified(&mut db), 0);

@@ -3,7 +3,7 @@
 
 use postgres::Client;
 
-use crate::cluster::citus_or_skip;
+use crate::cluster::{citus_or_skip, run_counts};
 use crate::harness::{one, sql_error};
 
 const SHARDS: i64 = 8;
@@ -139,20 +139,7 @@ fn a_distributed_upsert_shard_by_shard_equals_one_distributed_statement() {
 
     let planned: i64 = one(&mut db, "SELECT chunkwise.plan_shards('upsert', 'target')");
     assert_eq!(planned, SHARDS);
-    let row = db
-        .query_one(
-            "SELECT processed, failed, dead FROM chunkwise.run('upsert')",
-            &[],
-        )
-        .unwrap();
-    assert_eq!(
-        (
-            row.get::<_, i64>(0),
-            row.get::<_, i64>(1),
-            row.get::<_, i64>(2)
-        ),
-        (SHARDS, 0, 0)
-    );
+    assert_eq!(run_counts(&mut db, "upsert"), (SHARDS, 0, 0));
 
     // Same rows, and every stage row applied once (touched counts applications).
     let differences: i64 = one(
