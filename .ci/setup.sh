@@ -34,11 +34,17 @@ if ! grep -qs '^pg15' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
 fi
 
 # Citus for the scale-out tests and benchmark: not in Debian's archive, so a build of it
-# travels beside the project (../shared/citus). Without it those tests skip, saying so.
-CITUS_BUILD=${CITUS_BUILD:-../shared/citus}
-if [ ! -f "$($PG_CONFIG --sharedir)/extension/citus.control" ] && [ -x "$CITUS_BUILD/install.sh" ]; then
-  say "installing Citus from $CITUS_BUILD"
-  PG_CONFIG="$PG_CONFIG" "$CITUS_BUILD/install.sh"
+# travels beside the project: ../shared/citus of this checkout, or of the team's
+# workspace (/work/main is the usual checkout there), or wherever CITUS_BUILD says.
+# Without it those tests skip, saying so.
+if [ ! -f "$($PG_CONFIG --sharedir)/extension/citus.control" ]; then
+  for build in ${CITUS_BUILD:-} ../shared/citus /work/shared/citus; do
+    if [ -x "$build/install.sh" ]; then
+      say "installing Citus from $build"
+      PG_CONFIG="$PG_CONFIG" "$build/install.sh"
+      break
+    fi
+  done
 fi
 
 say "building and installing pg_chunkwise"
