@@ -190,8 +190,9 @@ impl Worker {
     /// Claims up to `limit` items and runs them in one transaction, then counts what
     /// happened to them. Returns how many items were claimed.
     ///
-    /// The commit itself can fail: under Citus, a worker node that went away between the
-    /// item's statements and the commit makes the PREPARE fail. Then every item of the
+    /// The commit itself can fail: a deferred constraint is checked there, and under
+    /// Citus a worker node that went away between the item's statements and the commit
+    /// makes the PREPARE fail. Then every item of the
     /// batch is rolled back, and each is recorded as a failed attempt (with a retry) in a
     /// new transaction, as a failure inside the item would be; the worker goes on.
     fn run_batch(&mut self, limit: i64) -> i64 {
