@@ -1,13 +1,16 @@
-//! `plan_shards`: one item per shard of a Citus hash-distributed table, so that the
-//! coordinator's workers drive the shards in parallel on the worker nodes.
+//! `plan_shards`: one item per shard of a Citus hash- or range-distributed table, so that
+//! the coordinator's workers drive the shards in parallel on the worker nodes.
 //!
-//! An item's `[lo, hi)` is its shard's interval of the distribution column's hash
-//! (Citus stores it inclusive; `hi` is its maximum plus one). Its payload says which shard
-//! it is and how to reach it:
+//! An item's `[lo, hi)` is its shard's interval (Citus stores it inclusive; `hi` is its
+//! maximum plus one): of the distribution column's hash for a hash-distributed table, of
+//! the column itself (an integer column) for a range-distributed one. Its payload says
+//! which shard it is and how to reach it:
 //! `{"shard_id": 102008, "shard": "stage_102008", "node": "10.0.0.7:5432", "route": 17}`.
 //!
-//! Why the route: Citus sends a statement to a single shard only when it filters the
-//! distribution column by equality. A statement over a whole hash interval
+//! A range-distributed table needs nothing more: `WHERE col >= $1 AND col < $2` is
+//! routed to the one shard. Why the route of a hash-distributed table: Citus sends a
+//! statement to a single hash shard only when it filters the distribution column by
+//! equality. A statement over a whole hash interval
 //! (`WHERE worker_hash(id) >= $1 AND ...`) is planned against every shard, and Citus
 //! refuses `worker_hash()` in an UPDATE or DELETE outright because it is volatile. The
 //! documented way to run a piece of work where one shard lives is a function distributed
@@ -37,11 +40,21 @@ use crate::oid_args::RegClass;
 const ROUTE_CANDIDATES_PER_SHARD: i64 = 64;
 const MAX_ROUTE_CANDIDATES: i64 = 1 << 24;
 
-const NOT_DISTRIBUTED_HINT: &str = "plan_shards plans the shards of a Citus hash-distributed table; for a local table use plan_ranges or plan_blocks.";
+const NOT_DISTRIBUTED_HINT: &str = "plan_shards plans the shards of a Citus hash- or range-distributed table; for a local table use plan_ranges or plan_blocks.";
 
-/// A hash-distributed table as Citus's metadata describes it.
+/// How a table's rows are spread over its shards.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Distribution {
+    /// By the hash of the distribution column: shard intervals are of int4 hash values.
+    Hash,
+    /// By ranges of an integer distribution column.
+    Range,
+}
+
+/// A hash- or range-distributed table as Citus's metadata describes it.
 struct DistributedTable<'a> {
     relation: &'a Relation,
+    distribution: Distribution,
     /// The distribution column's type, as `format_type` spells it (safe to splice).
     column_type: String,
     /// Whether integers cast to that type through text (numbers and strings do), which
@@ -63,7 +76,10 @@ impl<'a> DistributedTable<'a> {
         let not_distributed = |detail: &str| {
             SqlError::new(
                 PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
-                format!("{} is not a hash-distributed table", relation.quoted),
+                format!(
+                    "{} is not a hash- or range-distributed table",
+                    relation.quoted
+                ),
             )
             .detail(detail.to_string())
             .hint(NOT_DISTRIBUTED_HINT)
@@ -107,24 +123,40 @@ impl<'a> DistributedTable<'a> {
         match method.as_str() {
             "h" => Ok(DistributedTable {
                 relation,
+                distribution: Distribution::Hash,
                 column_type,
                 routable: category == "N" || category == "S",
             }),
+            "r" if ["smallint", "integer", "bigint"].contains(&column_type.as_str()) => {
+                Ok(DistributedTable {
+                    relation,
+                    distribution: Distribution::Range,
+                    column_type,
+                    routable: true,
+                })
+            }
             "n" if replication == "t" => Err(not_distributed(
                 "It is a reference table: one shard, copied to every node.",
             )),
             "n" => Err(not_distributed(
                 "It is a Citus local table: its one shard lives on the coordinator.",
             )),
+            "r" => Err(SqlError::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!(
+                    "{} is range-distributed by a {column_type} column; plan_shards plans range shards of integer columns",
+                    relation.quoted
+                ),
+            )
+            .hint("Redistribute it by hash with alter_distributed_table, or plan its keys with plan().")),
             _ => Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 format!(
-                    "{} is {}-distributed; plan_shards plans hash-distributed tables",
-                    relation.quoted,
-                    if method == "r" { "range" } else { "append" }
+                    "{} is append-distributed; plan_shards plans hash- and range-distributed tables",
+                    relation.quoted
                 ),
             )
-            .hint("Plan its rows with plan_ranges on the distribution column, or redistribute it by hash with alter_distributed_table.")),
+            .hint("Redistribute it by hash with alter_distributed_table.")),
         }
     }
 
@@ -139,6 +171,7 @@ impl<'a> DistributedTable<'a> {
                       ORDER BY n.nodeid LIMIT 1) \
                FROM pg_catalog.pg_dist_shard s \
               WHERE s.logicalrelid = $1 \
+                AND s.shardminvalue IS NOT NULL AND s.shardmaxvalue IS NOT NULL \
               ORDER BY 2",
             None,
             &[self.relation.oid.into()],
@@ -156,14 +189,19 @@ impl<'a> DistributedTable<'a> {
         Ok(shards)
     }
 
-    /// A value of the distribution column in each shard: the smallest integer (cast to
-    /// the column's type) that Citus places there. Citus itself decides, so the route is
-    /// right whatever hash function the type uses.
-    fn routes(&self, client: &SpiClient<'_>, shards: usize) -> SqlResult<HashMap<i64, Value>> {
+    /// A value of the distribution column in each shard. For a range shard, its first
+    /// value. For a hash shard, the smallest integer (cast to the column's type) that Citus
+    /// places there: Citus itself decides, so the route is right whatever hash function
+    /// the type uses.
+    fn routes(&self, client: &SpiClient<'_>, shards: &[Shard]) -> SqlResult<HashMap<i64, Value>> {
+        if self.distribution == Distribution::Range {
+            return Ok(shards.iter().map(|s| (s.id, Value::from(s.lo))).collect());
+        }
         let mut routes = HashMap::new();
-        if !self.routable || shards == 0 {
+        if !self.routable || shards.is_empty() {
             return Ok(routes);
         }
+        let shards = shards.len();
         let value = format!("g::text::{}", self.column_type);
         let sql = format!(
             "SELECT DISTINCT ON (sid) sid, to_jsonb(v) FROM ( \
@@ -189,11 +227,12 @@ impl<'a> DistributedTable<'a> {
     }
 }
 
-/// Plans one `[lo, hi)` item per shard of a hash-distributed Citus table, in hash order.
-/// The payload names the shard, the node it was on when planned, and `route`: a value of
-/// the distribution column that Citus places in that shard, for delegating a distributed
-/// function to its node (NULL for distribution column types that integers do not cast
-/// to, such as uuid).
+/// Plans one `[lo, hi)` item per shard of a hash- or range-distributed Citus table, in
+/// interval order (shards whose range is not set yet are left out). The payload names
+/// the shard, the node it was on when planned, and `route`: a value of the distribution
+/// column that Citus places in that shard, for delegating a distributed function to its
+/// node (NULL for hash distribution columns of types that integers do not cast to, such
+/// as uuid).
 #[pg_extern(volatile, parallel_unsafe)]
 fn plan_shards(task: Option<&str>, relation: Option<RegClass>) -> i64 {
     let run = || -> SqlResult<i64> {
@@ -202,7 +241,7 @@ fn plan_shards(task: Option<&str>, relation: Option<RegClass>) -> i64 {
         let table = DistributedTable::find(&relation)?;
         let (shards, routes) = Spi::connect(|client| -> SqlResult<_> {
             let shards = table.shards(client)?;
-            let routes = table.routes(client, shards.len())?;
+            let routes = table.routes(client, &shards)?;
             Ok((shards, routes))
         })?;
         let mut batch = ItemBatch::default();

@@ -180,6 +180,75 @@ fn a_distributed_upsert_shard_by_shard_equals_one_distributed_statement() {
     assert_eq!((state.as_str(), processed), ("finished", SHARDS));
 }
 
+/// A range-distributed table: items are the shards' key ranges, and a plain key-range
+/// statement is routed by Citus to the one shard.
+#[test]
+fn plan_shards_plans_the_key_ranges_of_a_range_distributed_table() {
+    let citus = citus_or_skip!();
+    let mut db = citus.db("citus_range_shards");
+    db.batch_execute(
+        "CREATE TABLE ranged (id bigint NOT NULL, v int NOT NULL);
+         SELECT create_distributed_table('ranged', 'id', 'range');",
+    )
+    .unwrap();
+    // Range shards are made empty and given their ranges by hand (Citus's way).
+    for (lo, hi) in [("1", "1000"), ("1001", "2000"), ("2001", "3000")] {
+        let shard: i64 = one(&mut db, "SELECT master_create_empty_shard('ranged')");
+        db.execute(
+            "UPDATE pg_dist_shard SET shardminvalue = $2, shardmaxvalue = $3 WHERE shardid = $1",
+            &[&shard, &lo, &hi],
+        )
+        .unwrap();
+    }
+    db.batch_execute(
+        "INSERT INTO ranged SELECT g, 0 FROM generate_series(1, 3000) g;
+         SELECT chunkwise.create_task('bump', statement => 'UPDATE ranged SET v = v + 1 WHERE id >= $1 AND id < $2');",
+    )
+    .unwrap();
+
+    let planned: i64 = one(&mut db, "SELECT chunkwise.plan_shards('bump', 'ranged')");
+    assert_eq!(planned, 3);
+    let ranges: Vec<(i64, i64, i64)> = db
+        .query(
+            "SELECT key, hi, (payload->>'route')::bigint FROM chunkwise.items ORDER BY key",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        ranges,
+        vec![(1, 1001, 1), (1001, 2001, 1001), (2001, 3001, 2001)]
+    );
+    // Each item's statement is routed to its one shard.
+    let plan: Vec<String> = db
+        .query(
+            "EXPLAIN UPDATE ranged SET v = v + 1 WHERE id >= 1001 AND id < 2001",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter().any(|line| line.trim() == "Task Count: 1"),
+        "{plan:?}"
+    );
+
+    assert_eq!(run_counts(&mut db, "bump"), (3, 0, 0));
+    let (rows, once): (i64, i64) = {
+        let row = db
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE v = 1) FROM ranged",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((rows, once), (3000, 3000));
+}
+
 #[test]
 fn plan_shards_refuses_tables_without_shards_to_plan_and_changes_nothing() {
     let citus = citus_or_skip!();
@@ -188,6 +257,8 @@ fn plan_shards_refuses_tables_without_shards_to_plan_and_changes_nothing() {
         "CREATE TABLE local_t (id bigint PRIMARY KEY);
          CREATE TABLE ref_t (id bigint PRIMARY KEY);
          SELECT create_reference_table('ref_t');
+         CREATE TABLE append_t (id bigint);
+         SELECT create_distributed_table('append_t', 'id', 'append');
          CREATE TABLE dist_t (id bigint PRIMARY KEY);
          SELECT create_distributed_table('dist_t', 'id', shard_count => 4);
          SELECT chunkwise.create_task('ranges', statement => 'SELECT $1, $2');
@@ -205,11 +276,16 @@ fn plan_shards_refuses_tables_without_shards_to_plan_and_changes_nothing() {
         "SELECT string_agg(i::text, '|' ORDER BY item_id) FROM chunkwise.items i",
     );
 
-    let cases: [(&str, &str, &str); 5] = [
+    let cases: [(&str, &str, &str); 6] = [
         (
             "SELECT chunkwise.plan_shards('ranges', 'local_t')",
             "42809",
             "It is a local table",
+        ),
+        (
+            "SELECT chunkwise.plan_shards('ranges', 'append_t')",
+            "0A000",
+            "",
         ),
         (
             "SELECT chunkwise.plan_shards('ranges', 'ref_t')",
