@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use postgres::Client;
 
-use crate::harness::{Cluster, ClusterSpec, pg_config_dir};
+use crate::harness::{Cluster, ClusterSpec, one, pg_config_dir};
 
 /// Settings every node needs: Citus preloaded, TCP on the loopback interface only (Citus
 /// addresses nodes by host and port), prepared transactions for Citus's two-phase commit
@@ -121,14 +121,28 @@ impl Citus {
         self.workers[index].connect(name)
     }
 
-    /// A client of a worker node's database that sees the shard tables in the catalog
-    /// views (Citus hides them there by default).
-    pub fn shard_reader(&self, index: usize, name: &str) -> Client {
-        let mut client = self.worker_db(index, name);
-        client
-            .batch_execute("SET citus.override_table_visibility = off")
-            .unwrap();
-        client
+    /// Asserts that every worker node's shards of `table` in database `name` saw rows
+    /// counted by `counter` (a pg_stat_user_tables expression, e.g. `n_tup_ins`): the
+    /// work really ran on all the nodes. Citus hides the shard tables from the catalog
+    /// views unless told otherwise.
+    pub fn assert_every_node_wrote(&self, name: &str, table: &str, counter: &str) {
+        for node in 0..self.workers.len() {
+            let mut worker = self.worker_db(node, name);
+            worker
+                .batch_execute("SET citus.override_table_visibility = off")
+                .unwrap();
+            let written: i64 = one(
+                &mut worker,
+                &format!(
+                    "SELECT coalesce(sum({counter}), 0)::bigint FROM pg_stat_user_tables
+                      WHERE relname ~ '^{table}_[0-9]+$'"
+                ),
+            );
+            assert!(
+                written > 0,
+                "worker node {node} wrote no {table} shard rows"
+            );
+        }
     }
 }
 

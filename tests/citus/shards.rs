@@ -4,7 +4,7 @@
 use postgres::Client;
 
 use crate::cluster::{citus_or_skip, run_counts};
-use crate::harness::{one, sql_error};
+use crate::harness::{one, sql_error, two};
 
 const SHARDS: i64 = 8;
 
@@ -76,21 +76,13 @@ fn plan_shards_covers_every_row_exactly_once_and_routes_each_item_to_its_shard()
     assert_eq!((first, last, gaps), (-(1_i64 << 31), 1_i64 << 31, 0));
 
     // Every row lies in exactly one item, and that item names the row's shard.
-    let (rows, once_in_own_shard): (i64, i64) = {
-        let row = db
-            .query_one(
-                "WITH h AS MATERIALIZED (SELECT id, worker_hash(id) AS h FROM target),
+    let (rows, once_in_own_shard): (i64, i64) = two(&mut db, "WITH h AS MATERIALIZED (SELECT id, worker_hash(id) AS h FROM target),
                       m AS (SELECT h.id, count(i.item_id) AS n,
                                    bool_and((i.payload->>'shard_id')::bigint
                                             = get_shard_id_for_distribution_column('target', h.id)) AS own
                               FROM h LEFT JOIN chunkwise.items i ON h.h >= i.key AND h.h < i.hi
                              GROUP BY h.id)
-                 SELECT count(*), count(*) FILTER (WHERE n = 1 AND own) FROM m",
-                &[],
-            )
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
+                 SELECT count(*), count(*) FILTER (WHERE n = 1 AND own) FROM m");
     assert_eq!((rows, once_in_own_shard), (20_000, 20_000));
 
     // Each route is a value Citus places in the item's shard, and the node is the shard's.
@@ -148,35 +140,18 @@ fn a_distributed_upsert_shard_by_shard_equals_one_distributed_statement() {
               + (SELECT count(*) FROM (SELECT * FROM target_ref EXCEPT SELECT * FROM target) b)",
     );
     assert_eq!(differences, 0);
-    let (rows, touched_once): (i64, i64) = {
-        let row = db
-            .query_one(
-                "SELECT count(*), count(*) FILTER (WHERE touched = 1) FROM target",
-                &[],
-            )
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
+    let (rows, touched_once): (i64, i64) = two(
+        &mut db,
+        "SELECT count(*), count(*) FILTER (WHERE touched = 1) FROM target",
+    );
     assert_eq!((rows, touched_once), (30_000, 10_000));
 
     // The work ran on both worker nodes, in their shard tables.
-    for node in 0..citus.workers.len() {
-        let mut worker = citus.shard_reader(node, "citus_upsert");
-        let written: i64 = one(
-            &mut worker,
-            "SELECT coalesce(sum(n_tup_ins + n_tup_upd), 0)::bigint FROM pg_stat_user_tables
-              WHERE relname ~ '^target_[0-9]+$'",
-        );
-        assert!(written > 0, "worker node {node} wrote no target shard rows");
-    }
+    citus.assert_every_node_wrote("citus_upsert", "target", "n_tup_ins + n_tup_upd");
 
     // The views tell the same story as on one server.
-    let (state, processed): (String, i64) = {
-        let row = db
-            .query_one("SELECT state, processed FROM chunkwise.runs", &[])
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
+    let (state, processed): (String, i64) =
+        two(&mut db, "SELECT state, processed FROM chunkwise.runs");
     assert_eq!((state.as_str(), processed), ("finished", SHARDS));
 }
 
@@ -237,15 +212,10 @@ fn plan_shards_plans_the_key_ranges_of_a_range_distributed_table() {
     );
 
     assert_eq!(run_counts(&mut db, "bump"), (3, 0, 0));
-    let (rows, once): (i64, i64) = {
-        let row = db
-            .query_one(
-                "SELECT count(*), count(*) FILTER (WHERE v = 1) FROM ranged",
-                &[],
-            )
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
+    let (rows, once): (i64, i64) = two(
+        &mut db,
+        "SELECT count(*), count(*) FILTER (WHERE v = 1) FROM ranged",
+    );
     assert_eq!((rows, once), (3000, 3000));
 }
 

@@ -220,6 +220,18 @@ pub fn one<T: for<'a> postgres::types::FromSql<'a>>(db: &mut Client, sql: &str) 
         .get(0)
 }
 
+/// The first two columns of the one row `sql` returns.
+pub fn two<A, B>(db: &mut Client, sql: &str) -> (A, B)
+where
+    A: for<'a> postgres::types::FromSql<'a>,
+    B: for<'a> postgres::types::FromSql<'a>,
+{
+    let row = db
+        .query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    (row.get(0), row.get(1))
+}
+
 /// Polls `check` until it returns Some or the deadline passes (then panics with `what`).
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -8,7 +8,7 @@ use postgres::Client;
 use crate::fixtures::{
     bump_task, counter_histogram, done_order, live_workers, recorder_task, status_counts,
 };
-use crate::harness::{Cluster, one, test_db, wait_for};
+use crate::harness::{Cluster, one, test_db, two, wait_for};
 
 fn run(client: &mut Client, sql: &str) -> (Option<i64>, i64, i64, i64) {
     let row = client.query_one(sql, &[]).unwrap();
@@ -163,12 +163,7 @@ fn an_item_failing_only_at_commit_is_retried_and_the_worker_goes_on() {
         ("dead", 2, "23505")
     );
     // One worker did every other item, and its run finished rather than broke off.
-    let (pids, logged): (i64, i64) = {
-        let row = db
-            .query_one("SELECT count(DISTINCT pid), count(*) FROM log", &[])
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
+    let (pids, logged): (i64, i64) = two(&mut db, "SELECT count(DISTINCT pid), count(*) FROM log");
     assert_eq!((pids, logged), (1, 19));
     let state: String = one(&mut db, "SELECT state FROM chunkwise.runs");
     assert_eq!(state, "finished");
