@@ -87,8 +87,8 @@ CREATE INDEX items_group_head_idx ON chunkwise.items (task_id, group_key, priori
 
 -- One row per run, written by its workers in their own transactions (the caller of
 -- run() cannot commit before the run ends). Whether a run is still live is read from
--- pg_stat_activity, so a run whose workers died is never shown as running
--- (chunkwise.runs is the view DBAs read).
+-- the workers' own sessions (below), so a run whose workers died is never shown as
+-- running (chunkwise.runs is the view DBAs read).
 CREATE TABLE chunkwise.run_history (
     run_id            bigint PRIMARY KEY,
     task_id           int NOT NULL,
@@ -107,32 +107,46 @@ CREATE INDEX run_history_task_idx ON chunkwise.run_history (task_id, started_at)
 
 CREATE SEQUENCE chunkwise.run_id_seq AS bigint;
 
+-- Each worker's session, recorded by the worker itself when it starts and removed when
+-- it exits: which run a live 'chunkwise worker' backend belongs to. A row counts only
+-- while pg_stat_activity shows a chunkwise worker with that pid and start time, so rows
+-- left by a crash (or a reused pid) mean nothing. Nothing a target can write
+-- (application_name, say) decides whether a run is alive.
+CREATE TABLE chunkwise.worker_sessions (
+    pid           int PRIMARY KEY,
+    run_id        bigint NOT NULL,
+    backend_start timestamptz NOT NULL
+);
+
 -- pg_dump keeps the user's tasks, queue and history.
 SELECT pg_catalog.pg_extension_config_dump('chunkwise.tasks', '');
 SELECT pg_catalog.pg_extension_config_dump('chunkwise.items', '');
 SELECT pg_catalog.pg_extension_config_dump('chunkwise.run_history', '');
 SELECT pg_catalog.pg_extension_config_dump('chunkwise.groups', '');
 
-REVOKE ALL ON chunkwise.tasks, chunkwise.items, chunkwise.run_history, chunkwise.groups FROM PUBLIC;
+REVOKE ALL ON chunkwise.tasks, chunkwise.items, chunkwise.run_history, chunkwise.groups,
+              chunkwise.worker_sessions FROM PUBLIC;
 REVOKE ALL ON SEQUENCE chunkwise.run_id_seq FROM PUBLIC;
 
 -- Who sees a task in the views: members of its owner role and of pg_monitor. One SQL
--- function, inlined by the planner, so that every view applies the same rule.
+-- function, so that every view applies the same rule; like every function here it runs
+-- with a pinned search_path, whatever the caller's.
 CREATE FUNCTION chunkwise._visible(owner oid) RETURNS boolean
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_catalog.pg_has_role(owner, 'USAGE') OR pg_catalog.pg_has_role('pg_monitor', 'USAGE')
 $$;
 
--- Live workers, as pg_stat_activity shows them: application_name is
--- 'chunkwise <task> #<run_id>' and the query column names the item in flight.
+-- Live workers: the sessions workers recorded, as pg_stat_activity shows them now (the
+-- query column names the item in flight).
 CREATE VIEW chunkwise._live_workers WITH (security_barrier) AS
 SELECT a.pid,
-       substring(a.application_name FROM '#([0-9]+)$')::bigint AS run_id,
+       w.run_id,
        a.state,
        a.query,
        a.query_start,
        a.backend_start
-  FROM pg_catalog.pg_stat_activity a
+  FROM chunkwise.worker_sessions w
+  JOIN pg_catalog.pg_stat_activity a ON a.pid = w.pid AND a.backend_start = w.backend_start
  WHERE a.backend_type = 'chunkwise worker';
 REVOKE ALL ON chunkwise._live_workers FROM PUBLIC;
 
@@ -191,7 +205,8 @@ SELECT t.task,
        i.last_failed_at,
        CASE WHEN i.status = 'pending' THEN i.not_before END AS next_retry,
        i.group_key,
-       (t.sequential_groups AND i.status = 'dead') AS blocks_group
+       (t.sequential_groups AND i.status = 'dead') AS blocks_group,
+       i.item_id
   FROM chunkwise.items i
   JOIN chunkwise.tasks t USING (task_id)
  WHERE i.last_failed_at IS NOT NULL AND i.status IN ('pending', 'dead')

@@ -3,8 +3,8 @@
 use pgrx::prelude::*;
 use pgrx::spi::SpiHeapTupleData;
 
-use crate::error::{SqlError, SqlResult};
-use crate::security::{as_extension_owner, ensure_may_manage};
+use crate::error::{SqlError, SqlResult, excerpt};
+use crate::security::{as_extension_owner, may_manage, may_see, permission_denied};
 
 /// A task as the engine uses it; intervals that only SQL needs stay in the table.
 #[derive(Debug, Clone)]
@@ -68,13 +68,21 @@ impl Task {
         .ok_or_else(|| unknown_task(name))
     }
 
-    /// The named task, for a caller who wants to `action` it (e.g. "run"): refused with
-    /// 42501 unless the caller may manage the task.
+    /// The named task, for a caller who wants to `action` it (e.g. "run"). A task the
+    /// caller may see but not manage is refused with 42501; one it may not even see is
+    /// answered as if it did not exist, so that nobody learns of other roles' tasks.
+    /// The lookup runs with the pinned search_path and evaluates nothing of the caller's,
+    /// and nothing else runs before the check.
     pub fn for_caller(name: Option<&str>, action: &str) -> SqlResult<Task> {
         let name = required_task_name(name)?;
         let task = Task::by_name(name)?;
-        ensure_may_manage(name, task.owner, action)?;
-        Ok(task)
+        if may_manage(task.owner) {
+            Ok(task)
+        } else if may_see(task.owner) {
+            Err(permission_denied(name, task.owner, action))
+        } else {
+            Err(unknown_task(name))
+        }
     }
 
     /// Looks a task up by id (workers); `None` when it was dropped meanwhile.
@@ -101,7 +109,7 @@ impl Task {
 pub fn unknown_task(name: &str) -> SqlError {
     SqlError::new(
         PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-        format!("task \"{name}\" does not exist"),
+        format!("task \"{}\" does not exist", excerpt(name)),
     )
     .hint("See SELECT task FROM chunkwise.task_status for the tasks you can see, or create it with chunkwise.create_task().")
 }

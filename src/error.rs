@@ -67,6 +67,27 @@ impl<T> OrRaise<T> for SqlResult<T> {
     }
 }
 
+/// Characters of a caller's value that an error message or log line repeats.
+const EXCERPT_CHARS: usize = 64;
+
+/// `value` as a message repeats it: whole when short, else its start and how long it
+/// was, so that a megabyte of refused input is not echoed into errors and the log.
+pub fn excerpt(value: &str) -> Cow<'_, str> {
+    excerpt_of(value, EXCERPT_CHARS)
+}
+
+/// [`excerpt`] keeping up to `chars` characters.
+pub fn excerpt_of(value: &str, chars: usize) -> Cow<'_, str> {
+    match value.char_indices().nth(chars) {
+        None => Cow::Borrowed(value),
+        Some((cut, _)) => Cow::Owned(format!(
+            "{}... ({} characters)",
+            &value[..cut],
+            value.chars().count()
+        )),
+    }
+}
+
 /// The five-character SQLSTATE of an error code (PostgreSQL packs it six bits a character).
 pub fn sqlstate(code: PgSqlErrorCode) -> String {
     let packed = code as i32;

@@ -6,6 +6,7 @@ use std::ffi::CString;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
+static MAX_WORKERS_PER_ROLE: GucSetting<i32> = GucSetting::<i32>::new(0);
 static PROGRESS_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(10);
 static RETRY_WAIT_MAX: GucSetting<i32> = GucSetting::<i32>::new(30);
 static RECENCY_WINDOWS: GucSetting<Option<CString>> =
@@ -20,6 +21,16 @@ pub fn init() {
         c"A run asks for no more background-worker slots than this leaves free, and warns when it gets fewer than it wanted.",
         &MAX_WORKERS,
         1,
+        1024,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"chunkwise.max_workers_per_role",
+        c"Most pg_chunkwise workers running at once for the tasks of one owner role (0: no limit of its own).",
+        c"Keeps one role from taking every worker chunkwise.max_workers allows; a run gets fewer workers, with a WARNING, or none, with an ERROR.",
+        &MAX_WORKERS_PER_ROLE,
+        0,
         1024,
         GucContext::Suset,
         GucFlags::default(),
@@ -64,6 +75,11 @@ pub fn init() {
 
 pub fn max_workers() -> i32 {
     MAX_WORKERS.get()
+}
+
+/// The per-role share of workers, if one is set.
+pub fn max_workers_per_role() -> Option<i32> {
+    Some(MAX_WORKERS_PER_ROLE.get()).filter(|&n| n > 0)
 }
 
 /// Seconds between progress NOTICEs; 0 means none.

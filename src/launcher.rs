@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 use crate::catalog::Task;
 use crate::error::{SqlError, SqlResult};
 use crate::gucs;
+use crate::locks::LaunchLock;
 use crate::notify;
 use crate::run_state::{RunState, SharedRun};
 use crate::security::{as_extension_owner, ensure_owner_can_run, ensure_owner_may_execute};
@@ -40,8 +41,9 @@ impl RunSummary {
 
 /// How often the launcher looks at its workers while it waits.
 const POLL: Duration = Duration::from_millis(200);
-/// How long start() waits for its workers to get going.
+/// How long a launch waits for its workers to get going, and how often it looks.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+const STARTUP_POLL: Duration = Duration::from_millis(5);
 /// Workers a run gets when neither run() nor the task says.
 const DEFAULT_WORKERS: i32 = 2;
 
@@ -87,14 +89,7 @@ pub fn start_task(
         return Ok(None);
     };
     // The run's shared memory lives while a process maps it: this backend lets go when
-    // it returns, so wait until the workers hold it (or could not start).
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    while run.shared.state().workers_attached() < run.handles.len() as i32
-        && !all_stopped(&run.handles)
-        && Instant::now() < deadline
-    {
-        wait_on_latch(POLL);
-    }
+    // it returns, and launch_run waited until the workers hold it (or could not start).
     ensure_some_worker_started(&run)?;
     Ok(Some(run.run_id))
 }
@@ -134,14 +129,19 @@ fn launch_run(
     }
     let total = max_items.map_or(backlog, |m| m.min(backlog));
     let wanted = wanted.min(i32::try_from(total).unwrap_or(i32::MAX));
-    let slots = free_worker_slots(wanted)?;
 
+    // Counting free slots and taking them is one step: the lock is held until the new
+    // workers show in pg_stat_activity, where the next launcher counts them.
+    let launch_lock = LaunchLock::acquire();
+    let slots = free_worker_slots(task.owner, wanted)?;
     let started = Instant::now();
     let run_id = next_run_id()?;
     let shared = SharedRun::create(max_items);
     let handles = launch_workers(task, run_id, slots, &shared)?;
+    wait_until_under_way(&shared, &handles);
+    drop(launch_lock);
     if shared.state().set_launched(handles.len() as i32) {
-        announce_finish(task, run_id, shared.state());
+        notify::run_finished(run_id);
     }
     Ok(Some(LaunchedRun {
         run_id,
@@ -150,6 +150,21 @@ fn launch_run(
         total,
         started,
     }))
+}
+
+/// Waits until every launched worker has attached to the run (it is then connected and
+/// shows in pg_stat_activity) or has stopped, for at most `STARTUP_TIMEOUT`.
+fn wait_until_under_way(shared: &SharedRun, handles: &[DynamicBackgroundWorker]) {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        let stopped = handles.iter().filter(|h| is_stopped(h)).count() as i32;
+        if shared.state().workers_attached() + stopped >= handles.len() as i32
+            || Instant::now() >= deadline
+        {
+            return;
+        }
+        wait_on_latch(STARTUP_POLL);
+    }
 }
 
 /// A run none of whose workers got to work is an error, not an empty success.
@@ -166,19 +181,6 @@ fn ensure_some_worker_started(run: &LaunchedRun) -> SqlResult<()> {
         ),
     )
     .hint("See the server log; workers connect to this database as the task's owner."))
-}
-
-/// `NOTIFY chunkwise` that the run is over, with its totals.
-pub fn announce_finish(task: &Task, run_id: i64, state: &RunState) {
-    let tally = state.tally();
-    notify::run_finished(
-        &task.name,
-        run_id,
-        tally.processed,
-        tally.failed,
-        tally.dead,
-        state.seconds_since_start(),
-    );
 }
 
 /// Workers see only committed rows and fresh snapshots: refuse what they could not see.
@@ -233,16 +235,23 @@ fn pending_backlog(task: &Task) -> SqlResult<i64> {
     Ok(count.unwrap_or(0))
 }
 
-/// How many of `wanted` workers `chunkwise.max_workers` leaves room for.
-fn free_worker_slots(wanted: i32) -> SqlResult<i32> {
-    let busy = as_extension_owner(|| {
-        Spi::get_one::<i64>(
-            "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'chunkwise worker'",
+/// How many of `wanted` workers `chunkwise.max_workers` (across the cluster) and
+/// `chunkwise.max_workers_per_role` (for the task's owner) leave room for. Call it with
+/// the launch lock held.
+fn free_worker_slots(owner: pg_sys::Oid, wanted: i32) -> SqlResult<i32> {
+    // SAFETY: drops this transaction's cached copy of the backend status array, so the
+    // count below sees the workers launched since it was taken.
+    unsafe { pg_sys::pgstat_clear_snapshot() };
+    let (busy, busy_for_owner) = as_extension_owner(|| {
+        Spi::get_two_with_args::<i64, i64>(
+            "SELECT count(*), count(*) FILTER (WHERE usesysid = $1) \
+               FROM pg_catalog.pg_stat_activity WHERE backend_type = 'chunkwise worker'",
+            &[owner.into()],
         )
-    })?
-    .unwrap_or(0);
+    })?;
+    let (busy, busy_for_owner) = (busy.unwrap_or(0), busy_for_owner.unwrap_or(0));
     let max = gucs::max_workers();
-    let free = (i64::from(max) - busy).max(0) as i32;
+    let mut free = (i64::from(max) - busy).max(0) as i32;
     if free == 0 {
         return Err(SqlError::new(
             PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
@@ -254,6 +263,26 @@ fn free_worker_slots(wanted: i32) -> SqlResult<i32> {
         warning!(
             "only {free} of {wanted} workers can start: chunkwise.max_workers is {max} and {busy} are busy"
         );
+    }
+    if let Some(share) = gucs::max_workers_per_role() {
+        let role_free = (i64::from(share) - busy_for_owner).max(0) as i32;
+        if role_free == 0 {
+            return Err(SqlError::new(
+                PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                format!(
+                    "the task's owner already has {busy_for_owner} pg_chunkwise workers running, \
+                     its whole share (chunkwise.max_workers_per_role = {share})"
+                ),
+            )
+            .hint("Wait for the owner's other runs to finish, or raise chunkwise.max_workers_per_role."));
+        }
+        if role_free < free.min(wanted) {
+            warning!(
+                "only {role_free} of {wanted} workers can start: chunkwise.max_workers_per_role is {share} \
+                 and the task's owner has {busy_for_owner} running"
+            );
+        }
+        free = free.min(role_free);
     }
     Ok(free.min(wanted))
 }
@@ -318,13 +347,15 @@ fn max_worker_processes() -> i32 {
     unsafe { pg_sys::max_worker_processes }
 }
 
+fn is_stopped(handle: &DynamicBackgroundWorker) -> bool {
+    matches!(
+        handle.pid(),
+        Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)
+    )
+}
+
 fn all_stopped(handles: &[DynamicBackgroundWorker]) -> bool {
-    handles.iter().all(|h| {
-        matches!(
-            h.pid(),
-            Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)
-        )
-    })
+    handles.iter().all(is_stopped)
 }
 
 /// Waits until every worker has exited, reporting progress. If the caller's statement is

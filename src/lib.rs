@@ -11,6 +11,7 @@ mod catalog;
 mod error;
 mod gucs;
 mod launcher;
+mod locks;
 mod notify;
 mod oid_args;
 mod ranking;

@@ -52,8 +52,6 @@ pub struct RunState {
     workers_exited: AtomicI32,
     /// Set by whoever announces the end of the run (NOTIFY), so that it is announced once.
     finish_announced: AtomicBool,
-    /// When the run started (PostgreSQL timestamp, microseconds).
-    started_at: pg_sys::TimestampTz,
     cancel: AtomicBool,
 }
 
@@ -131,12 +129,6 @@ impl RunState {
     fn claim_announcement(&self) -> bool {
         !self.finish_announced.swap(true, Ordering::SeqCst)
     }
-
-    pub fn seconds_since_start(&self) -> f64 {
-        // SAFETY: reads the clock.
-        let now = unsafe { pg_sys::GetCurrentTimestamp() };
-        (now - self.started_at) as f64 / 1_000_000.0
-    }
 }
 
 /// A mapping of a run's shared segment in this process; dropping it unmaps the segment,
@@ -160,8 +152,6 @@ impl SharedRun {
             workers_launched: AtomicI32::new(i32::MAX),
             workers_exited: AtomicI32::new(0),
             finish_announced: AtomicBool::new(false),
-            // SAFETY: reads the clock.
-            started_at: unsafe { pg_sys::GetCurrentTimestamp() },
             cancel: AtomicBool::new(false),
         };
         // SAFETY: the segment is at least size_of::<RunState>() bytes, suitably aligned

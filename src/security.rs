@@ -6,6 +6,7 @@
 //! around the extension's own fixed SQL on its own tables.
 
 use std::cell::Cell;
+use std::ffi::CStr;
 
 use pgrx::prelude::*;
 
@@ -15,14 +16,21 @@ thread_local! {
     static EXTENSION_OWNER: Cell<Option<pg_sys::Oid>> = const { Cell::new(None) };
 }
 
+/// The search_path of every statement the extension itself runs: nothing a caller or a
+/// task owner creates can stand before the built-in functions and operators, and pg_temp
+/// comes last, where it is searched for relations only (never for functions or operators).
+const PINNED_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
+
 /// The role that owns the extension (and so its tables).
 pub fn extension_owner() -> pg_sys::Oid {
     if let Some(owner) = EXTENSION_OWNER.with(Cell::get) {
         return owner;
     }
-    let owner = Spi::get_one::<pg_sys::Oid>(
-        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_chunkwise'",
-    )
+    let owner = with_pinned_search_path(|| {
+        Spi::get_one::<pg_sys::Oid>(
+            "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_chunkwise'",
+        )
+    })
     .ok()
     .flatten()
     .unwrap_or_else(|| {
@@ -37,10 +45,84 @@ pub fn extension_owner() -> pg_sys::Oid {
     owner
 }
 
+/// A GUC nest level of its own, as a function with `SET` clauses gets: settings made
+/// inside it, with [`GucScope::set`] or by any SQL run inside it (`SET`, `set_config`),
+/// are undone when it is dropped, so nothing leaks out to the caller either way.
+pub struct GucScope {
+    level: i32,
+}
+
+impl GucScope {
+    pub fn new() -> GucScope {
+        // SAFETY: pushes a GUC nest level; `drop` pops it, and a (sub)transaction abort
+        // in between pops it as well.
+        GucScope {
+            level: unsafe { pg_sys::NewGUCNestLevel() },
+        }
+    }
+
+    /// Sets `name` to `value` until the scope ends (a function-style SAVE setting).
+    pub fn set(&self, name: &CStr, value: &CStr) {
+        // SAFETY: both strings are NUL-terminated and copied by set_config_option; an
+        // invalid value raises an ERROR like any SET would.
+        unsafe {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+    }
+
+    /// Pins the search_path to `pg_catalog, pg_temp` until the scope ends.
+    pub fn pin_search_path(&self) {
+        self.set(c"search_path", PINNED_SEARCH_PATH);
+    }
+}
+
+impl Drop for GucScope {
+    fn drop(&mut self) {
+        // SAFETY: pops the level pushed in `new` (and any above it), discarding what was
+        // set inside, as PostgreSQL does after a function with SET clauses. If an abort
+        // already popped it, AtEOXact_GUC finds nothing at or above the level to undo.
+        unsafe { pg_sys::AtEOXact_GUC(false, self.level) };
+    }
+}
+
+/// Runs the extension's own fixed SQL with the pinned search_path, as whoever is the
+/// current user (catalog reads, privilege checks).
+pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
+    let scope = GucScope::new();
+    scope.pin_search_path();
+    let result = f();
+    drop(scope);
+    result
+}
+
 /// Restores the user id and security context saved when it was made.
 struct RestoreUser {
     user: pg_sys::Oid,
     context: i32,
+}
+
+impl RestoreUser {
+    /// Becomes `role`, adding `flags` to the security context, until the value is dropped.
+    fn switch_to(role: pg_sys::Oid, flags: u32) -> RestoreUser {
+        let mut user = pg_sys::InvalidOid;
+        let mut context = 0;
+        // SAFETY: both out-parameters point to live locals.
+        unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut context) };
+        // SAFETY: SECURITY_LOCAL_USERID_CHANGE marks the switch as local, as PostgreSQL
+        // does for SECURITY DEFINER functions; the returned value puts the previous
+        // identity back, also on unwind.
+        unsafe { pg_sys::SetUserIdAndSecContext(role, context | flags as i32) };
+        RestoreUser { user, context }
+    }
 }
 
 impl Drop for RestoreUser {
@@ -51,27 +133,45 @@ impl Drop for RestoreUser {
     }
 }
 
-/// Runs `f` as the extension owner, for the extension's own bookkeeping SQL only. Never
-/// call user-supplied SQL or user-defined functions inside `f`.
+/// Runs `f` as the extension owner, for the extension's own fixed SQL on its own tables
+/// only, with the pinned search_path in a GUC nest level of its own (as a SECURITY
+/// DEFINER function with `SET search_path = pg_catalog, pg_temp` would). Never call
+/// user-supplied SQL or user-defined functions inside `f`.
 pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
-    as_role(extension_owner(), f)
+    as_extension_owner_with(&[], f)
 }
 
-/// Runs `f` as `role` (as a SECURITY DEFINER function of that role would), restoring the
-/// caller's identity afterwards, also on error.
-pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let owner = role;
-    let mut user = pg_sys::InvalidOid;
-    let mut context = 0;
-    // SAFETY: both out-parameters point to live locals.
-    unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut context) };
-    let _restore = RestoreUser { user, context };
-    // SAFETY: SECURITY_LOCAL_USERID_CHANGE marks the switch as local, as PostgreSQL does for
-    // SECURITY DEFINER functions; `_restore` puts the previous identity back, also on unwind.
-    unsafe {
-        pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32)
+/// [`as_extension_owner`] with further `(name, value)` settings in the same nest level.
+pub fn as_extension_owner_with<R>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> R) -> R {
+    let _identity = RestoreUser::switch_to(extension_owner(), pg_sys::SECURITY_LOCAL_USERID_CHANGE);
+    let scope = GucScope::new();
+    scope.pin_search_path();
+    for (name, value) in settings {
+        scope.set(name, value);
+    }
+    let result = f();
+    drop(scope);
+    result
+}
+
+/// Runs a task owner's own SQL (its `source`) in the caller's session as the owner:
+/// with the owner's rights, never the caller's, inside a GUC nest level so that settings
+/// it makes die with it. When the caller is someone else, it is also a
+/// security-restricted operation (as VACUUM and REFRESH MATERIALIZED VIEW run their
+/// owner's code): it cannot leave temporary objects, prepared state or a role behind in
+/// the caller's session.
+pub fn as_task_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let restricted = if owner == current_user() {
+        0
+    } else {
+        pg_sys::SECURITY_RESTRICTED_OPERATION
     };
-    f()
+    let _identity =
+        RestoreUser::switch_to(owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE | restricted);
+    let scope = GucScope::new();
+    let result = f();
+    drop(scope);
+    result
 }
 
 pub fn current_user() -> pg_sys::Oid {
@@ -94,12 +194,24 @@ pub fn role_name(role: pg_sys::Oid) -> String {
 
 /// The caller may manage a task when it has the privileges of the task's owner role
 /// (is the owner, a member of it, or a superuser).
-pub fn ensure_may_manage(task: &str, owner: pg_sys::Oid, action: &str) -> SqlResult<()> {
+pub fn may_manage(owner: pg_sys::Oid) -> bool {
     // SAFETY: a catalog lookup on two role OIDs; raises no error for unknown roles.
-    if unsafe { pg_sys::has_privs_of_role(current_user(), owner) } {
-        return Ok(());
-    }
-    Err(SqlError::new(
+    unsafe { pg_sys::has_privs_of_role(current_user(), owner) }
+}
+
+/// The caller may see a task (in the views, in error messages) when it may manage it or
+/// is a member of pg_monitor: the rule of `chunkwise._visible`.
+pub fn may_see(owner: pg_sys::Oid) -> bool {
+    // SAFETY: as in `may_manage`.
+    may_manage(owner)
+        || unsafe {
+            pg_sys::has_privs_of_role(current_user(), pg_sys::Oid::from(pg_sys::ROLE_PG_MONITOR))
+        }
+}
+
+/// The refusal of an action on a task the caller may see but not manage.
+pub fn permission_denied(task: &str, owner: pg_sys::Oid, action: &str) -> SqlError {
+    SqlError::new(
         PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
         format!("permission denied to {action} task \"{task}\""),
     )
@@ -107,15 +219,17 @@ pub fn ensure_may_manage(task: &str, owner: pg_sys::Oid, action: &str) -> SqlRes
         "The task is owned by role \"{}\".",
         role_name(owner)
     ))
-    .hint("Only the task's owner, a member of the owning role, or a superuser may do this."))
+    .hint("Only the task's owner, a member of the owning role, or a superuser may do this.")
 }
 
 /// Workers connect as the task owner, so the owner must exist and be able to log in.
 pub fn ensure_owner_can_run(task: &str, owner: pg_sys::Oid) -> SqlResult<()> {
-    let can_login = Spi::get_one_with_args::<bool>(
-        "SELECT rolcanlogin FROM pg_catalog.pg_roles WHERE oid = $1",
-        &[owner.into()],
-    )
+    let can_login = with_pinned_search_path(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT rolcanlogin FROM pg_catalog.pg_roles WHERE oid = $1",
+            &[owner.into()],
+        )
+    })
     .ok()
     .flatten();
     match can_login {
@@ -140,7 +254,7 @@ pub fn ensure_owner_can_run(task: &str, owner: pg_sys::Oid) -> SqlResult<()> {
 /// Whether a `has_*_privilege` check (`sql`, with `args`) says yes; an unknown role or
 /// object counts as no.
 fn privilege_granted(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> bool {
-    Spi::get_one_with_args::<bool>(sql, args)
+    with_pinned_search_path(|| Spi::get_one_with_args::<bool>(sql, args))
         .ok()
         .flatten()
         .unwrap_or(false)

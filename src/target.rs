@@ -11,6 +11,7 @@ use pgrx::{JsonB, spi};
 
 use crate::catalog::Task;
 use crate::error::{SqlError, SqlResult};
+use crate::security::with_pinned_search_path;
 
 /// The kind of item a target takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,26 +60,28 @@ impl Target {
 
     /// A procedure or function, checked to take one of the supported signatures.
     pub fn for_call(proc: pg_sys::Oid) -> SqlResult<Target> {
-        let found = Spi::connect(|client| -> spi::Result<Option<_>> {
-            let table = client.select(
-                "SELECT n.nspname::text, p.proname::text, p.prokind::text, \
+        let found = with_pinned_search_path(|| {
+            Spi::connect(|client| -> spi::Result<Option<_>> {
+                let table = client.select(
+                    "SELECT n.nspname::text, p.proname::text, p.prokind::text, \
                         p.proargtypes::oid[], p.oid::regprocedure::text, p.proretset \
                    FROM pg_catalog.pg_proc p \
                    JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
                   WHERE p.oid = $1",
-                Some(1),
-                &[proc.into()],
-            )?;
-            match table.into_iter().next() {
-                None => Ok(None),
-                Some(row) => Ok(Some((
-                    row.get::<String>(1)?.unwrap_or_default(),
-                    row.get::<String>(2)?.unwrap_or_default(),
-                    row.get::<String>(3)?.unwrap_or_default(),
-                    row.get::<Vec<pg_sys::Oid>>(4)?.unwrap_or_default(),
-                    row.get::<String>(5)?.unwrap_or_default(),
-                ))),
-            }
+                    Some(1),
+                    &[proc.into()],
+                )?;
+                match table.into_iter().next() {
+                    None => Ok(None),
+                    Some(row) => Ok(Some((
+                        row.get::<String>(1)?.unwrap_or_default(),
+                        row.get::<String>(2)?.unwrap_or_default(),
+                        row.get::<String>(3)?.unwrap_or_default(),
+                        row.get::<Vec<pg_sys::Oid>>(4)?.unwrap_or_default(),
+                        row.get::<String>(5)?.unwrap_or_default(),
+                    ))),
+                }
+            })
         })?;
         let Some((schema, name, kind, arg_types, signature)) = found else {
             return Err(SqlError::new(

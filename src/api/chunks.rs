@@ -12,8 +12,9 @@ use pgrx::spi::{self, SpiClient};
 
 use super::planning::{ItemBatch, PLAN_BATCH, null_argument, task_to_plan};
 use crate::catalog::Task;
-use crate::error::{OrRaise, SqlError, SqlResult};
+use crate::error::{OrRaise, SqlError, SqlResult, excerpt};
 use crate::oid_args::RegClass;
+use crate::security::with_pinned_search_path;
 use crate::target::Target;
 
 /// Up to this many rows, range boundaries are cut from every key: exact chunk sizes for
@@ -136,7 +137,8 @@ impl KeyColumn {
             return Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
                 format!(
-                    "column \"{column}\" of relation {} does not exist",
+                    "column \"{}\" of relation {} does not exist",
+                    excerpt(column),
                     relation.quoted
                 ),
             )
@@ -257,7 +259,7 @@ fn plan_ranges(
         let column = KeyColumn::find(&relation, column)?;
         Spi::connect(|client| plan_key_ranges(client, &task, &relation, &column, chunk_rows))
     };
-    run().or_raise()
+    with_pinned_search_path(run).or_raise()
 }
 
 fn plan_key_ranges(
@@ -363,7 +365,7 @@ fn plan_blocks(task: Option<&str>, relation: Option<RegClass>, chunk_blocks: Opt
         }
         ranges.finish(relation.blocks)
     };
-    run().or_raise()
+    with_pinned_search_path(run).or_raise()
 }
 
 /// The first tid of heap block `block`: `(block, 0)`. Immutable, so the planner folds it

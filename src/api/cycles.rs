@@ -4,9 +4,10 @@
 //! see the new items, then runs at most `max_items_per_cycle` of them. The procedure is
 //! PL/pgSQL (only a procedure may COMMIT) around two functions here:
 //! `_cycle_begin` takes the task's cycle lock and plans, `_cycle_run` runs and lets the
-//! lock go. The lock is a session-level advisory lock, so it outlives the COMMIT between
-//! them and dies with the session if the session does: a second cycle of the same task,
-//! from any session (cron or not), sees it taken and returns at once.
+//! lock go. The lock is a session-level lock that only the extension can take (see
+//! `locks`), so it outlives the COMMIT between them and dies with the session if the
+//! session does: a second cycle of the same task, from any session (cron or not), sees it
+//! taken and returns at once, and no role can hold it to stop another's cycles.
 
 use std::cell::Cell;
 use std::panic::AssertUnwindSafe;
@@ -17,31 +18,19 @@ use super::planning::{plan_query, plan_query_by_activity};
 use crate::catalog::Task;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::launcher::run_task;
-use crate::security::as_role;
-
-/// First key of pg_chunkwise's advisory locks ("cw"); the second is the task id.
-const CYCLE_LOCK_CLASS: i32 = 0x6377;
+use crate::locks::{try_lock_cycle, unlock_cycle};
+use crate::security::as_task_owner;
 
 thread_local! {
     /// The task whose cycle lock this backend holds, between `_cycle_begin` and `_cycle_run`.
     static HELD_CYCLE: Cell<Option<i32>> = const { Cell::new(None) };
 }
 
-fn try_lock(task_id: i32) -> SqlResult<bool> {
-    let locked = Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.pg_try_advisory_lock($1, $2)",
-        &[CYCLE_LOCK_CLASS.into(), task_id.into()],
-    )?;
-    Ok(locked == Some(true))
-}
-
+/// Lets the cycle lock go if this session holds it.
 fn unlock(task_id: i32) {
-    HELD_CYCLE.with(|held| held.set(None));
-    // An unlock can only fail if the lock is not held, which is what we want anyway.
-    let _ = Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.pg_advisory_unlock($1, $2)",
-        &[CYCLE_LOCK_CLASS.into(), task_id.into()],
-    );
+    if HELD_CYCLE.with(|held| held.replace(None)) == Some(task_id) {
+        unlock_cycle(task_id);
+    }
 }
 
 /// Runs `f`; if it raises or returns an error, lets the cycle lock go before the error
@@ -73,7 +62,7 @@ fn cycle_begin(task: Option<&str>) -> bool {
             )
             .hint("CALL it on its own: it commits its planning before its workers start."));
         }
-        if !try_lock(task.id)? {
+        if !try_lock_cycle(task.id) {
             notice!(
                 "a cycle of task \"{}\" is already running; this one does nothing",
                 task.name
@@ -100,7 +89,7 @@ fn plan_source(task: &Task) -> SqlResult<Option<i64>> {
     let Some(source) = task.source.as_deref() else {
         return Ok(None);
     };
-    as_role(task.owner, || {
+    as_task_owner(task.owner, || {
         if task.rank_by_activity {
             plan_query_by_activity(task, Some(source))
         } else {

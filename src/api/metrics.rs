@@ -7,6 +7,7 @@ use std::fmt::Write;
 use pgrx::prelude::*;
 
 use crate::error::{OrRaise, SqlResult};
+use crate::security::with_pinned_search_path;
 
 /// One metric family: name, type, help, and the SQL expression giving its value per task
 /// over `task_status s` joined with the task's run totals `r`.
@@ -136,5 +137,5 @@ fn metrics() -> String {
         }
         Ok(out)
     };
-    run().or_raise()
+    with_pinned_search_path(run).or_raise()
 }

@@ -16,8 +16,10 @@ use crate::ranking::{Activity, Ranking};
 use crate::security::as_extension_owner;
 use crate::target::ensure_single_statement;
 
-/// Rows fetched from a planning query and written to the queue at a time.
+/// Rows fetched from a planning query and written to the queue at a time, at most.
 pub(crate) const PLAN_BATCH: i64 = 10_000;
+/// Bytes of item data (payloads, group keys) fetched and written at a time, about.
+const PLAN_BATCH_BYTES: usize = 8 << 20;
 
 /// Largest payload an item may carry (its JSON text), and longest group key.
 const MAX_PAYLOAD_BYTES: usize = 1 << 20;
@@ -49,6 +51,21 @@ impl ItemBatch {
         self.payloads.push(payload);
     }
 
+    /// About how much memory the batch's items take.
+    fn bytes(&self) -> usize {
+        let text: usize = self.group_keys.iter().flatten().map(String::len).sum();
+        let payloads: usize = self.payload_sizes().sum();
+        self.keys.len() * ITEM_BYTES + text + payloads
+    }
+
+    /// The size of each payload's JSON text.
+    fn payload_sizes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.payloads
+            .iter()
+            .flatten()
+            .map(|p| p.0.to_string().len())
+    }
+
     /// Refuses payloads and group keys too big to be sensible item data (they would
     /// bloat the queue and every claim that reads it).
     fn ensure_within_limits(&self) -> SqlResult<()> {
@@ -67,8 +84,7 @@ impl ItemBatch {
             )
             .hint("Use a short identifier of the group (an organisation id, say), not its data."));
         }
-        for payload in self.payloads.iter().flatten() {
-            let bytes = payload.0.to_string().len();
+        for bytes in self.payload_sizes() {
             if bytes > MAX_PAYLOAD_BYTES {
                 return Err(SqlError::new(
                     PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
@@ -287,12 +303,44 @@ impl PlanColumns {
     }
 }
 
+/// How many rows the next fetch of a planning query may bring: about
+/// `PLAN_BATCH_BYTES` of item data at the average row size seen so far, between one
+/// row and `PLAN_BATCH`, growing at most eightfold from one fetch to the next. The first
+/// fetch is small, so that wide rows (big payloads) never arrive ten thousand at a time.
+struct FetchSize {
+    rows: i64,
+    seen_rows: usize,
+    seen_bytes: usize,
+}
+
+impl FetchSize {
+    const FIRST: i64 = 16;
+
+    fn new() -> FetchSize {
+        FetchSize {
+            rows: Self::FIRST,
+            seen_rows: 0,
+            seen_bytes: 0,
+        }
+    }
+
+    fn record(&mut self, rows: usize, bytes: usize) {
+        self.seen_rows += rows;
+        self.seen_bytes += bytes;
+        let average = (self.seen_bytes / self.seen_rows.max(1)).max(1);
+        let fitting = (PLAN_BATCH_BYTES / average) as i64;
+        self.rows = fitting.clamp(1, PLAN_BATCH.min(self.rows.saturating_mul(8)));
+    }
+}
+
 /// Runs the caller's planning query through a cursor, handing each fetched batch of rows
-/// to `on_rows` together with the resolved columns.
+/// to `on_rows` together with the resolved columns; `on_rows` returns the bytes of item
+/// data the rows held, which sizes the next fetch. Each batch is freed before the next
+/// is fetched, so memory stays bounded by one batch whatever the query returns.
 fn for_each_batch(
     query: Option<&str>,
     by_activity: bool,
-    mut on_rows: impl FnMut(&PlanColumns, SpiTupleTable) -> SqlResult<()>,
+    mut on_rows: impl FnMut(&PlanColumns, SpiTupleTable) -> SqlResult<usize>,
 ) -> SqlResult<()> {
     let query =
         query.ok_or_else(|| null_argument("query", "Pass a SELECT returning a key column."))?;
@@ -300,19 +348,30 @@ fn for_each_batch(
     Spi::connect(|client| {
         let mut cursor: SpiCursor = client.try_open_cursor(query, &[])?;
         let mut columns: Option<PlanColumns> = None;
+        let mut size = FetchSize::new();
         loop {
-            let table = cursor.fetch(PLAN_BATCH)?;
+            let wanted = size.rows;
+            let table = cursor.fetch(wanted)?;
             if columns.is_none() {
                 columns = Some(PlanColumns::resolve(&table, by_activity)?);
             }
-            let done = table.len() < PLAN_BATCH as usize;
-            on_rows(columns.as_ref().expect("resolved above"), table)?;
-            if done {
+            let fetched = table.len();
+            let bytes = on_rows(columns.as_ref().expect("resolved above"), table)?;
+            // SAFETY: SPI_tuptable is the table just fetched (SPI restores it after the
+            // nested SPI connections of on_rows), which on_rows consumed; pgrx does not
+            // free tuple tables itself, so without this every batch would stay in memory
+            // until the cursor's connection ends.
+            unsafe { pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable) };
+            size.record(fetched, bytes);
+            if fetched < wanted as usize {
                 return Ok(());
             }
         }
     })
 }
+
+/// Bytes an item takes on its way into the queue, besides its payload and group key.
+const ITEM_BYTES: usize = 64;
 
 fn required_key(columns: &PlanColumns, row: &SpiHeapTupleData) -> SqlResult<i64> {
     columns.key.get(row)?.ok_or_else(|| {
@@ -365,8 +424,9 @@ pub(crate) fn plan_query(task: &Task, query: Option<&str>) -> SqlResult<i64> {
             };
             batch.push(key, hi, priority, group_key, payload);
         }
+        let bytes = batch.bytes();
         added += batch.insert(task, None)?;
-        Ok(())
+        Ok(bytes)
     })?;
     Ok(added)
 }
@@ -387,6 +447,7 @@ pub(crate) fn plan_query_by_activity(task: &Task, query: Option<&str>) -> SqlRes
     for_each_batch(query, true, |columns, table| {
         let last_activity = columns.last_activity.expect("checked by resolve");
         let actions = columns.actions.expect("checked by resolve");
+        let bytes = table.len() * ITEM_BYTES;
         for row in table {
             let key = required_key(columns, &row)?;
             if seen.insert(key) {
@@ -399,7 +460,7 @@ pub(crate) fn plan_query_by_activity(task: &Task, query: Option<&str>) -> SqlRes
                 });
             }
         }
-        Ok(())
+        Ok(bytes)
     })?;
     let mut added = 0;
     for chunk in ranking

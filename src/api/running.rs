@@ -8,7 +8,7 @@ use pgrx::prelude::*;
 use crate::catalog::Task;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::launcher::{RunSummary, run_task, start_task, wait_on_latch};
-use crate::security::{as_extension_owner, ensure_may_manage};
+use crate::security::{as_extension_owner, may_see};
 
 /// Runs the task's pending items with a pool of background workers and waits for them,
 /// reporting progress every `chunkwise.progress_interval`.
@@ -164,7 +164,11 @@ fn wait(
             }
             wait_on_latch(WAIT_POLL);
         };
-        ensure_may_manage(&row.task, row.owner, "wait for")?;
+        // Watching a run is reading it: allowed to whoever may see its task; to anyone
+        // else the run does not exist (its task and owner stay unknown to them).
+        if !may_see(row.owner) {
+            return Err(unknown_run(run_id));
+        }
         while row.state == "running" && deadline.is_none_or(|d| Instant::now() < d) {
             wait_on_latch(WAIT_POLL);
             row = read_run(run_id)?.ok_or_else(|| unknown_run(run_id))?;

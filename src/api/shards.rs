@@ -34,6 +34,7 @@ use super::chunks::{Relation, range_task};
 use super::planning::ItemBatch;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::oid_args::RegClass;
+use crate::security::with_pinned_search_path;
 
 /// Routing values are searched among the first `n` integers (cast to the distribution
 /// column's type), `n` doubling from this many per shard until every shard has one.
@@ -262,5 +263,5 @@ fn plan_shards(task: Option<&str>, relation: Option<RegClass>) -> i64 {
         }
         batch.insert(&task, None)
     };
-    run().or_raise()
+    with_pinned_search_path(run).or_raise()
 }

@@ -4,7 +4,7 @@ use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::prelude::*;
 
 use crate::catalog::{Task, required_task_name};
-use crate::error::{OrRaise, SqlError, SqlResult};
+use crate::error::{OrRaise, SqlError, SqlResult, excerpt};
 use crate::gucs;
 use crate::oid_args::RegProc;
 use crate::security::{
@@ -83,7 +83,7 @@ pub fn validate_task_name(name: &str) -> SqlResult<()> {
     }
     Err(SqlError::new(
         PgSqlErrorCode::ERRCODE_INVALID_NAME,
-        format!("invalid task name \"{name}\""),
+        format!("invalid task name \"{}\"", excerpt(name)),
     )
     .hint(format!(
         "A task name has 1 to {MAX_TASK_NAME} characters from A-Z, a-z, 0-9 and _ - . :"

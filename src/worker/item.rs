@@ -9,7 +9,7 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 
 use super::queue::ClaimedItem;
-use crate::error::sqlstate;
+use crate::error::{excerpt_of, sqlstate};
 use crate::target::Target;
 
 // utils/timeout.h, which pgrx does not bind. STATEMENT_TIMEOUT is the fourth TimeoutId
@@ -19,6 +19,9 @@ unsafe extern "C-unwind" {
     fn enable_timeout_after(id: u32, delay_ms: i32);
     fn disable_timeout(id: u32, keep_indicator: bool);
 }
+
+/// Characters of a target's error message kept in the queue and the log.
+const FAILURE_MESSAGE_CHARS: usize = 2000;
 
 /// Why an item's attempt failed, as it is recorded and logged.
 #[derive(Debug, Clone)]
@@ -36,7 +39,7 @@ impl From<CaughtError> for ItemFailure {
                 ereport: report, ..
             } => ItemFailure {
                 sqlstate: sqlstate(report.sql_error_code()),
-                message: report.message().to_string(),
+                message: excerpt_of(report.message(), FAILURE_MESSAGE_CHARS).into_owned(),
             },
         }
     }

@@ -14,7 +14,7 @@ use pgrx::prelude::*;
 
 use crate::catalog::Task;
 use crate::gucs;
-use crate::launcher::announce_finish;
+use crate::notify;
 use crate::run_state::{Attempt, SharedRun, Tally};
 use crate::target::Target;
 use item::{ItemFailure, ItemOutcome, Targets};
@@ -292,7 +292,6 @@ impl Worker {
     fn finish(self) {
         let Worker {
             args,
-            task,
             shared,
             queue,
             tally,
@@ -302,7 +301,7 @@ impl Worker {
         BackgroundWorker::transaction(AssertUnwindSafe(|| {
             queue.unregister_worker(&args, &tally, stopped_early);
             if shared.state().worker_exited() {
-                announce_finish(&task, args.run_id, shared.state());
+                notify::run_finished(args.run_id);
             }
         }));
     }

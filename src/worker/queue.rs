@@ -14,7 +14,7 @@ use super::item::ItemFailure;
 use crate::catalog::Task;
 use crate::notify;
 use crate::run_state::{Attempt, Tally};
-use crate::security::as_extension_owner;
+use crate::security::as_extension_owner_with;
 
 /// A claimed item, locked by this worker's transaction until it commits.
 pub struct ClaimedItem {
@@ -155,8 +155,8 @@ fn int4() -> PgOid {
     PgOid::BuiltIn(pg_sys::BuiltinOid::INT4OID)
 }
 
-/// Runs the worker's own bookkeeping statements: as the extension owner, with generic
-/// plans.
+/// Runs the worker's own bookkeeping statements: as the extension owner, with the pinned
+/// search_path (whatever the owner's role settings say), with generic plans.
 ///
 /// Why generic plans: the claim's and mark-done's parameters change with every item, and
 /// the plan cache, judging a custom plan cheaper, planned them afresh for every item: a
@@ -165,29 +165,7 @@ fn int4() -> PgOid {
 /// depend on the values (the claim index, the primary key). The task's own target keeps
 /// the session's plan_cache_mode.
 fn bookkeeping<R>(f: impl FnOnce() -> R) -> R {
-    as_extension_owner(|| {
-        // SAFETY: a GUC nest level of our own with a function-style (SAVE) setting, popped
-        // below, which restores plan_cache_mode; an ERROR in between aborts the
-        // transaction, whose cleanup pops it as well.
-        let level = unsafe {
-            let level = pg_sys::NewGUCNestLevel();
-            pg_sys::set_config_option(
-                c"plan_cache_mode".as_ptr(),
-                c"force_generic_plan".as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-            level
-        };
-        let result = f();
-        // SAFETY: pops the level pushed above.
-        unsafe { pg_sys::AtEOXact_GUC(true, level) };
-        result
-    })
+    as_extension_owner_with(&[(c"plan_cache_mode", c"force_generic_plan")], f)
 }
 
 impl Queue {
@@ -356,14 +334,7 @@ impl Queue {
             task.name, item.key, task.max_attempts, failure.sqlstate, failure.message
         );
         if dead {
-            notify::item_dead(
-                &task.name,
-                run_id,
-                item.key,
-                attempts,
-                &failure.sqlstate,
-                &failure.message,
-            );
+            notify::item_dead(run_id, item.id);
             warning!("{what}; the item is dead (chunkwise.retry() makes it pending again)");
             Attempt::Died
         } else {
@@ -385,6 +356,8 @@ impl Queue {
         .flatten()
     }
 
+    /// Counts the worker into its run and records its session (which makes it live in
+    /// the views), forgetting sessions that are gone.
     pub fn register_worker(&self, args: &WorkerArgs) {
         bookkeeping(|| {
             Spi::run_with_args(
@@ -392,6 +365,16 @@ impl Queue {
                  VALUES ($1, $2, now(), $3, 1) \
                  ON CONFLICT (run_id) DO UPDATE SET workers_started = chunkwise.run_history.workers_started + 1",
                 &[args.run_id.into(), args.task_id.into(), args.workers.into()],
+            )?;
+            Spi::run(
+                "DELETE FROM chunkwise.worker_sessions w \
+                  WHERE NOT EXISTS (SELECT FROM chunkwise._live_workers l WHERE l.pid = w.pid)",
+            )?;
+            Spi::run_with_args(
+                "INSERT INTO chunkwise.worker_sessions (pid, run_id, backend_start) \
+                 SELECT pid, $1, backend_start FROM pg_catalog.pg_stat_activity \
+                  WHERE pid = pg_catalog.pg_backend_pid()",
+                &[args.run_id.into()],
             )
         })
         .expect("register worker");
@@ -411,6 +394,9 @@ impl Queue {
                     tally.dead.into(),
                     stopped_early.into(),
                 ],
+            )?;
+            Spi::run(
+                "DELETE FROM chunkwise.worker_sessions WHERE pid = pg_catalog.pg_backend_pid()",
             )
         })
         .expect("unregister worker");

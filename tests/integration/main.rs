@@ -10,6 +10,7 @@ mod cycles;
 mod engine;
 mod examples;
 mod groups;
+mod hijack;
 mod operating;
 mod planning;
 mod ranges;
