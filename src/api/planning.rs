@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 
 use pgrx::JsonB;
+use pgrx::PgMemoryContexts;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiCursor, SpiHeapTupleData, SpiTupleTable};
@@ -19,7 +20,7 @@ use crate::target::ensure_single_statement;
 /// Rows fetched from a planning query and written to the queue at a time, at most.
 pub(crate) const PLAN_BATCH: i64 = 10_000;
 /// Bytes of item data (payloads, group keys) fetched and written at a time, about.
-const PLAN_BATCH_BYTES: usize = 8 << 20;
+const PLAN_BATCH_BYTES: usize = 4 << 20;
 
 /// Largest payload an item may carry (its JSON text), and longest group key.
 const MAX_PAYLOAD_BYTES: usize = 1 << 20;
@@ -314,7 +315,7 @@ struct FetchSize {
 }
 
 impl FetchSize {
-    const FIRST: i64 = 16;
+    const FIRST: i64 = 4;
 
     fn new() -> FetchSize {
         FetchSize {
@@ -356,7 +357,23 @@ fn for_each_batch(
                 columns = Some(PlanColumns::resolve(&table, by_activity)?);
             }
             let fetched = table.len();
-            let bytes = on_rows(columns.as_ref().expect("resolved above"), table)?;
+            let columns = columns.as_ref().expect("resolved above");
+            // What reading and writing the batch pallocs (its rows' values, the arrays
+            // sent to the queue) goes into a context of its own, deleted right after:
+            // else it would pile up in the cursor's connection until planning ends.
+            // pgrx converts a row's values in the *parent* of the current context, so
+            // the batch runs in a child of that context.
+            let mut batch_memory = PgMemoryContexts::new("pg_chunkwise planning batch");
+            // SAFETY: both contexts are fresh children (of the current context, then of
+            // the batch's), live across the call and are deleted after it; on_rows keeps
+            // nothing palloc'd beyond the call (what it keeps lives on Rust's heap).
+            let bytes = unsafe {
+                batch_memory.switch_to(|_| {
+                    PgMemoryContexts::new("pg_chunkwise planning rows")
+                        .switch_to(|_| on_rows(columns, table))
+                })
+            }?;
+            drop(batch_memory);
             // SAFETY: SPI_tuptable is the table just fetched (SPI restores it after the
             // nested SPI connections of on_rows), which on_rows consumed; pgrx does not
             // free tuple tables itself, so without this every batch would stay in memory

@@ -19,6 +19,9 @@ use postgres::Client;
 use crate::harness::{Cluster, one, test_db, wait_for};
 
 const DB: &str = "hijack";
+/// The hostile role and another tenant (roles outlive the test's database: their own names).
+const HOSTILE: &str = "hijack_mallory";
+const OTHER: &str = "hijack_alice";
 const HOSTILE_PATH: &str = "evil, pg_catalog, mal, public";
 
 /// Files whose text holds the extension's SQL.
@@ -98,16 +101,16 @@ fn names_in_source() -> (BTreeSet<String>, BTreeSet<String>) {
 /// The roles, the hostile role's schema of shadows and the objects its tasks use.
 fn setup(admin: &mut Client) -> Vec<(String, i32, i32)> {
     admin
-        .batch_execute(
-            "DROP ROLE IF EXISTS mallory, alice;
-             CREATE ROLE mallory LOGIN;
-             CREATE ROLE alice LOGIN;
-             CREATE SCHEMA evil AUTHORIZATION mallory;
-             CREATE SCHEMA mal AUTHORIZATION mallory;
-             CREATE SCHEMA ali AUTHORIZATION alice;",
-        )
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {HOSTILE}, {OTHER};
+             CREATE ROLE {HOSTILE} LOGIN;
+             CREATE ROLE {OTHER} LOGIN;
+             CREATE SCHEMA evil AUTHORIZATION {HOSTILE};
+             CREATE SCHEMA mal AUTHORIZATION {HOSTILE};
+             CREATE SCHEMA ali AUTHORIZATION {OTHER};"
+        ))
         .unwrap();
-    let mut mallory = Cluster::get().connect_as(DB, "mallory");
+    let mut mallory = Cluster::get().connect_as(DB, HOSTILE);
     mallory
         .batch_execute(
             "GRANT USAGE ON SCHEMA evil TO PUBLIC;
@@ -137,11 +140,11 @@ fn setup(admin: &mut Client) -> Vec<(String, i32, i32)> {
         .collect();
     mallory
         .batch_execute(&format!(
-            "ALTER ROLE mallory SET search_path = {HOSTILE_PATH}"
+            "ALTER ROLE {HOSTILE} SET search_path = {HOSTILE_PATH}"
         ))
         .unwrap();
 
-    let mut alice = Cluster::get().connect_as(DB, "alice");
+    let mut alice = Cluster::get().connect_as(DB, OTHER);
     alice
         .batch_execute(
             "CREATE TABLE ali.t (k bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
@@ -284,7 +287,7 @@ fn no_shadowing_function_or_operator_ever_runs_with_another_roles_rights() {
         "the hostile role built its shadows: {made:?}"
     );
 
-    let mut mallory = Cluster::get().connect_as(DB, "mallory");
+    let mut mallory = Cluster::get().connect_as(DB, HOSTILE);
     let path: String = one(&mut mallory, "SHOW search_path");
     assert_eq!(path, HOSTILE_PATH, "ALTER ROLE ... SET reached the session");
     let mut failed = hostile_workload(&mut mallory);
@@ -312,7 +315,7 @@ fn no_shadowing_function_or_operator_ever_runs_with_another_roles_rights() {
         &mut admin,
         "SELECT count(*) + 1 FROM pg_class WHERE now() = now()",
     );
-    let mut alice = Cluster::get().connect_as(DB, "alice");
+    let mut alice = Cluster::get().connect_as(DB, OTHER);
     for sql in [
         "SELECT * FROM chunkwise.run('a_task')",
         "SELECT * FROM chunkwise.task_status",
@@ -334,7 +337,7 @@ fn no_shadowing_function_or_operator_ever_runs_with_another_roles_rights() {
     let hits = hits();
     let foreign: BTreeSet<String> = hits
         .iter()
-        .filter(|h| h.user != "mallory")
+        .filter(|h| h.user != HOSTILE)
         .map(|h| format!("{} ran as {} in a {}", h.name, h.user, h.backend))
         .collect();
     assert!(

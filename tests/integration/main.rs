@@ -16,6 +16,7 @@ mod planning;
 mod ranges;
 mod regress;
 mod security;
+mod tenants;
 
 /// The shared cluster of these tests (pg_cron preloaded for the scheduling tests).
 pub const CLUSTER: harness::ClusterSpec = harness::ClusterSpec {
