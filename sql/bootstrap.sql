@@ -30,6 +30,11 @@ CREATE TABLE chunkwise.tasks (
     -- chunkwise.cancel() stops every run of the task numbered up to this one.
     cancelled_through   bigint NOT NULL DEFAULT 0,
     created_at          timestamptz NOT NULL DEFAULT now(),
+    -- The domain chunkwise."task:<name>", owned by the task's owner: it makes the task
+    -- a dependency of the owner role for DROP ROLE, REASSIGN OWNED and DROP OWNED. Its
+    -- owner is the task's owner (chunkwise._owner); `owner` is the role that created
+    -- the task, used only for a task without an anchor.
+    anchor              regtype UNIQUE,
     CHECK ((call IS NULL) <> (statement IS NULL))
 );
 
@@ -131,6 +136,12 @@ REVOKE ALL ON SEQUENCE chunkwise.run_id_seq FROM PUBLIC;
 -- Who sees a task in the views: members of its owner role and of pg_monitor. One SQL
 -- function, so that every view applies the same rule; like every function here it runs
 -- with a pinned search_path, whatever the caller's.
+-- A task's owner: its anchor's owner (REASSIGN OWNED moves it), else the creator.
+CREATE FUNCTION chunkwise._owner(anchor regtype, creator oid) RETURNS oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT d.typowner FROM pg_catalog.pg_type d WHERE d.oid = anchor), creator)
+$$;
+
 CREATE FUNCTION chunkwise._visible(owner oid) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_catalog.pg_has_role(owner, 'USAGE') OR pg_catalog.pg_has_role('pg_monitor', 'USAGE')
@@ -152,7 +163,7 @@ REVOKE ALL ON chunkwise._live_workers FROM PUBLIC;
 
 CREATE VIEW chunkwise.task_status WITH (security_barrier) AS
 SELECT t.task,
-       t.owner::regrole AS owner,
+       chunkwise._owner(t.anchor, t.owner)::regrole AS owner,
        t.paused,
        c.pending,
        c.waiting_retry,
@@ -191,7 +202,7 @@ SELECT t.task,
           FROM chunkwise._live_workers lw
           JOIN chunkwise.run_history ru USING (run_id)
          WHERE ru.task_id = t.task_id) w ON true
- WHERE chunkwise._visible(t.owner);
+ WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
 
 CREATE VIEW chunkwise.failures WITH (security_barrier) AS
 SELECT t.task,
@@ -210,7 +221,7 @@ SELECT t.task,
   FROM chunkwise.items i
   JOIN chunkwise.tasks t USING (task_id)
  WHERE i.last_failed_at IS NOT NULL AND i.status IN ('pending', 'dead')
-   AND chunkwise._visible(t.owner);
+   AND chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
 
 -- Every run, with its state: running while one of its workers is alive; otherwise
 -- cancelled, interrupted (a worker died without saying goodbye: crash, restart, kill -9)
@@ -239,7 +250,7 @@ SELECT r.run_id,
   JOIN chunkwise.tasks t USING (task_id)
   LEFT JOIN LATERAL (SELECT count(*) AS live FROM chunkwise._live_workers lw
                       WHERE lw.run_id = r.run_id) l ON true
- WHERE chunkwise._visible(t.owner);
+ WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
 
 -- Every live worker and what it is doing. Workers publish
 -- 'task <name>: key <k> (item <id>); <n> items done' as their current query.
@@ -255,7 +266,7 @@ SELECT lw.pid,
   FROM chunkwise._live_workers lw
   JOIN chunkwise.run_history r USING (run_id)
   JOIN chunkwise.tasks t USING (task_id)
- WHERE chunkwise._visible(t.owner);
+ WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
 
 -- Items by task and priority tier (priority / 10^12: the activity tier of
 -- plan_by_activity; 0 for plain priorities).
@@ -270,8 +281,36 @@ SELECT t.task,
        max(i.finished_at) FILTER (WHERE i.status = 'done') AS last_done
   FROM chunkwise.items i
   JOIN chunkwise.tasks t USING (task_id)
- WHERE chunkwise._visible(t.owner)
+ WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner))
  GROUP BY t.task, i.priority / 1000000000000;
+
+-- Owners as dependencies. A task's anchor domain belongs to its owner, so PostgreSQL
+-- refuses DROP ROLE of an owner, and REASSIGN OWNED hands the anchor (and so the task,
+-- see chunkwise._owner) over. When DROP OWNED (or DROP DOMAIN) drops an anchor, this
+-- drops its task with its queue and history. It runs as the extension owner with a
+-- pinned search_path, whoever runs the DDL.
+CREATE FUNCTION chunkwise._forget_dropped_tasks() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    gone int[];
+BEGIN
+    SELECT pg_catalog.array_agg(t.task_id) INTO gone
+      FROM chunkwise.tasks t
+      JOIN pg_catalog.pg_event_trigger_dropped_objects() d
+        ON d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.objid = t.anchor;
+    IF gone IS NULL THEN
+        RETURN;
+    END IF;
+    DELETE FROM chunkwise.items WHERE task_id = ANY (gone);
+    DELETE FROM chunkwise.groups WHERE task_id = ANY (gone);
+    DELETE FROM chunkwise.run_history WHERE task_id = ANY (gone);
+    DELETE FROM chunkwise.tasks WHERE task_id = ANY (gone);
+END $$;
+
+REVOKE ALL ON FUNCTION chunkwise._forget_dropped_tasks() FROM PUBLIC;
+
+CREATE EVENT TRIGGER chunkwise_forget_dropped_tasks ON sql_drop
+    EXECUTE FUNCTION chunkwise._forget_dropped_tasks();
 
 GRANT SELECT ON chunkwise.task_status, chunkwise.failures, chunkwise.runs, chunkwise.workers,
                 chunkwise.priority_summary TO PUBLIC;

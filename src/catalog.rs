@@ -30,7 +30,7 @@ pub struct Task {
     pub paused: bool,
 }
 
-const TASK_COLUMNS: &str = "task_id, task, owner, call::oid, statement, after, workers, \
+const TASK_COLUMNS: &str = "task_id, task, chunkwise._owner(anchor, owner), call::oid, statement, after, workers, \
      max_attempts, (extract(epoch FROM item_timeout) * 1000)::bigint, items_per_commit, \
      synchronous_commit, paused, source, rank_by_activity, max_items_per_cycle, sequential_groups";
 

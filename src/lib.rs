@@ -14,6 +14,7 @@ mod launcher;
 mod locks;
 mod notify;
 mod oid_args;
+mod ownership;
 mod ranking;
 mod run_state;
 mod security;

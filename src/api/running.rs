@@ -76,7 +76,7 @@ fn read_run(run_id: i64) -> SqlResult<Option<RunRow>> {
     let row = as_extension_owner(|| {
         Spi::connect(|client| -> pgrx::spi::Result<Option<RunRow>> {
             let table = client.select(
-                "SELECT r.task, t.owner, r.state, r.processed, r.failed, r.dead, r.seconds::float8 \
+                "SELECT r.task, chunkwise._owner(t.anchor, t.owner), r.state, r.processed, r.failed, r.dead, r.seconds::float8 \
                    FROM chunkwise.runs r JOIN chunkwise.tasks t USING (task) WHERE r.run_id = $1",
                 Some(1),
                 &[run_id.into()],

@@ -7,6 +7,7 @@ use crate::catalog::{Task, required_task_name};
 use crate::error::{OrRaise, SqlError, SqlResult, excerpt};
 use crate::gucs;
 use crate::oid_args::RegProc;
+use crate::ownership::{anchor_task, drop_anchor};
 use crate::security::{
     as_extension_owner, current_user, ensure_owner_can_run, ensure_owner_may_execute,
 };
@@ -178,26 +179,22 @@ impl TaskOptions {
         ]
     }
 
+    /// Inserts the task and anchors it to its owner (see `ownership`).
     fn insert(&self) -> SqlResult<()> {
         let mut args: Vec<DatumWithOid> = vec![self.name.as_str().into(), self.owner.into()];
         args.extend(self.option_args());
         let inserted = as_extension_owner(|| {
-            Spi::connect_mut(|client| {
-                client
-                    .update(
-                        &format!(
-                            "INSERT INTO chunkwise.tasks (task, owner, {OPTION_COLUMNS}) \
-                             VALUES ($1, $2, $3::regprocedure, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-                             ON CONFLICT (task) DO NOTHING"
-                        ),
-                        None,
-                        &args,
-                    )
-                    .map(|table| table.len())
-            })
+            Spi::get_one_with_args::<i32>(
+                &format!(
+                    "INSERT INTO chunkwise.tasks (task, owner, {OPTION_COLUMNS}) \
+                     VALUES ($1, $2, $3::regprocedure, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+                     ON CONFLICT (task) DO NOTHING RETURNING task_id"
+                ),
+                &args,
+            )
         })?;
-        if inserted == 1 {
-            return Ok(());
+        if let Some(task_id) = inserted {
+            return anchor_task(task_id, &self.name, self.owner);
         }
         Err(SqlError::new(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
@@ -464,6 +461,7 @@ fn drop_task(task: Option<&str>) {
                 &[task.id.into()],
             )
         })?;
+        drop_anchor(&task.name)?;
         let pending = pending.unwrap_or(0);
         if pending > 0 {
             notice!(

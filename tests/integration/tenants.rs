@@ -420,3 +420,93 @@ fn planning_wide_rows_keeps_the_backend_small_and_refused_values_are_not_echoed(
         );
     }
 }
+
+#[test]
+fn task_owners_are_dependencies_for_drop_role_reassign_owned_and_drop_owned() {
+    let db = "tenant_owners";
+    let mut admin = test_db(db);
+    admin
+        .batch_execute(&in_db(
+            db,
+            "DROP ROLE IF EXISTS mallory, alice;
+             CREATE ROLE mallory LOGIN;
+             CREATE ROLE alice LOGIN;
+             CREATE TABLE public.ran (k bigint, who text);
+             GRANT INSERT ON public.ran TO PUBLIC;
+             CREATE PROCEDURE public.work(k bigint) LANGUAGE sql AS
+               'INSERT INTO public.ran VALUES (k, current_user)';",
+        ))
+        .unwrap();
+    let mut mallory = connect(db, "mallory");
+    mallory
+        .batch_execute(
+            "SELECT chunkwise.create_task('m1', call => 'public.work');
+             SELECT chunkwise.create_task('m2', call => 'public.work');
+             SELECT chunkwise.plan('m1', 'SELECT generate_series(1, 3)::bigint AS key');",
+        )
+        .unwrap();
+    mallory
+        .batch_execute("SELECT * FROM chunkwise.run('m1')")
+        .unwrap();
+    drop(mallory);
+
+    let err = admin
+        .batch_execute(&in_db(db, "DROP ROLE mallory"))
+        .expect_err("an owner of tasks cannot be dropped");
+    let db_error = err.as_db_error().unwrap();
+    assert_eq!(db_error.code().code(), "2BP01");
+    assert!(
+        db_error
+            .detail()
+            .unwrap_or_default()
+            .contains("\"task:m1\""),
+        "the refusal names the task: {:?}",
+        db_error.detail()
+    );
+
+    admin
+        .batch_execute(&in_db(db, "REASSIGN OWNED BY mallory TO alice"))
+        .unwrap();
+    let owner: String = one(
+        &mut admin,
+        "SELECT owner::text FROM chunkwise.task_status WHERE task = 'm1'",
+    );
+    assert_eq!(owner, role(db, "alice"), "the task went with its anchor");
+    let mut alice = connect(db, "alice");
+    alice
+        .batch_execute(
+            "SELECT chunkwise.plan('m1', 'SELECT generate_series(4, 5)::bigint AS key');",
+        )
+        .unwrap();
+    alice
+        .batch_execute("SELECT * FROM chunkwise.run('m1')")
+        .unwrap();
+    let who: Vec<String> = admin
+        .query("SELECT DISTINCT who FROM public.ran WHERE k >= 4", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        who,
+        vec![role(db, "alice")],
+        "workers now run as the new owner"
+    );
+    admin
+        .batch_execute(&in_db(db, "DROP ROLE mallory"))
+        .expect("nothing is left of the old owner");
+
+    admin
+        .batch_execute(&in_db(db, "DROP OWNED BY alice"))
+        .unwrap();
+    let left: i64 = one(
+        &mut admin,
+        "SELECT (SELECT count(*) FROM chunkwise.tasks) + (SELECT count(*) FROM chunkwise.items) \
+              + (SELECT count(*) FROM chunkwise.run_history)",
+    );
+    assert_eq!(
+        left, 0,
+        "DROP OWNED dropped the tasks with their queue and history"
+    );
+    admin.batch_execute(&in_db(db, "DROP ROLE alice")).unwrap();
+}

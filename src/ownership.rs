@@ -1,0 +1,61 @@
+//! A task's owner as PostgreSQL itself sees it.
+//!
+//! Tasks are rows, and a row cannot depend on a role: `DROP ROLE` would succeed and leave
+//! tasks whose workers can never connect. So each task has an anchor, a domain
+//! `chunkwise."task:<name>"` owned by the task's owner. PostgreSQL records that
+//! ownership as a shared dependency, and its own commands do the rest:
+//! - `DROP ROLE` of an owner fails, naming the anchor (`owner of type
+//!   chunkwise."task:datamart"`);
+//! - `REASSIGN OWNED BY old TO new` hands the anchor over, and with it the task: a
+//!   task's owner is its anchor's owner (`chunkwise._owner`);
+//! - `DROP OWNED BY old` drops the anchor, and the event trigger
+//!   `chunkwise_forget_dropped_tasks` drops the task with its queue and history.
+//! The anchors live in the extension's schema but are not members of the extension, so
+//! pg_dump keeps them with the tasks (whose `anchor` column names them).
+
+use pgrx::prelude::*;
+use pgrx::spi::quote_identifier;
+
+use crate::error::SqlResult;
+use crate::security::{as_extension_owner_with, role_name};
+
+/// Citus would create every anchor on every node: they belong to the coordinator only.
+const SETTINGS: &[(&std::ffi::CStr, &std::ffi::CStr)] =
+    &[(c"citus.enable_ddl_propagation", c"off")];
+
+/// The anchor's name, quoted and schema-qualified.
+fn anchor_name(task: &str) -> String {
+    format!("chunkwise.{}", quote_identifier(format!("task:{task}")))
+}
+
+/// Creates the anchor of a task just inserted, owned by `owner`, and records it.
+pub fn anchor_task(task_id: i32, task: &str, owner: pg_sys::Oid) -> SqlResult<()> {
+    let anchor = anchor_name(task);
+    as_extension_owner_with(SETTINGS, || -> SqlResult<()> {
+        Spi::run(&format!("CREATE DOMAIN {anchor} AS pg_catalog.bool"))?;
+        Spi::run(&format!(
+            "COMMENT ON DOMAIN {anchor} IS {}",
+            pgrx::spi::quote_literal(format!(
+                "Owner of pg_chunkwise task {task}: DROP OWNED drops the task, REASSIGN OWNED hands it over."
+            ))
+        ))?;
+        Spi::run(&format!(
+            "ALTER DOMAIN {anchor} OWNER TO {}",
+            quote_identifier(role_name(owner))
+        ))?;
+        Spi::run_with_args(
+            "UPDATE chunkwise.tasks SET anchor = $2::pg_catalog.regtype WHERE task_id = $1",
+            &[task_id.into(), anchor.as_str().into()],
+        )?;
+        Ok(())
+    })
+}
+
+/// Drops the anchor of a task whose rows are gone.
+pub fn drop_anchor(task: &str) -> SqlResult<()> {
+    let anchor = anchor_name(task);
+    as_extension_owner_with(SETTINGS, || {
+        Spi::run(&format!("DROP DOMAIN IF EXISTS {anchor}"))
+    })?;
+    Ok(())
+}
