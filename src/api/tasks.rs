@@ -184,14 +184,22 @@ impl TaskOptions {
         let mut args: Vec<DatumWithOid> = vec![self.name.as_str().into(), self.owner.into()];
         args.extend(self.option_args());
         let inserted = as_extension_owner(|| {
-            Spi::get_one_with_args::<i32>(
-                &format!(
-                    "INSERT INTO chunkwise.tasks (task, owner, {OPTION_COLUMNS}) \
-                     VALUES ($1, $2, $3::regprocedure, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-                     ON CONFLICT (task) DO NOTHING RETURNING task_id"
-                ),
-                &args,
-            )
+            Spi::connect_mut(|client| {
+                let table = client.update(
+                    &format!(
+                        "INSERT INTO chunkwise.tasks (task, owner, {OPTION_COLUMNS}) \
+                         VALUES ($1, $2, $3::regprocedure, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+                         ON CONFLICT (task) DO NOTHING RETURNING task_id"
+                    ),
+                    None,
+                    &args,
+                )?;
+                // No row: the name is taken.
+                match table.into_iter().next() {
+                    Some(row) => row.get::<i32>(1),
+                    None => Ok(None),
+                }
+            })
         })?;
         if let Some(task_id) = inserted {
             return anchor_task(task_id, &self.name, self.owner);

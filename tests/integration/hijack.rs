@@ -281,6 +281,7 @@ fn hits() -> Vec<Hit> {
 fn no_shadowing_function_or_operator_ever_runs_with_another_roles_rights() {
     let mut admin = test_db(DB);
     let made = setup(&mut admin);
+    println!("shadows built (kind, made, could not be made): {made:?}");
     let count = |kind: &str| made.iter().find(|m| m.0 == kind).map_or(0, |m| m.1);
     assert!(
         count("function") > 100 && count("operator") > 100 && count("aggregate") > 10,
