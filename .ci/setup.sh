@@ -49,3 +49,7 @@ fi
 
 say "building and installing pg_chunkwise"
 cargo pgrx install --release --pg-config "$PG_CONFIG"
+# The install scripts of released versions, frozen in sql/ (pgrx writes only the current
+# version's and copies the upgrade scripts): CREATE EXTENSION ... VERSION '0.1.0' and the
+# upgrade test need them.
+bash .ci/install-frozen-scripts.sh "$($PG_CONFIG --sharedir)/extension"

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, after .ci/setup.sh: client tests against a real cluster
-# (tests/integration), which the test harness starts and stops itself, the Citus
+# (tests/integration), which the test harness starts and stops itself, the upgrade
+# path from 0.1.0 (tests/upgrade), the Citus
 # scale-out tests (tests/citus), the fault-injection suite (tests/faults), then the
 # benchmarks in smoke mode (tiny sizes, seconds) so that they cannot rot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUST_TEST_THREADS=1
 cargo test --release --test integration
+# The upgrade path from the first release (built from git history) to this build.
+cargo test --release --test upgrade
 # Scale-out over a local 3-node Citus cluster (skips where Citus is not installed).
 cargo test --release --test citus
 # Fault injection (its own cluster); prints its report table.

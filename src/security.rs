@@ -21,26 +21,39 @@ thread_local! {
 /// comes last, where it is searched for relations only (never for functions or operators).
 const PINNED_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
 
-/// The role that owns the extension (and so its tables).
+/// The role that owns the extension (and so its tables). Refuses to go on when the
+/// extension's objects in this database are of another version than this library: after
+/// a package upgrade, until `ALTER EXTENSION pg_chunkwise UPDATE`, the library would work
+/// on tables it does not know.
 pub fn extension_owner() -> pg_sys::Oid {
     if let Some(owner) = EXTENSION_OWNER.with(Cell::get) {
         return owner;
     }
-    let owner = with_pinned_search_path(|| {
-        Spi::get_one::<pg_sys::Oid>(
-            "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_chunkwise'",
+    let found = with_pinned_search_path(|| {
+        Spi::get_two::<pg_sys::Oid, String>(
+            "SELECT extowner, extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_chunkwise'",
         )
-    })
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| {
+    });
+    let Ok((Some(owner), Some(version))) = found else {
         SqlError::new(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             "extension \"pg_chunkwise\" is not installed in this database",
         )
         .hint("Run CREATE EXTENSION pg_chunkwise.")
         .raise()
-    });
+    };
+    let library = env!("CARGO_PKG_VERSION");
+    if version != library {
+        SqlError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "the pg_chunkwise library is version {library}, but this database has the extension at version {version}"
+            ),
+        )
+        .detail("pg_chunkwise leaves its tables alone until the extension is updated.")
+        .hint("Run ALTER EXTENSION pg_chunkwise UPDATE (once the runs under way have finished).")
+        .raise()
+    }
     EXTENSION_OWNER.with(|c| c.set(Some(owner)));
     owner
 }

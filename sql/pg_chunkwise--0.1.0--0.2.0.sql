@@ -1,0 +1,222 @@
+-- pg_chunkwise 0.1.0 -> 0.2.0. Released scripts never change; every schema change after
+-- 0.2.0 goes into the next script of the chain (pg_chunkwise--0.2.0--0.3.0.sql, ...).
+-- CI installs 0.1.0, queues and runs work with the 0.1.0 library, updates, runs the
+-- rest, and checks that the updated extension's objects equal a fresh 0.2.0's.
+
+\echo Use "ALTER EXTENSION pg_chunkwise UPDATE" to load this file. \quit
+
+-- Refuse while workers of this database run: they run the old library against the old
+-- tables. Nothing is changed; run the update again once they are done.
+DO $guard$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_stat_activity
+                WHERE backend_type = 'chunkwise worker'
+                  AND datname = pg_catalog.current_database()) THEN
+        RAISE EXCEPTION 'pg_chunkwise workers are running in this database'
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Let the runs finish (SELECT * FROM chunkwise.runs WHERE state = ''running'') or chunkwise.cancel() them, then run ALTER EXTENSION pg_chunkwise UPDATE again; nothing was changed.';
+    END IF;
+END
+$guard$;
+
+-- Security (issue 15): SQL functions pin their search_path.
+CREATE OR REPLACE FUNCTION chunkwise._visible(owner oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_catalog.pg_has_role(owner, 'USAGE') OR pg_catalog.pg_has_role('pg_monitor', 'USAGE')
+$$;
+
+-- Liveness from the workers' own session rows, not from application_name.
+CREATE TABLE chunkwise.worker_sessions (
+    pid           int PRIMARY KEY,
+    run_id        bigint NOT NULL,
+    backend_start timestamptz NOT NULL
+);
+REVOKE ALL ON chunkwise.worker_sessions FROM PUBLIC;
+
+CREATE OR REPLACE VIEW chunkwise._live_workers WITH (security_barrier) AS
+SELECT a.pid,
+       w.run_id,
+       a.state,
+       a.query,
+       a.query_start,
+       a.backend_start
+  FROM chunkwise.worker_sessions w
+  JOIN pg_catalog.pg_stat_activity a ON a.pid = w.pid AND a.backend_start = w.backend_start
+ WHERE a.backend_type = 'chunkwise worker';
+REVOKE ALL ON chunkwise._live_workers FROM PUBLIC;
+
+-- Owners as dependencies: each task's anchor domain, owned by its owner.
+ALTER TABLE chunkwise.tasks ADD COLUMN anchor regtype UNIQUE;
+
+CREATE FUNCTION chunkwise._owner(anchor regtype, creator oid) RETURNS oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT d.typowner FROM pg_catalog.pg_type d WHERE d.oid = anchor), creator)
+$$;
+
+CREATE OR REPLACE VIEW chunkwise.task_status WITH (security_barrier) AS
+SELECT t.task,
+       chunkwise._owner(t.anchor, t.owner)::regrole AS owner,
+       t.paused,
+       c.pending,
+       c.waiting_retry,
+       coalesce(w.running, 0) AS running,
+       c.done,
+       c.dead,
+       coalesce(w.workers, 0) AS active_workers,
+       b.blocked_groups,
+       round(r.per_second, 2) AS items_per_second,
+       CASE WHEN r.per_second > 0
+            THEN make_interval(secs => round((c.pending + c.waiting_retry) / r.per_second))
+       END AS estimated_time_left
+  FROM chunkwise.tasks t
+ CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE i.status = 'pending' AND i.not_before <= now()) AS pending,
+               count(*) FILTER (WHERE i.status = 'pending' AND i.not_before > now()) AS waiting_retry,
+               count(*) FILTER (WHERE i.status = 'done') AS done,
+               count(*) FILTER (WHERE i.status = 'dead') AS dead
+          FROM chunkwise.items i
+         WHERE i.task_id = t.task_id) c
+ CROSS JOIN LATERAL (
+        -- In a task with sequential_groups, a dead item blocks its group.
+        SELECT CASE WHEN t.sequential_groups THEN count(DISTINCT i.group_key) ELSE 0 END AS blocked_groups
+          FROM chunkwise.items i
+         WHERE i.task_id = t.task_id AND i.status = 'dead') b
+ CROSS JOIN LATERAL (
+        -- Throughput over the last minute, or over the part of it the work has run, so
+        -- that a run ten seconds old is not measured against sixty.
+        SELECT count(*) / greatest(extract(epoch FROM now() - min(i.finished_at)), 1.0) AS per_second
+          FROM chunkwise.items i
+         WHERE i.task_id = t.task_id AND i.status = 'done'
+           AND i.finished_at > now() - interval '1 minute') r
+  LEFT JOIN LATERAL (
+        SELECT count(*) AS workers,
+               count(*) FILTER (WHERE lw.state = 'active') AS running
+          FROM chunkwise._live_workers lw
+          JOIN chunkwise.run_history ru USING (run_id)
+         WHERE ru.task_id = t.task_id) w ON true
+ WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
+
+CREATE OR REPLACE VIEW chunkwise.failures WITH (security_barrier) AS
+SELECT t.task,
+       i.key,
+       i.hi,
+       i.status,
+       i.attempts,
+       t.max_attempts,
+       i.last_sqlstate AS sqlstate,
+       i.last_error AS message,
+       i.last_failed_at,
+       CASE WHEN i.status = 'pending' THEN i.not_before END AS next_retry,
+       i.group_key,
+       (t.sequential_groups AND i.status = 'dead') AS blocks_group,
+       i.item_id
+  FROM chunkwise.items i
+  JOIN chunkwise.tasks t USING (task_id)
+ WHERE i.last_failed_at IS NOT NULL AND i.status IN ('pending', 'dead')
+   AND chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
+
+CREATE OR REPLACE VIEW chunkwise.runs WITH (security_barrier) AS
+SELECT r.run_id,
+       t.task,
+       CASE WHEN coalesce(l.live, 0) > 0 THEN 'running'
+            WHEN r.cancelled THEN 'cancelled'
+            WHEN r.workers_exited < r.workers_started THEN 'interrupted'
+            ELSE 'finished'
+       END AS state,
+       r.started_at,
+       CASE WHEN coalesce(l.live, 0) = 0 THEN r.finished_at END AS finished_at,
+       round(extract(epoch FROM CASE WHEN coalesce(l.live, 0) > 0 THEN clock_timestamp()
+                                     ELSE r.finished_at END - r.started_at)::numeric, 3) AS seconds,
+       r.workers_requested,
+       r.workers_started,
+       r.workers_exited,
+       coalesce(l.live, 0) AS workers_live,
+       r.max_items,
+       r.processed,
+       r.failed,
+       r.dead
+  FROM chunkwise.run_history r
+  JOIN chunkwise.tasks t USING (task_id)
+  LEFT JOIN LATERAL (SELECT count(*) AS live FROM chunkwise._live_workers lw
+                      WHERE lw.run_id = r.run_id) l ON true
+ WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
+
+CREATE OR REPLACE VIEW chunkwise.workers WITH (security_barrier) AS
+SELECT lw.pid,
+       t.task,
+       lw.run_id,
+       CASE WHEN lw.state = 'active' THEN substring(lw.query FROM ': key (-?[0-9]+) ')::bigint END AS current_key,
+       CASE WHEN lw.state = 'active' THEN substring(lw.query FROM '\(item ([0-9]+)\)')::bigint END AS current_item,
+       CASE WHEN lw.state = 'active' THEN lw.query_start END AS since,
+       coalesce(substring(lw.query FROM '; ([0-9]+) items done')::bigint, 0) AS items_done,
+       lw.backend_start AS started_at
+  FROM chunkwise._live_workers lw
+  JOIN chunkwise.run_history r USING (run_id)
+  JOIN chunkwise.tasks t USING (task_id)
+ WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
+
+CREATE OR REPLACE VIEW chunkwise.priority_summary WITH (security_barrier) AS
+SELECT t.task,
+       i.priority / 1000000000000 AS tier,
+       count(*) FILTER (WHERE i.status = 'pending' AND i.not_before <= now()) AS pending,
+       count(*) FILTER (WHERE i.status = 'pending' AND i.not_before > now()) AS waiting_retry,
+       count(*) FILTER (WHERE i.status = 'done') AS done,
+       count(*) FILTER (WHERE i.status = 'dead') AS dead,
+       min(i.finished_at) FILTER (WHERE i.status = 'done') AS first_done,
+       max(i.finished_at) FILTER (WHERE i.status = 'done') AS last_done
+  FROM chunkwise.items i
+  JOIN chunkwise.tasks t USING (task_id)
+ WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner))
+ GROUP BY t.task, i.priority / 1000000000000;
+
+CREATE FUNCTION chunkwise._forget_dropped_tasks() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    gone int[];
+BEGIN
+    SELECT pg_catalog.array_agg(t.task_id) INTO gone
+      FROM chunkwise.tasks t
+      JOIN pg_catalog.pg_event_trigger_dropped_objects() d
+        ON d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.objid = t.anchor;
+    IF gone IS NULL THEN
+        RETURN;
+    END IF;
+    DELETE FROM chunkwise.items WHERE task_id = ANY (gone);
+    DELETE FROM chunkwise.groups WHERE task_id = ANY (gone);
+    DELETE FROM chunkwise.run_history WHERE task_id = ANY (gone);
+    DELETE FROM chunkwise.tasks WHERE task_id = ANY (gone);
+END $$;
+
+REVOKE ALL ON FUNCTION chunkwise._forget_dropped_tasks() FROM PUBLIC;
+
+CREATE EVENT TRIGGER chunkwise_forget_dropped_tasks ON sql_drop
+    EXECUTE FUNCTION chunkwise._forget_dropped_tasks();
+
+-- Anchors for the tasks that exist (those whose owner still exists; an orphaned task
+-- keeps failing with "owner no longer exists" until it is dropped). Created here they
+-- would become members of the extension, which pg_dump leaves out: they are taken out
+-- again, as create_task's anchors are never members.
+DO $anchors$
+DECLARE
+    t record;
+    anchor_name text;
+BEGIN
+    -- Under Citus the anchors belong to the coordinator only, as create_task's do.
+    PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
+    FOR t IN SELECT task_id, task, owner::regrole AS owner FROM chunkwise.tasks
+              WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.oid = owner)
+    LOOP
+        anchor_name := pg_catalog.format('chunkwise.%I', 'task:' || t.task);
+        EXECUTE pg_catalog.format('CREATE DOMAIN %s AS pg_catalog.bool', anchor_name);
+        EXECUTE pg_catalog.format('COMMENT ON DOMAIN %s IS %L', anchor_name,
+            'Owner of pg_chunkwise task ' || t.task || ': DROP OWNED drops the task, REASSIGN OWNED hands it over.');
+        EXECUTE pg_catalog.format('ALTER DOMAIN %s OWNER TO %s', anchor_name, t.owner);
+        UPDATE chunkwise.tasks SET anchor = anchor_name::pg_catalog.regtype WHERE task_id = t.task_id;
+    END LOOP;
+    DELETE FROM pg_catalog.pg_depend
+     WHERE classid = 'pg_catalog.pg_type'::pg_catalog.regclass
+       AND objid IN (SELECT anchor FROM chunkwise.tasks WHERE anchor IS NOT NULL)
+       AND refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+       AND deptype = 'e';
+END
+$anchors$;
