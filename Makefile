@@ -1,5 +1,5 @@
 # The two commands of the README's quick start. Both install what is missing first.
-.PHONY: setup demo test
+.PHONY: setup demo test package
 
 setup:
 	bash .ci/setup.sh
@@ -9,3 +9,7 @@ demo: setup
 
 test: setup
 	bash .ci/test.sh
+
+# A Debian package of this build: target/postgresql-15-pg-chunkwise_<version>-1_amd64.deb
+package: setup
+	bash .ci/package.sh
