@@ -11,6 +11,7 @@ import claim_groups
 import datamart
 import per_item
 import readme
+import retention
 from lib import Cluster, machine_facts, save
 
 SCENARIOS = {
@@ -20,6 +21,7 @@ SCENARIOS = {
     "backlog_memory": backlog_memory,
     "datamart": datamart,
     "citus_upsert": citus_upsert,
+    "retention": retention,
 }
 
 

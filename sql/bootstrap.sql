@@ -35,6 +35,10 @@ CREATE TABLE chunkwise.tasks (
     -- owner is the task's owner (chunkwise._owner); `owner` is the role that created
     -- the task, used only for a task without an anchor.
     anchor              regtype UNIQUE,
+    -- Retention: done and skipped items and finished runs older than these are removed
+    -- at the end of the task's runs, a bounded batch at a time.
+    retain_done         interval NOT NULL DEFAULT '7 days',
+    retain_runs         interval NOT NULL DEFAULT '30 days',
     CHECK ((call IS NULL) <> (statement IS NULL))
 );
 
@@ -70,6 +74,9 @@ CREATE UNIQUE INDEX items_pending_key_idx ON chunkwise.items (task_id, key)
 -- Progress, throughput over the last minute and per-run counts read finished items by time.
 CREATE INDEX items_done_idx ON chunkwise.items (task_id, finished_at)
     WHERE status = 'done';
+-- Retention finds old skipped items (rare: one per skip()) without reading the others.
+CREATE INDEX items_skipped_idx ON chunkwise.items (task_id, finished_at)
+    WHERE status = 'skipped';
 -- chunkwise.failures lists items that failed at least once and are not done.
 CREATE INDEX items_failed_idx ON chunkwise.items (task_id, last_failed_at)
     WHERE last_failed_at IS NOT NULL AND status IN ('pending', 'dead');
@@ -175,13 +182,17 @@ SELECT t.task,
        round(r.per_second, 2) AS items_per_second,
        CASE WHEN r.per_second > 0
             THEN make_interval(secs => round((c.pending + c.waiting_retry) / r.per_second))
-       END AS estimated_time_left
+       END AS estimated_time_left,
+       -- What retention keeps: done and skipped items, finished runs.
+       c.done + c.skipped AS kept_items,
+       (SELECT count(*) FROM chunkwise.run_history h WHERE h.task_id = t.task_id) AS kept_runs
   FROM chunkwise.tasks t
  CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE i.status = 'pending' AND i.not_before <= now()) AS pending,
                count(*) FILTER (WHERE i.status = 'pending' AND i.not_before > now()) AS waiting_retry,
                count(*) FILTER (WHERE i.status = 'done') AS done,
-               count(*) FILTER (WHERE i.status = 'dead') AS dead
+               count(*) FILTER (WHERE i.status = 'dead') AS dead,
+               count(*) FILTER (WHERE i.status = 'skipped') AS skipped
           FROM chunkwise.items i
          WHERE i.task_id = t.task_id) c
  CROSS JOIN LATERAL (

@@ -48,6 +48,65 @@ REVOKE ALL ON chunkwise._live_workers FROM PUBLIC;
 -- Owners as dependencies: each task's anchor domain, owned by its owner.
 ALTER TABLE chunkwise.tasks ADD COLUMN anchor regtype UNIQUE;
 
+-- Lifecycle (issue 16): retention of done and skipped items and finished runs, set per
+-- task and applied at the end of its runs.
+ALTER TABLE chunkwise.tasks
+    ADD COLUMN retain_done interval NOT NULL DEFAULT '7 days',
+    ADD COLUMN retain_runs interval NOT NULL DEFAULT '30 days';
+CREATE INDEX items_skipped_idx ON chunkwise.items (task_id, finished_at)
+    WHERE status = 'skipped';
+
+-- create_task and alter_task take retain_done and retain_runs.
+DROP FUNCTION chunkwise.create_task(text, regproc, text, text, text, int, bigint, int, interval,
+                                    interval, interval, int, bool, bool, bool);
+DROP FUNCTION chunkwise.alter_task(text, regproc, text, text, text, int, bigint, int, interval,
+                                   interval, interval, int, bool, bool, bool);
+CREATE FUNCTION chunkwise.create_task(
+	"task" TEXT, /* Option < & str > */
+	"call" regproc DEFAULT NULL, /* Option < RegProc > */
+	"statement" TEXT DEFAULT NULL, /* Option < & str > */
+	"after" TEXT DEFAULT NULL, /* Option < & str > */
+	"source" TEXT DEFAULT NULL, /* Option < & str > */
+	"workers" INT DEFAULT NULL, /* Option < i32 > */
+	"max_items_per_cycle" bigint DEFAULT NULL, /* Option < i64 > */
+	"max_attempts" INT DEFAULT 5, /* Option < i32 > */
+	"retry_backoff" interval DEFAULT '10 seconds', /* Option < Interval > */
+	"retry_backoff_max" interval DEFAULT '1 hour', /* Option < Interval > */
+	"item_timeout" interval DEFAULT NULL, /* Option < Interval > */
+	"items_per_commit" INT DEFAULT 1, /* Option < i32 > */
+	"synchronous_commit" bool DEFAULT true, /* Option < bool > */
+	"sequential_groups" bool DEFAULT false, /* Option < bool > */
+	"rank_by_activity" bool DEFAULT false, /* Option < bool > */
+	"retain_done" interval DEFAULT '7 days', /* Option < Interval > */
+	"retain_runs" interval DEFAULT '30 days' /* Option < Interval > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'create_task_wrapper';
+
+CREATE FUNCTION chunkwise.alter_task(
+	"task" TEXT, /* Option < & str > */
+	"call" regproc DEFAULT NULL, /* Option < RegProc > */
+	"statement" TEXT DEFAULT NULL, /* Option < & str > */
+	"after" TEXT DEFAULT NULL, /* Option < & str > */
+	"source" TEXT DEFAULT NULL, /* Option < & str > */
+	"workers" INT DEFAULT NULL, /* Option < i32 > */
+	"max_items_per_cycle" bigint DEFAULT NULL, /* Option < i64 > */
+	"max_attempts" INT DEFAULT NULL, /* Option < i32 > */
+	"retry_backoff" interval DEFAULT NULL, /* Option < Interval > */
+	"retry_backoff_max" interval DEFAULT NULL, /* Option < Interval > */
+	"item_timeout" interval DEFAULT NULL, /* Option < Interval > */
+	"items_per_commit" INT DEFAULT NULL, /* Option < i32 > */
+	"synchronous_commit" bool DEFAULT NULL, /* Option < bool > */
+	"sequential_groups" bool DEFAULT NULL, /* Option < bool > */
+	"rank_by_activity" bool DEFAULT NULL, /* Option < bool > */
+	"retain_done" interval DEFAULT NULL, /* Option < Interval > */
+	"retain_runs" interval DEFAULT NULL /* Option < Interval > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'alter_task_wrapper';
+
 CREATE FUNCTION chunkwise._owner(anchor regtype, creator oid) RETURNS oid
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce((SELECT d.typowner FROM pg_catalog.pg_type d WHERE d.oid = anchor), creator)
@@ -67,13 +126,17 @@ SELECT t.task,
        round(r.per_second, 2) AS items_per_second,
        CASE WHEN r.per_second > 0
             THEN make_interval(secs => round((c.pending + c.waiting_retry) / r.per_second))
-       END AS estimated_time_left
+       END AS estimated_time_left,
+       -- What retention keeps: done and skipped items, finished runs.
+       c.done + c.skipped AS kept_items,
+       (SELECT count(*) FROM chunkwise.run_history h WHERE h.task_id = t.task_id) AS kept_runs
   FROM chunkwise.tasks t
  CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE i.status = 'pending' AND i.not_before <= now()) AS pending,
                count(*) FILTER (WHERE i.status = 'pending' AND i.not_before > now()) AS waiting_retry,
                count(*) FILTER (WHERE i.status = 'done') AS done,
-               count(*) FILTER (WHERE i.status = 'dead') AS dead
+               count(*) FILTER (WHERE i.status = 'dead') AS dead,
+               count(*) FILTER (WHERE i.status = 'skipped') AS skipped
           FROM chunkwise.items i
          WHERE i.task_id = t.task_id) c
  CROSS JOIN LATERAL (

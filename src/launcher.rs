@@ -12,6 +12,7 @@ use crate::error::{SqlError, SqlResult};
 use crate::gucs;
 use crate::locks::LaunchLock;
 use crate::notify;
+use crate::retention;
 use crate::run_state::{RunState, SharedRun};
 use crate::security::{as_extension_owner, ensure_owner_can_run, ensure_owner_may_execute};
 use crate::target::Target;
@@ -138,11 +139,13 @@ fn launch_run(
     let run_id = next_run_id()?;
     let shared = SharedRun::create(max_items);
     let handles = launch_workers(task, run_id, slots, &shared)?;
+    if shared.state().set_launched(handles.len() as i32) {
+        // Every worker was gone before it could tell: the end is the launcher's to tell.
+        notify::run_finished(run_id);
+        retention::apply(task.id);
+    }
     wait_until_under_way(&shared, &handles);
     drop(launch_lock);
-    if shared.state().set_launched(handles.len() as i32) {
-        notify::run_finished(run_id);
-    }
     Ok(Some(LaunchedRun {
         run_id,
         shared,

@@ -16,6 +16,7 @@ mod notify;
 mod oid_args;
 mod ownership;
 mod ranking;
+mod retention;
 mod run_state;
 mod security;
 mod target;

@@ -38,6 +38,9 @@ struct TaskOptions {
     synchronous_commit: bool,
     sequential_groups: bool,
     rank_by_activity: bool,
+    /// How long done and skipped items, and finished runs, are kept.
+    retain_done: Interval,
+    retain_runs: Interval,
 }
 
 fn required<T>(value: Option<T>, name: &str) -> SqlResult<T> {
@@ -72,6 +75,17 @@ fn ensure_positive_interval(value: &Interval, name: &str) -> SqlResult<()> {
     Err(
         SqlError::invalid_parameter(format!("{name} must be a positive interval"))
             .hint(format!("For example {name} => '10 seconds'.")),
+    )
+}
+
+fn ensure_not_negative(value: &Interval, name: &str) -> SqlResult<()> {
+    if value.months() >= 0 && value.days() >= 0 && value.micros() >= 0 {
+        return Ok(());
+    }
+    Err(
+        SqlError::invalid_parameter(format!("{name} must not be negative")).hint(format!(
+            "For example {name} => '7 days'; '0' keeps nothing once a run ends."
+        )),
     )
 }
 
@@ -150,6 +164,8 @@ impl TaskOptions {
             )
             .hint("Leave items_per_commit out, or drop sequential_groups."));
         }
+        ensure_not_negative(&self.retain_done, "retain_done")?;
+        ensure_not_negative(&self.retain_runs, "retain_runs")?;
         if self.rank_by_activity && self.source.is_none() {
             return Err(
                 SqlError::invalid_parameter("rank_by_activity needs a source query")
@@ -176,6 +192,8 @@ impl TaskOptions {
             self.synchronous_commit.into(),
             self.sequential_groups.into(),
             self.rank_by_activity.into(),
+            self.retain_done.into(),
+            self.retain_runs.into(),
         ]
     }
 
@@ -188,8 +206,9 @@ impl TaskOptions {
                 let table = client.update(
                     &format!(
                         "INSERT INTO chunkwise.tasks (task, owner, {OPTION_COLUMNS}) \
-                         VALUES ($1, $2, $3::regprocedure, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-                         ON CONFLICT (task) DO NOTHING RETURNING task_id"
+                         VALUES ($1, $2, {}) \
+                         ON CONFLICT (task) DO NOTHING RETURNING task_id",
+                        option_placeholders(3)
                     ),
                     None,
                     &args,
@@ -217,9 +236,8 @@ impl TaskOptions {
         as_extension_owner(|| {
             Spi::run_with_args(
                 &format!(
-                    "UPDATE chunkwise.tasks SET ({OPTION_COLUMNS}) = \
-                     ($2::regprocedure, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-                     WHERE task_id = $1"
+                    "UPDATE chunkwise.tasks SET ({OPTION_COLUMNS}) = ({}) WHERE task_id = $1",
+                    option_placeholders(2)
                 ),
                 &args,
             )
@@ -231,7 +249,23 @@ impl TaskOptions {
 /// The option columns of `chunkwise.tasks`, in `TaskOptions::option_args` order.
 const OPTION_COLUMNS: &str = "call, statement, after, source, workers, max_items_per_cycle, \
      max_attempts, retry_backoff, retry_backoff_max, item_timeout, items_per_commit, \
-     synchronous_commit, sequential_groups, rank_by_activity";
+     synchronous_commit, sequential_groups, rank_by_activity, retain_done, retain_runs";
+
+/// `$first, $first+1, ...`, one parameter per option column (the first, `call`, cast
+/// from its oid).
+fn option_placeholders(first: usize) -> String {
+    let count = OPTION_COLUMNS.split(',').count();
+    (first..first + count)
+        .map(|n| {
+            if n == first {
+                format!("${n}::regprocedure")
+            } else {
+                format!("${n}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 impl TaskOptions {
     /// The task's options as stored, for `alter_task` to change.
@@ -247,7 +281,7 @@ impl TaskOptions {
                     &[task.id.into()],
                 )?;
                 let row = table.first();
-                // Both backoff columns are NOT NULL.
+                // The backoff and retention columns are NOT NULL.
                 let interval = |ordinal| -> pgrx::spi::Result<Interval> {
                     Ok(row
                         .get::<Interval>(ordinal)?
@@ -270,6 +304,8 @@ impl TaskOptions {
                     synchronous_commit: row.get(12)?.unwrap_or(true),
                     sequential_groups: row.get(13)?.unwrap_or(false),
                     rank_by_activity: row.get(14)?.unwrap_or(false),
+                    retain_done: interval(15)?,
+                    retain_runs: interval(16)?,
                 })
             })
         })?;
@@ -346,6 +382,8 @@ fn create_task(
     synchronous_commit: default!(Option<bool>, true),
     sequential_groups: default!(Option<bool>, false),
     rank_by_activity: default!(Option<bool>, false),
+    retain_done: default!(Option<Interval>, "'7 days'"),
+    retain_runs: default!(Option<Interval>, "'30 days'"),
 ) {
     let run = || -> SqlResult<()> {
         let options = TaskOptions {
@@ -365,6 +403,8 @@ fn create_task(
             synchronous_commit: required(synchronous_commit, "synchronous_commit")?,
             sequential_groups: required(sequential_groups, "sequential_groups")?,
             rank_by_activity: required(rank_by_activity, "rank_by_activity")?,
+            retain_done: required(retain_done, "retain_done")?,
+            retain_runs: required(retain_runs, "retain_runs")?,
         };
         options.validate()?;
         ensure_owner_can_run(&options.name, current_user())?;
@@ -396,6 +436,8 @@ fn alter_task(
     synchronous_commit: default!(Option<bool>, "NULL"),
     sequential_groups: default!(Option<bool>, "NULL"),
     rank_by_activity: default!(Option<bool>, "NULL"),
+    retain_done: default!(Option<Interval>, "NULL"),
+    retain_runs: default!(Option<Interval>, "NULL"),
 ) {
     let run = || -> SqlResult<()> {
         let current = Task::for_caller(task, "alter")?;
@@ -425,6 +467,8 @@ fn alter_task(
         }
         alter_required(&mut options.sequential_groups, sequential_groups);
         alter_required(&mut options.rank_by_activity, rank_by_activity);
+        alter_required(&mut options.retain_done, retain_done);
+        alter_required(&mut options.retain_runs, retain_runs);
         options.validate()?;
         options.update(current.id)
     };

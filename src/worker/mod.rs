@@ -15,6 +15,7 @@ use pgrx::prelude::*;
 use crate::catalog::Task;
 use crate::gucs;
 use crate::notify;
+use crate::retention;
 use crate::run_state::{Attempt, SharedRun, Tally};
 use crate::target::Target;
 use item::{ItemFailure, ItemOutcome, Targets};
@@ -302,6 +303,7 @@ impl Worker {
             queue.unregister_worker(&args, &tally, stopped_early);
             if shared.state().worker_exited() {
                 notify::run_finished(args.run_id);
+                retention::apply(args.task_id);
             }
         }));
     }

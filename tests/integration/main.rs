@@ -15,6 +15,7 @@ mod operating;
 mod planning;
 mod ranges;
 mod regress;
+mod retention;
 mod security;
 mod tenants;
 
