@@ -16,28 +16,30 @@ const RUNS_BATCH: i64 = 1_000;
 /// and dead items are never touched.
 pub fn apply(task_id: i32) {
     as_extension_owner(|| -> Result<(), pgrx::spi::SpiError> {
-        // The status is spelled out (not a parameter) so that each DELETE walks its
-        // partial index (items_done_idx, items_skipped_idx) whatever the plan.
+        // The status is spelled out (not a parameter), and the cutoff is a scalar
+        // subquery, so that each DELETE is a range scan of its partial index
+        // (items_done_idx, items_skipped_idx) that stops at the cutoff: with nothing old
+        // enough it reads nothing, however many younger rows there are. The batch's ids
+        // go in as an array, so the rows are found by primary key, never by a scan.
         for status in ["done", "skipped"] {
             Spi::run_with_args(
                 &format!(
-                    "DELETE FROM chunkwise.items WHERE item_id IN ( \
-                       SELECT i.item_id FROM chunkwise.items i \
-                         JOIN chunkwise.tasks t ON t.task_id = i.task_id \
-                        WHERE i.task_id = $1 AND i.status = '{status}' \
-                          AND i.finished_at < now() - t.retain_done \
-                        ORDER BY i.finished_at LIMIT $2)"
+                    "DELETE FROM chunkwise.items WHERE item_id = ANY (ARRAY( \
+                       SELECT item_id FROM chunkwise.items \
+                        WHERE task_id = $1 AND status = '{status}' \
+                          AND finished_at < (SELECT now() - retain_done FROM chunkwise.tasks WHERE task_id = $1) \
+                        ORDER BY finished_at LIMIT $2))"
                 ),
                 &[task_id.into(), ITEMS_BATCH.into()],
             )?;
         }
         Spi::run_with_args(
-            "DELETE FROM chunkwise.run_history WHERE run_id IN ( \
+            "DELETE FROM chunkwise.run_history WHERE run_id = ANY (ARRAY( \
                SELECT r.run_id FROM chunkwise.run_history r \
-                 JOIN chunkwise.tasks t ON t.task_id = r.task_id \
-                WHERE r.task_id = $1 AND r.finished_at < now() - t.retain_runs \
+                WHERE r.task_id = $1 \
+                  AND r.finished_at < (SELECT now() - retain_runs FROM chunkwise.tasks WHERE task_id = $1) \
                   AND NOT EXISTS (SELECT FROM chunkwise._live_workers lw WHERE lw.run_id = r.run_id) \
-                ORDER BY r.finished_at LIMIT $2)",
+                ORDER BY r.finished_at LIMIT $2))",
             &[task_id.into(), RUNS_BATCH.into()],
         )
     })
