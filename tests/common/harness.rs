@@ -198,7 +198,11 @@ impl Cluster {
 
 /// A fresh database with pg_chunkwise installed, named after the test.
 pub fn test_db(name: &str) -> Client {
-    let cluster = Cluster::get();
+    fresh_db(Cluster::get(), name, "CREATE EXTENSION pg_chunkwise")
+}
+
+/// A fresh database `name` on `cluster`, set up with `create_extension`.
+pub fn fresh_db(cluster: &Cluster, name: &str, create_extension: &str) -> Client {
     let mut admin = cluster.connect("postgres");
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -207,10 +211,28 @@ pub fn test_db(name: &str) -> Client {
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .unwrap();
     let mut client = cluster.connect(name);
+    client.batch_execute(create_extension).unwrap();
     client
-        .batch_execute("CREATE EXTENSION pg_chunkwise")
-        .unwrap();
-    client
+}
+
+/// The first column of every row `sql` returns.
+pub fn column<T: for<'a> postgres::types::FromSql<'a>>(db: &mut Client, sql: &str) -> Vec<T> {
+    db.query(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Everything the extension has defined, queued and recorded, as one comparable value:
+/// refused calls must leave it unchanged.
+pub fn queue_snapshot(client: &mut Client) -> String {
+    one(
+        client,
+        "SELECT coalesce((SELECT string_agg(t::text, '|' ORDER BY task_id) FROM chunkwise.tasks t), '') || '#' || \
+                coalesce((SELECT string_agg(i::text, '|' ORDER BY item_id) FROM chunkwise.items i), '') || '#' || \
+                coalesce((SELECT string_agg(r::text, '|' ORDER BY run_id) FROM chunkwise.run_history r), '')",
+    )
 }
 
 /// The first column of the one row `sql` returns.

@@ -1,7 +1,6 @@
 //! Bad input: each refusal has a specific SQLSTATE and a hint, and changes nothing queued.
 
-use crate::fixtures::queue_snapshot;
-use crate::harness::{sql_error, test_db};
+use crate::harness::{queue_snapshot, sql_error, test_db};
 
 #[test]
 fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {

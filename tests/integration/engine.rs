@@ -8,7 +8,7 @@ use postgres::Client;
 use crate::fixtures::{
     bump_task, counter_histogram, done_order, live_workers, recorder_task, status_counts,
 };
-use crate::harness::{Cluster, one, test_db, two, wait_for};
+use crate::harness::{Cluster, column, one, test_db, two, wait_for};
 
 fn run(client: &mut Client, sql: &str) -> (Option<i64>, i64, i64, i64) {
     let row = client.query_one(sql, &[]).unwrap();
@@ -333,12 +333,7 @@ fn workers_show_in_pg_stat_activity_and_run_as_the_owner() {
     assert!(query.starts_with("task noted: key "), "{query}");
     let (_, processed, _, _) = runner.join().unwrap();
     assert_eq!(processed, 40);
-    let who: Vec<String> = db
-        .query("SELECT DISTINCT who::text FROM seen", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let who: Vec<String> = column(&mut db, "SELECT DISTINCT who::text FROM seen");
     assert_eq!(
         who,
         vec!["etl_owner".to_string()],

@@ -92,16 +92,6 @@ pub fn live_workers(client: &mut Client) -> Vec<i32> {
         .collect()
 }
 
-/// Everything the extension has defined or queued, as one comparable value: refused
-/// calls must leave it unchanged.
-pub fn queue_snapshot(client: &mut Client) -> String {
-    one(
-        client,
-        "SELECT coalesce((SELECT string_agg(t::text, '|' ORDER BY task_id) FROM chunkwise.tasks t), '') || '#' || \
-                coalesce((SELECT string_agg(i::text, '|' ORDER BY item_id) FROM chunkwise.items i), '')",
-    )
-}
-
 /// `chunkwise.run(task, workers)` (the task's own workers when `None`): its summary row.
 pub fn run_task(client: &mut Client, task: &str, workers: Option<i32>) -> postgres::Row {
     client

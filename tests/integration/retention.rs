@@ -2,8 +2,8 @@
 //! `retain_done` / `retain_runs` go at the end of its runs, a bounded batch at a time;
 //! pending and dead items never do.
 
-use crate::fixtures::{bump_task, queue_snapshot, run_task};
-use crate::harness::{one, sql_error, test_db};
+use crate::fixtures::{bump_task, run_task};
+use crate::harness::{column, one, queue_snapshot, sql_error, test_db};
 
 /// Items of task `bump` by status, as `status=count` pairs in status order.
 fn items_by_status(db: &mut postgres::Client) -> String {
@@ -63,12 +63,7 @@ fn old_finished_items_and_runs_go_at_the_end_of_a_run_in_bounded_batches() {
         oldest_left, 1001,
         "the oldest went first: keys 16001 to 26000"
     );
-    let runs: Vec<i64> = db
-        .query("SELECT run_id FROM chunkwise.runs ORDER BY run_id", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let runs: Vec<i64> = column(&mut db, "SELECT run_id FROM chunkwise.runs ORDER BY run_id");
     assert!(!runs.contains(&first_run), "the old run went: {runs:?}");
     assert_eq!(runs.len(), 1);
 

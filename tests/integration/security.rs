@@ -3,8 +3,7 @@
 
 use postgres::Client;
 
-use crate::fixtures::queue_snapshot;
-use crate::harness::{Cluster, one, test_db};
+use crate::harness::{Cluster, one, queue_snapshot, test_db};
 
 const DB: &str = "role_matrix";
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use postgres::Client;
 use postgres::fallible_iterator::FallibleIterator;
 
-use crate::harness::{Cluster, one, sql_error, test_db, wait_for};
+use crate::harness::{Cluster, column, one, sql_error, test_db, wait_for};
 
 /// The cluster-wide name of role `who` ("alice", "mallory") in the test database `db`:
 /// roles outlive a test's database, so each test has its own.
@@ -28,17 +28,28 @@ fn connect(db: &str, who: &str) -> Client {
     Cluster::get().connect_as(db, &role(db, who))
 }
 
-/// Roles `alice` and `mallory`, each with a schema, a counter table and a task over it:
-/// alice's `a_task` has one finished run (returned) and pending items.
-fn two_tenants(db: &str) -> i64 {
+/// A fresh database `db` with its roles `alice` and `mallory`.
+fn tenants_db(db: &str) -> Client {
     let mut admin = test_db(db);
     admin
         .batch_execute(&in_db(
             db,
             "DROP ROLE IF EXISTS mallory, alice;
              CREATE ROLE mallory LOGIN;
-             CREATE ROLE alice LOGIN;
-             CREATE SCHEMA mal AUTHORIZATION mallory;
+             CREATE ROLE alice LOGIN;",
+        ))
+        .unwrap();
+    admin
+}
+
+/// Roles `alice` and `mallory`, each with a schema, a counter table and a task over it:
+/// alice's `a_task` has one finished run (returned) and pending items.
+fn two_tenants(db: &str) -> i64 {
+    let mut admin = tenants_db(db);
+    admin
+        .batch_execute(&in_db(
+            db,
+            "CREATE SCHEMA mal AUTHORIZATION mallory;
              CREATE SCHEMA ali AUTHORIZATION alice;",
         ))
         .unwrap();
@@ -424,14 +435,11 @@ fn planning_wide_rows_keeps_the_backend_small_and_refused_values_are_not_echoed(
 #[test]
 fn task_owners_are_dependencies_for_drop_role_reassign_owned_and_drop_owned() {
     let db = "tenant_owners";
-    let mut admin = test_db(db);
+    let mut admin = tenants_db(db);
     admin
         .batch_execute(&in_db(
             db,
-            "DROP ROLE IF EXISTS mallory, alice;
-             CREATE ROLE mallory LOGIN;
-             CREATE ROLE alice LOGIN;
-             CREATE TABLE public.ran (k bigint, who text);
+            "CREATE TABLE public.ran (k bigint, who text);
              GRANT INSERT ON public.ran TO PUBLIC;
              CREATE PROCEDURE public.work(k bigint) LANGUAGE sql AS
                'INSERT INTO public.ran VALUES (k, current_user)';",
@@ -481,12 +489,10 @@ fn task_owners_are_dependencies_for_drop_role_reassign_owned_and_drop_owned() {
     alice
         .batch_execute("SELECT * FROM chunkwise.run('m1')")
         .unwrap();
-    let who: Vec<String> = admin
-        .query("SELECT DISTINCT who FROM public.ran WHERE k >= 4", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let who: Vec<String> = column(
+        &mut admin,
+        "SELECT DISTINCT who FROM public.ran WHERE k >= 4",
+    );
     assert_eq!(
         who,
         vec![role(db, "alice")],

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use postgres::Client;
 
-use harness::{Cluster, one, pg_config_dir, sql_error, wait_for};
+use harness::{Cluster, fresh_db, one, pg_config_dir, queue_snapshot, sql_error, wait_for};
 
 /// The first release, and the commit it was released from.
 const FIRST_RELEASE: &str = "0.1.0";
@@ -78,27 +78,11 @@ fn difference(a: &[String], b: &[String]) -> Vec<String> {
 }
 
 fn create_db(cluster: &Cluster, name: &str, version: Option<&str>) -> Client {
-    let mut admin = cluster.connect("postgres");
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .unwrap();
-    let mut db = cluster.connect(name);
     let version = version.map_or(String::new(), |v| format!(" VERSION '{v}'"));
-    db.batch_execute(&format!("CREATE EXTENSION pg_chunkwise{version}"))
-        .unwrap();
-    db
-}
-
-/// The queue and history as they are, to compare before and after a refused call.
-fn queue(db: &mut Client) -> String {
-    one(
-        db,
-        "SELECT (SELECT string_agg(t::text, '|' ORDER BY task_id) FROM chunkwise.tasks t) || '#' || \
-                (SELECT string_agg(i::text, '|' ORDER BY item_id) FROM chunkwise.items i) || '#' || \
-                (SELECT string_agg(r::text, '|' ORDER BY run_id) FROM chunkwise.run_history r)",
+    fresh_db(
+        cluster,
+        name,
+        &format!("CREATE EXTENSION pg_chunkwise{version}"),
     )
 }
 
@@ -147,14 +131,17 @@ fn work_under_the_first_release(db: &mut Client, cluster: &Cluster) -> Vec<i64> 
     ] {
         runs.push(one::<i64>(client, sql));
     }
+    // Exact counts are not 0.1.0's promise: its runs could end early when a claim came
+    // back empty under contention (the race of issue 17). What matters is a queue with
+    // done, pending and dead items.
     let (done, dead): (i64, i64) = harness::two(
         db,
         "SELECT count(*) FILTER (WHERE status = 'done'), count(*) FILTER (WHERE status = 'dead') FROM chunkwise.items",
     );
-    assert_eq!(
-        (done, dead),
-        (24, 1),
-        "key 13 died, 24 items were done under 0.1.0"
+    assert_eq!(dead, 1, "key 13 died under 0.1.0");
+    assert!(
+        (1..=24).contains(&done),
+        "some items were done under 0.1.0: {done}"
     );
     runs
 }
@@ -184,7 +171,7 @@ fn an_upgrade_loses_nothing_and_yields_the_schema_of_a_fresh_install() {
         );
         (state != "running").then_some(())
     });
-    let before = queue(&mut db);
+    let before = queue_snapshot(&mut db);
     drop(db);
 
     // The package is upgraded: this build's library runs against the 0.1.0 tables only
@@ -197,11 +184,11 @@ fn an_upgrade_loses_nothing_and_yields_the_schema_of_a_fresh_install() {
         hint.contains("ALTER EXTENSION pg_chunkwise UPDATE"),
         "{hint}"
     );
-    assert_eq!(queue(&mut db), before);
+    assert_eq!(queue_snapshot(&mut db), before);
     let (code, _, _) =
         sql_error(db.batch_execute("ALTER EXTENSION pg_chunkwise UPDATE TO '9.9.9'"));
     assert_eq!(code, "22023", "an unknown version is refused");
-    assert_eq!(queue(&mut db), before);
+    assert_eq!(queue_snapshot(&mut db), before);
 
     db.batch_execute("ALTER EXTENSION pg_chunkwise UPDATE")
         .unwrap();
