@@ -57,6 +57,8 @@ impl WorkerArgs {
 
 /// Longest sleep between looks at the cancel flag while waiting for a retry.
 const RETRY_POLL: Duration = Duration::from_secs(1);
+/// How long a worker naps before claiming again when the due work left is held by others.
+const HELD_WORK_NAP: Duration = Duration::from_millis(20);
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -182,8 +184,18 @@ impl Worker {
             let handled = self.run_batch(granted);
             self.shared.state().release(granted - handled);
             report_idle();
-            if handled == 0 && !self.stop_requested && !self.wait_for_retry() {
-                return;
+            if handled == 0 && !self.stop_requested {
+                // An empty claim ends the run only when no due work is left: what other
+                // workers (or transactions) hold now is claimable once they let go.
+                if self.due_work_held_elsewhere() {
+                    if !BackgroundWorker::wait_latch(Some(HELD_WORK_NAP)) {
+                        return;
+                    }
+                    continue;
+                }
+                if !self.wait_for_retry() {
+                    return;
+                }
             }
         }
     }
@@ -255,6 +267,21 @@ impl Worker {
             citus::commit_remote_work_with_2pc();
         }
         (items, attempts)
+    }
+
+    /// After an empty claim: whether due work remains that others hold; the worker then
+    /// says so in pg_stat_activity while it naps before claiming again.
+    fn due_work_held_elsewhere(&self) -> bool {
+        let task_id = self.task.id;
+        let remains =
+            BackgroundWorker::transaction(AssertUnwindSafe(|| self.queue.work_remains(task_id)));
+        if remains {
+            report_waiting(&format!(
+                "task {}: waiting for due items other transactions hold; {} items done",
+                self.task.name, self.tally.processed
+            ));
+        }
+        remains
     }
 
     /// Nothing is claimable: waits for the next retry if it falls due within
@@ -374,6 +401,13 @@ fn report_activity(text: &str) {
     let text = CString::new(text).unwrap_or_default();
     // SAFETY: pgstat_report_activity copies the NUL-terminated string.
     unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, text.as_ptr()) };
+}
+
+/// Shows the worker as idle with `text` as its query (chunkwise.workers shows no item).
+fn report_waiting(text: &str) {
+    let text = CString::new(text).unwrap_or_default();
+    // SAFETY: pgstat_report_activity copies the NUL-terminated string.
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, text.as_ptr()) };
 }
 
 fn report_idle() {

@@ -107,6 +107,23 @@ fn groups_claim_sql(after_cursor: bool) -> String {
     )
 }
 
+/// Whether due work remains that this task's claims could take once whoever holds it lets
+/// go: the claim's own conditions, without its locks. An empty claim is the end of a run
+/// only when this says no: a claim also comes back empty when the items or groups left
+/// are locked by other workers (or other transactions), or when a group's head was
+/// finished by the worker that held it between the claim's read and its lock.
+const PLAIN_WORK_REMAINS: &str = "SELECT EXISTS (SELECT FROM chunkwise.items \
+       WHERE task_id = $1 AND status = 'pending' AND not_before <= now())";
+
+/// The same for a task with sequential groups: a group with work whose head is due.
+const GROUP_WORK_REMAINS: &str = "SELECT EXISTS (SELECT FROM chunkwise.groups g \
+       CROSS JOIN LATERAL ( \
+         SELECT i.status, i.not_before FROM chunkwise.items i \
+          WHERE i.task_id = g.task_id AND i.group_key = g.group_key \
+            AND i.status IN ('pending', 'dead') \
+          ORDER BY i.priority, i.item_id LIMIT 1) head \
+       WHERE g.task_id = $1 AND g.open > 0 AND head.status = 'pending' AND head.not_before <= now())";
+
 /// Done, in a task with sequential groups: the group has one open item fewer.
 const MARK_DONE_IN_GROUP: &str = "WITH done AS ( \
        UPDATE chunkwise.items SET status = 'done', finished_at = clock_timestamp(), run_id = $2 \
@@ -139,6 +156,7 @@ pub struct Queue {
     claim: Claim,
     grouped: bool,
     stop_requested: OwnedPreparedStatement,
+    work_remains: OwnedPreparedStatement,
     mark_done: OwnedPreparedStatement,
     record_failure: OwnedPreparedStatement,
 }
@@ -172,18 +190,24 @@ impl Queue {
     /// Prepares the hot-path statements for `task`; call inside a transaction.
     pub fn prepare(task: &Task) -> Queue {
         let grouped = task.sequential_groups;
-        let (claim_sql, claim_args, mark_done): (fn(bool) -> String, Vec<PgOid>, &str) = if grouped
-        {
+        let (claim_sql, claim_args, mark_done, work_remains): (
+            fn(bool) -> String,
+            Vec<PgOid>,
+            &str,
+            &str,
+        ) = if grouped {
             (
                 groups_claim_sql,
                 vec![int4(), int8(), int8(), text()],
                 MARK_DONE_IN_GROUP,
+                GROUP_WORK_REMAINS,
             )
         } else {
             (
                 plain_claim_sql,
                 vec![int4(), int8(), int8(), int8(), int8()],
                 MARK_DONE,
+                PLAIN_WORK_REMAINS,
             )
         };
         bookkeeping(|| {
@@ -197,6 +221,7 @@ impl Queue {
                     stop_requested: client
                         .prepare_mut(STOP_REQUESTED, &[int4(), int8()])?
                         .keep(),
+                    work_remains: client.prepare_mut(work_remains, &[int4()])?.keep(),
                     mark_done: client.prepare_mut(mark_done, &[int8(), int8()])?.keep(),
                     record_failure: client
                         .prepare_mut(RECORD_FAILURE, &[int8(), text(), text(), int8()])?
@@ -275,6 +300,18 @@ impl Queue {
     }
 
     /// Whether `chunkwise.pause()` or `chunkwise.cancel()` asked this run to stop.
+    /// Whether due work remains for this task's claims (see `PLAIN_WORK_REMAINS`).
+    pub fn work_remains(&self, task_id: i32) -> bool {
+        bookkeeping(|| {
+            Spi::connect_mut(|client| {
+                let table = client.update(&self.work_remains, None, &[task_id.into()])?;
+                table.first().get_one::<bool>()
+            })
+        })
+        .expect("work check returns a boolean")
+        .unwrap_or(false)
+    }
+
     pub fn stop_requested(&self, task_id: i32, run_id: i64) -> bool {
         bookkeeping(|| {
             Spi::connect_mut(|client| {

@@ -7,6 +7,7 @@ mod harness;
 
 mod bad_input;
 mod cycles;
+mod draining;
 mod engine;
 mod examples;
 mod groups;

@@ -1,0 +1,106 @@
+//! A run ends only when no due work is left that its workers could claim: an empty claim
+//! because the items or groups left are held by other transactions is not the end.
+
+use std::time::Duration;
+
+use postgres::Client;
+
+use crate::fixtures::counters;
+use crate::harness::{Cluster, one, test_db, wait_for};
+
+/// Holds a row lock on what `lock_sql` selects (an item or a group of the queue) in an
+/// open transaction of its own, as another worker in the middle of an item would.
+fn hold(db_name: &str, lock_sql: &str) -> Client {
+    let mut holder = Cluster::get().connect(db_name);
+    holder.batch_execute("BEGIN").unwrap();
+    let locked = holder.query(lock_sql, &[]).unwrap();
+    assert_eq!(locked.len(), 1, "{lock_sql} locks one row");
+    holder
+}
+
+/// Runs `task` with one worker in the background while `lock_sql`'s row is held; once
+/// every other item is done and the run is either over or its worker says it waits for
+/// held work, lets the row go. Returns what the run processed.
+fn run_past_a_held_row(
+    db_name: &'static str,
+    task: &'static str,
+    lock_sql: &str,
+    keys: i64,
+) -> i64 {
+    let mut db = Cluster::get().connect(db_name);
+    let holder = hold(db_name, lock_sql);
+    let runner = std::thread::spawn(move || -> i64 {
+        let mut client = Cluster::get().connect(db_name);
+        one(
+            &mut client,
+            &format!("SELECT processed FROM chunkwise.run('{task}', 1)"),
+        )
+    });
+    wait_for("the free items to be done", Duration::from_secs(60), || {
+        let done: i64 = one(&mut db, "SELECT count(*) FROM counters WHERE n = 1");
+        (done == keys - 1).then_some(())
+    });
+    wait_for(
+        "the run to end or wait for the held row",
+        Duration::from_secs(60),
+        || {
+            let waiting: i64 = one(
+                &mut db,
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'chunkwise worker' \
+               AND query LIKE '%waiting for due items other transactions hold%'",
+            );
+            (waiting > 0 || runner.is_finished()).then_some(())
+        },
+    );
+    let mut holder = holder;
+    holder.batch_execute("COMMIT").unwrap();
+    runner.join().unwrap()
+}
+
+#[test]
+fn a_run_does_not_end_while_due_items_are_held_elsewhere() {
+    let mut db = test_db("drain_plain");
+    counters(&mut db, 20, 0.0);
+    db.batch_execute(
+        "SELECT chunkwise.create_task('bump', call => 'bump');
+         SELECT chunkwise.plan('bump', 'SELECT k AS key FROM counters');",
+    )
+    .unwrap();
+    let processed = run_past_a_held_row(
+        "drain_plain",
+        "bump",
+        "SELECT item_id FROM chunkwise.items WHERE key = 7 FOR UPDATE",
+        20,
+    );
+    assert_eq!(
+        processed, 20,
+        "the run took the held item once it was let go"
+    );
+    let pending: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM chunkwise.items WHERE status = 'pending'",
+    );
+    assert_eq!(pending, 0);
+}
+
+#[test]
+fn a_run_of_sequential_groups_does_not_end_while_a_group_is_held_elsewhere() {
+    let mut db = test_db("drain_groups");
+    counters(&mut db, 20, 0.0);
+    db.batch_execute(
+        "SELECT chunkwise.create_task('bump', call => 'bump', sequential_groups => true);
+         SELECT chunkwise.enqueue('bump', k, group_key => CASE WHEN k = 20 THEN 'held' ELSE 'free' END)
+           FROM counters;",
+    )
+    .unwrap();
+    let processed = run_past_a_held_row(
+        "drain_groups",
+        "bump",
+        "SELECT group_key FROM chunkwise.groups WHERE group_key = 'held' FOR UPDATE",
+        20,
+    );
+    assert_eq!(
+        processed, 20,
+        "the run took the held group's item once it was let go"
+    );
+}
