@@ -516,3 +516,38 @@ fn task_owners_are_dependencies_for_drop_role_reassign_owned_and_drop_owned() {
     );
     admin.batch_execute(&in_db(db, "DROP ROLE alice")).unwrap();
 }
+
+#[test]
+fn another_databases_run_with_the_same_id_is_not_this_ones() {
+    let mut a = test_db("tenant_db_a");
+    let mut b = test_db("tenant_db_b");
+    for db in [&mut a, &mut b] {
+        db.batch_execute(
+            "CREATE PROCEDURE nap(k bigint) LANGUAGE sql AS 'SELECT pg_sleep(0.3)';
+             SELECT chunkwise.create_task('t', call => 'nap');
+             SELECT chunkwise.plan('t', 'SELECT generate_series(1, 20)::bigint AS key');",
+        )
+        .unwrap();
+    }
+    a.batch_execute("SELECT * FROM chunkwise.run('t', 4)")
+        .unwrap();
+    // Run ids are per database: B's first run is run 1 too, and it is under way.
+    let b_run: i64 = one(&mut b, "SELECT chunkwise.start('t', 2)");
+    assert_eq!(b_run, 1);
+    let (state, workers): (String, i64) = crate::harness::two(
+        &mut a,
+        "SELECT r.state, (SELECT count(*) FROM chunkwise.workers) FROM chunkwise.runs r WHERE r.run_id = 1",
+    );
+    assert_eq!(
+        (state.as_str(), workers),
+        ("finished", 0),
+        "database B's workers are not database A's"
+    );
+    let waited: String = one(&mut a, "SELECT state FROM chunkwise.wait(1, '2 seconds')");
+    assert_eq!(waited, "finished");
+    b.batch_execute("SELECT chunkwise.cancel('t')").unwrap();
+    wait_for("B's workers to stop", Duration::from_secs(30), || {
+        let live: i64 = one(&mut b, "SELECT count(*) FROM chunkwise.workers");
+        (live == 0).then_some(())
+    });
+}
