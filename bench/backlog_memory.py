@@ -33,12 +33,16 @@ def backlog(conn, pending, measured):
 
 
 def private_memory_kb(pid):
+    """(RssAnon, VmRSS) of a live process; FileNotFoundError once it is gone, also while
+    it is a zombie (its status then has no memory lines)."""
     fields = {}
     with open(f"/proc/{pid}/status") as status:
         for line in status:
             name, _, value = line.partition(":")
             fields[name] = value.split()[0] if value.split() else "0"
-    return int(fields.get("RssAnon", 0)), int(fields.get("VmRSS", 0))
+    if "RssAnon" not in fields:
+        raise FileNotFoundError(f"process {pid} has exited")
+    return int(fields["RssAnon"]), int(fields.get("VmRSS", 0))
 
 
 def memory(conn, items, early):
