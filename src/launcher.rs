@@ -69,6 +69,7 @@ pub fn run_task(
     };
     wait_for_workers(task, &run);
     ensure_some_worker_started(&run)?;
+    warn_about_lost_workers(task, &run)?;
     let tally = run.shared.state().tally();
     Ok(RunSummary {
         run_id: Some(run.run_id),
@@ -168,6 +169,27 @@ fn wait_until_under_way(shared: &SharedRun, handles: &[DynamicBackgroundWorker])
         }
         wait_on_latch(STARTUP_POLL);
     }
+}
+
+/// Workers that got to work but never left cleanly died mid-run (killed, or an ERROR in
+/// their own bookkeeping: see the server log). Nothing of theirs is lost (an item in
+/// flight rolled back and is pending again), but the run did not finish its work: say so,
+/// with what is left, instead of returning as if it had.
+fn warn_about_lost_workers(task: &Task, run: &LaunchedRun) -> SqlResult<()> {
+    let state = run.shared.state();
+    let lost = state.workers_attached() - state.workers_exited();
+    if lost <= 0 {
+        return Ok(());
+    }
+    let left = pending_backlog(task)?;
+    warning!(
+        "{lost} of the {} workers of run {} of task \"{}\" ended without finishing (see the server log); \
+         {left} items are still pending: run the task again to finish them",
+        state.workers_attached(),
+        run.run_id,
+        task.name
+    );
+    Ok(())
 }
 
 /// A run none of whose workers got to work is an error, not an empty success.

@@ -113,6 +113,11 @@ impl RunState {
         self.workers_attached.load(Ordering::SeqCst)
     }
 
+    /// Workers that left cleanly (a worker that dies mid-run never counts itself).
+    pub fn workers_exited(&self) -> i32 {
+        self.workers_exited.load(Ordering::SeqCst)
+    }
+
     /// The launcher tells how many workers it started. True when they have all exited
     /// already: then the launcher announces the end of the run.
     pub fn set_launched(&self, workers: i32) -> bool {
