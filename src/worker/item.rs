@@ -98,7 +98,8 @@ impl Targets {
     }
 
     /// Runs the item in a subtransaction. Whatever the target changes in the session
-    /// (SET, SET ROLE, search_path, session advisory locks) is undone before the next item.
+    /// (SET, SET ROLE, search_path, session advisory locks, temporary tables, prepared
+    /// statements) is undone before the next item.
     pub fn execute(&mut self, item: &ClaimedItem) -> ItemOutcome {
         // SAFETY: the pattern of PL/pgSQL's exception blocks: remember the memory context
         // and resource owner, start a subtransaction, and restore both on either exit.
@@ -160,6 +161,16 @@ impl Targets {
         // pg_advisory_unlock_all() does. (The worker takes none of its own.)
         // SAFETY: releases this backend's session-level user locks; callable any time.
         unsafe { pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID) };
+        // Temporary objects and prepared statements belong to the session too: the next
+        // item would find them (42P07, 42P05). Drop them as DISCARD TEMP and DEALLOCATE
+        // ALL do. Both are no-ops for a target that made none.
+        // SAFETY: called inside the worker's transaction, between items, as those
+        // commands call them; they drop only this session's own temporary objects and
+        // SQL-level prepared statements (the worker's SPI plans are not among them).
+        unsafe {
+            pg_sys::DropAllPreparedStatements();
+            pg_sys::ResetTempTableNamespace();
+        }
         outcome
     }
 }

@@ -567,3 +567,31 @@ fn a_session_lock_a_target_keeps_is_released_after_its_item() {
     assert_eq!(held, 0, "the advisory lock of item 1 was let go");
     assert_eq!(runner.join().unwrap(), 2);
 }
+
+#[test]
+fn a_temp_table_or_prepared_statement_a_target_leaves_is_gone_before_the_next_item() {
+    let mut db = test_db("leaks");
+    db.batch_execute(
+        "CREATE TABLE seen (k bigint);
+         CREATE PROCEDURE leaves_things(k bigint) LANGUAGE plpgsql AS $$
+         BEGIN
+           CREATE TEMP TABLE scratch (x bigint);
+           INSERT INTO scratch VALUES (k);
+           EXECUTE 'PREPARE leftover AS SELECT 1';
+           INSERT INTO seen SELECT x FROM scratch;
+         END $$;
+         SELECT chunkwise.create_task('t', call => 'leaves_things', max_attempts => 1);
+         SELECT chunkwise.plan('t', 'SELECT generate_series(1, 20)::bigint AS key');",
+    )
+    .unwrap();
+    let row = db
+        .query_one("SELECT processed, dead FROM chunkwise.run('t', 1)", &[])
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (20, 0),
+        "each item found no temp table or prepared statement of the one before"
+    );
+    let seen: i64 = one(&mut db, "SELECT count(DISTINCT k) FROM seen");
+    assert_eq!(seen, 20);
+}
