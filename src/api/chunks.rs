@@ -270,6 +270,9 @@ fn plan_key_ranges(
     chunk_rows: i64,
 ) -> SqlResult<i64> {
     let (rel, col) = (&relation.quoted, &column.quoted);
+    if !column.not_null {
+        warn_about_null_keys(client, rel, col)?;
+    }
     let bounds = client
         .select(
             &format!("SELECT min({col})::bigint, max({col})::bigint FROM {rel}"),
@@ -288,9 +291,6 @@ fn plan_key_ranges(
         )
         .hint("Plan the rows below it with plan(), or use plan_blocks.")
     })?;
-    if !column.not_null {
-        warn_about_null_keys(client, rel, col)?;
-    }
 
     let rows = relation.estimated_rows(client)?;
     let chunks = (rows / chunk_rows as f64).ceil();

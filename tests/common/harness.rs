@@ -179,6 +179,26 @@ impl Cluster {
         });
     }
 
+    /// A connection as `postgres` whose NOTICEs and WARNINGs ("SEVERITY: message") arrive
+    /// on the returned channel.
+    pub fn connect_with_notices(
+        &self,
+        dbname: &str,
+    ) -> (Client, std::sync::mpsc::Receiver<String>) {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let client = postgres::Config::new()
+            .host_path(&self.dir)
+            .port(self.port)
+            .user("postgres")
+            .dbname(dbname)
+            .notice_callback(move |notice| {
+                let _ = tx.send(format!("{}: {}", notice.severity(), notice.message()));
+            })
+            .connect(NoTls)
+            .unwrap_or_else(|e| panic!("connect to {dbname}: {e}"));
+        (client, rx)
+    }
+
     pub fn connect(&self, dbname: &str) -> Client {
         self.connect_as(dbname, "postgres")
     }

@@ -119,27 +119,13 @@ fn a_run_whose_worker_dies_mid_run_says_so_and_what_is_left() {
         "drain_lost",
         "SELECT item_id FROM chunkwise.items WHERE key = 5 FOR UPDATE",
     );
-    let (warnings, runner) = {
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let cluster = Cluster::get();
-        let mut client = postgres::Config::new()
-            .host_path(&cluster.dir)
-            .port(cluster.port)
-            .user("postgres")
-            .dbname("drain_lost")
-            .notice_callback(move |notice| {
-                let _ = tx.send(format!("{}: {}", notice.severity(), notice.message()));
-            })
-            .connect(postgres::NoTls)
-            .unwrap();
-        let runner = std::thread::spawn(move || -> i64 {
-            one(
-                &mut client,
-                "SELECT processed FROM chunkwise.run('bump', 1)",
-            )
-        });
-        (rx, runner)
-    };
+    let (mut client, warnings) = Cluster::get().connect_with_notices("drain_lost");
+    let runner = std::thread::spawn(move || -> i64 {
+        one(
+            &mut client,
+            "SELECT processed FROM chunkwise.run('bump', 1)",
+        )
+    });
     // The worker dies in its own bookkeeping: its claim, waiting for the lock, is
     // cancelled (a DBA's pg_cancel_backend at the wrong moment).
     let pid: i32 = wait_for(

@@ -379,3 +379,27 @@ fn synchronous_commit_false_makes_the_workers_commit_asynchronously() {
         ]
     );
 }
+
+#[test]
+fn a_key_column_of_nulls_only_is_planned_as_nothing_with_a_warning() {
+    let mut db = test_db("ranges_all_null");
+    db.batch_execute(
+        "CREATE TABLE only_nulls (k bigint);
+         INSERT INTO only_nulls SELECT NULL FROM generate_series(1, 50);
+         SELECT chunkwise.create_task('chunks', statement => 'SELECT $1, $2');",
+    )
+    .unwrap();
+    drop(db);
+    let (mut client, notices) = Cluster::get().connect_with_notices("ranges_all_null");
+    let planned: i64 = one(
+        &mut client,
+        "SELECT chunkwise.plan_ranges('chunks', 'only_nulls', 'k', 10)",
+    );
+    assert_eq!(planned, 0);
+    let said: Vec<String> = notices.try_iter().collect();
+    assert!(
+        said.iter()
+            .any(|n| n.starts_with("WARNING") && n.contains("is NULL fall in no range")),
+        "50 rows that no range covers are worth a WARNING: {said:?}"
+    );
+}
