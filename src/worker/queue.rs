@@ -299,29 +299,27 @@ impl Queue {
         .expect("claim query returns its declared columns")
     }
 
-    /// Whether `chunkwise.pause()` or `chunkwise.cancel()` asked this run to stop.
     /// Whether due work remains for this task's claims (see `PLAIN_WORK_REMAINS`).
     pub fn work_remains(&self, task_id: i32) -> bool {
-        bookkeeping(|| {
-            Spi::connect_mut(|client| {
-                let table = client.update(&self.work_remains, None, &[task_id.into()])?;
-                table.first().get_one::<bool>()
-            })
-        })
-        .expect("work check returns a boolean")
-        .unwrap_or(false)
+        Self::ask(&self.work_remains, &[task_id.into()]).unwrap_or(false)
     }
 
+    /// Whether `chunkwise.pause()` or `chunkwise.cancel()` asked this run to stop.
     pub fn stop_requested(&self, task_id: i32, run_id: i64) -> bool {
+        Self::ask(&self.stop_requested, &[task_id.into(), run_id.into()]).unwrap_or(true)
+    }
+
+    /// The one boolean a yes/no bookkeeping statement returns.
+    fn ask(statement: &OwnedPreparedStatement, args: &[DatumWithOid<'_>]) -> Option<bool> {
         bookkeeping(|| {
             Spi::connect_mut(|client| {
-                let table =
-                    client.update(&self.stop_requested, None, &[task_id.into(), run_id.into()])?;
-                table.first().get_one::<bool>()
+                client
+                    .update(statement, None, args)?
+                    .first()
+                    .get_one::<bool>()
             })
         })
-        .expect("stop check returns a boolean")
-        .unwrap_or(true)
+        .expect("a yes/no bookkeeping statement returns a boolean")
     }
 
     pub fn mark_done(&self, item_id: i64, run_id: i64) {

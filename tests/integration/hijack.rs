@@ -16,6 +16,7 @@ use std::path::Path;
 
 use postgres::Client;
 
+use crate::fixtures::live_workers;
 use crate::harness::{Cluster, one, test_db, wait_for};
 
 const DB: &str = "hijack";
@@ -326,13 +327,7 @@ fn no_shadowing_function_or_operator_ever_runs_with_another_roles_rights() {
     wait_for(
         "every worker to exit",
         std::time::Duration::from_secs(60),
-        || {
-            let live: i64 = one(
-                &mut admin,
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'chunkwise worker' AND datname = current_database()",
-            );
-            (live == 0).then_some(())
-        },
+        || live_workers(&mut admin).is_empty().then_some(()),
     );
 
     let hits = hits();

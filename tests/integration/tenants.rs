@@ -9,6 +9,7 @@ use std::time::Duration;
 use postgres::Client;
 use postgres::fallible_iterator::FallibleIterator;
 
+use crate::fixtures::live_workers;
 use crate::harness::{Cluster, column, one, sql_error, test_db, wait_for};
 
 /// The cluster-wide name of role `who` ("alice", "mallory") in the test database `db`:
@@ -190,11 +191,7 @@ fn a_target_that_claims_to_be_another_run_makes_it_neither_live_nor_undroppable(
         )
         .unwrap();
     wait_for("the poser to exit", Duration::from_secs(30), || {
-        let live: i64 = one(
-            &mut admin,
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'chunkwise worker' AND datname = current_database()",
-        );
-        (live == 0).then_some(())
+        live_workers(&mut admin).is_empty().then_some(())
     });
 }
 
