@@ -90,7 +90,11 @@ pub fn excerpt_of(value: &str, chars: usize) -> Cow<'_, str> {
 
 /// The five-character SQLSTATE of an error code (PostgreSQL packs it six bits a character).
 pub fn sqlstate(code: PgSqlErrorCode) -> String {
-    let packed = code as i32;
+    sqlstate_of(code as i32)
+}
+
+/// The five-character SQLSTATE of a packed error code as PostgreSQL raised it.
+pub fn sqlstate_of(packed: i32) -> String {
     (0..5)
         .map(|i| char::from(((packed >> (6 * i)) & 0x3f) as u8 + b'0'))
         .collect()

@@ -9,7 +9,8 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 
 use super::queue::ClaimedItem;
-use crate::error::{excerpt_of, sqlstate};
+use super::raised_code::RaisedCodeWatch;
+use crate::error::{excerpt_of, sqlstate, sqlstate_of};
 use crate::target::Target;
 
 // utils/timeout.h, which pgrx does not bind. STATEMENT_TIMEOUT is the fourth TimeoutId
@@ -30,17 +31,28 @@ pub struct ItemFailure {
     pub message: String,
 }
 
-impl From<CaughtError> for ItemFailure {
-    fn from(caught: CaughtError) -> Self {
+impl ItemFailure {
+    /// The failure of a caught error. `raised` is the code a [`RaisedCodeWatch`] saw:
+    /// the report's own code, unless pgrx could not name it (a user-defined SQLSTATE,
+    /// which it turns into XX000).
+    pub fn caught(caught: CaughtError, raised: i32) -> Self {
         match caught {
             CaughtError::PostgresError(report)
             | CaughtError::ErrorReport(report)
             | CaughtError::RustPanic {
                 ereport: report, ..
-            } => ItemFailure {
-                sqlstate: sqlstate(report.sql_error_code()),
-                message: excerpt_of(report.message(), FAILURE_MESSAGE_CHARS).into_owned(),
-            },
+            } => {
+                let code = report.sql_error_code();
+                let sqlstate = if raised != 0 && PgSqlErrorCode::from(raised) == code {
+                    sqlstate_of(raised)
+                } else {
+                    sqlstate(code)
+                };
+                ItemFailure {
+                    sqlstate,
+                    message: excerpt_of(report.message(), FAILURE_MESSAGE_CHARS).into_owned(),
+                }
+            }
         }
     }
 }
@@ -118,6 +130,8 @@ impl Targets {
             saved
         };
         let timeout_ms = self.timeout_ms;
+        let watch = RaisedCodeWatch::push();
+        let raised = &watch;
         let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
             // SAFETY: a new GUC nesting level inside the subtransaction; it is popped
             // (discarding the target's settings) before the subtransaction is released.
@@ -153,9 +167,10 @@ impl Targets {
                 pg_sys::MemoryContextSwitchTo(memory);
                 pg_sys::CurrentResourceOwner = owner;
             }
-            ItemOutcome::Failed(ItemFailure::from(caught))
+            ItemOutcome::Failed(ItemFailure::caught(caught, raised.last_raised()))
         })
         .execute();
+        drop(watch);
         // A session-level advisory lock outlives the subtransaction: one a target took and
         // kept would block every later item that wants it. Let them all go, as
         // pg_advisory_unlock_all() does. (The worker takes none of its own.)

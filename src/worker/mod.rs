@@ -4,6 +4,7 @@
 mod citus;
 mod item;
 mod queue;
+mod raised_code;
 
 use std::ffi::CString;
 use std::panic::AssertUnwindSafe;
@@ -20,6 +21,7 @@ use crate::run_state::{Attempt, SharedRun, Tally};
 use crate::target::Target;
 use item::{ItemFailure, ItemOutcome, Targets};
 use queue::{ClaimCursor, ClaimedItem, Queue};
+use raised_code::RaisedCodeWatch;
 
 /// What the launcher tells a worker, carried in `bgw_extra`.
 #[derive(Debug, Clone, Copy)]
@@ -354,6 +356,7 @@ fn transaction_surviving_commit_errors<R>(body: impl FnOnce() -> R) -> Result<R,
     let result = body();
     // SAFETY: pops the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
+    let watch = RaisedCodeWatch::push();
     let failure = PgTryBuilder::new(AssertUnwindSafe(|| {
         // SAFETY: commits the transaction started above.
         unsafe { pg_sys::CommitTransactionCommand() };
@@ -366,9 +369,10 @@ fn transaction_surviving_commit_errors<R>(body: impl FnOnce() -> R) -> Result<R,
             pg_sys::MemoryContextSwitchTo(memory);
             pg_sys::AbortCurrentTransaction();
         }
-        Some(ItemFailure::from(caught))
+        Some(ItemFailure::caught(caught, watch.last_raised()))
     })
     .execute();
+    drop(watch);
     match failure {
         None => Ok(result),
         Some(failure) => {

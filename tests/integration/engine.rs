@@ -169,6 +169,46 @@ fn an_item_failing_only_at_commit_is_retried_and_the_worker_goes_on() {
     assert_eq!(state, "finished");
 }
 
+/// A target's own SQLSTATE is recorded as raised, also when PostgreSQL does not define
+/// it (pgrx alone would turn P0042 into XX000), when a notice came after it was caught
+/// and re-raised, and when a deferred trigger raises it at commit.
+#[test]
+fn user_defined_sqlstates_are_recorded_as_raised() {
+    let mut db = test_db("raised_codes");
+    db.batch_execute(
+        "CREATE FUNCTION inner_fail(k bigint) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'supplier file % missing', k USING ERRCODE = 'P0042'; END $$;
+         CREATE FUNCTION coded(k bigint) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+           RAISE WARNING 'about to try key %', k;
+           IF k = 1 THEN PERFORM inner_fail(k); END IF;
+           IF k = 2 THEN
+             BEGIN PERFORM inner_fail(k);
+             EXCEPTION WHEN SQLSTATE 'P0042' THEN
+               RAISE NOTICE 'caught it'; RAISE;
+             END;
+           END IF;
+           IF k = 3 THEN RAISE EXCEPTION 'a builtin' USING ERRCODE = 'check_violation'; END IF;
+           IF k = 4 THEN INSERT INTO late VALUES (k); END IF;
+         END $$;
+         CREATE TABLE late (k bigint);
+         CREATE FUNCTION refuse_late() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'too late for %', NEW.k USING ERRCODE = 'Z9X99'; END $$;
+         CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON late DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION refuse_late();
+         SELECT chunkwise.create_task('coded', call => 'coded', max_attempts => 1);
+         SELECT chunkwise.plan('coded', 'SELECT g AS key FROM generate_series(1, 5) g');",
+    )
+    .unwrap();
+    let (_, processed, _, dead) = run(&mut db, "SELECT * FROM chunkwise.run('coded', 1)");
+    assert_eq!((processed, dead), (1, 4));
+    let codes: Vec<String> = column(
+        &mut db,
+        "SELECT key || ' ' || sqlstate FROM chunkwise.failures ORDER BY key",
+    );
+    assert_eq!(codes, ["1 P0042", "2 P0042", "3 23514", "4 Z9X99"]);
+}
+
 #[test]
 fn retry_is_scheduled_with_exponential_backoff() {
     let mut db = test_db("backoff");
