@@ -20,7 +20,6 @@ pub struct Task {
     pub rank_by_activity: bool,
     pub max_items_per_cycle: Option<i64>,
     pub workers: Option<i32>,
-    pub max_attempts: i32,
     /// `item_timeout` in milliseconds, if set.
     pub item_timeout_ms: Option<i64>,
     pub items_per_commit: i32,
@@ -30,30 +29,32 @@ pub struct Task {
     pub paused: bool,
 }
 
-const TASK_COLUMNS: &str = "task_id, task, chunkwise._owner(anchor, owner), call::oid, statement, after, workers, \
-     max_attempts, (extract(epoch FROM item_timeout) * 1000)::bigint, items_per_commit, \
-     synchronous_commit, paused, source, rank_by_activity, max_items_per_cycle, sequential_groups";
+/// The columns `Task::from_row` reads, by name. (max_attempts and the backoff are read by
+/// the statements that use them, so that alter_task changes them for running workers too.)
+const TASK_COLUMNS: &str = "task_id, task, chunkwise._owner(anchor, owner) AS owner, call::oid AS call, \
+     statement, after, workers, (extract(epoch FROM item_timeout) * 1000)::bigint AS item_timeout_ms, \
+     items_per_commit, synchronous_commit, paused, source, rank_by_activity, max_items_per_cycle, \
+     sequential_groups";
 
 impl Task {
     fn from_row(row: &SpiHeapTupleData) -> SqlResult<Task> {
         let read = || -> Result<Task, pgrx::spi::SpiError> {
             Ok(Task {
-                id: row.get(1)?.unwrap_or_default(),
-                name: row.get(2)?.unwrap_or_default(),
-                owner: row.get(3)?.unwrap_or(pg_sys::InvalidOid),
-                call: row.get(4)?,
-                statement: row.get(5)?,
-                after: row.get(6)?,
-                workers: row.get(7)?,
-                max_attempts: row.get(8)?.unwrap_or(1),
-                item_timeout_ms: row.get(9)?,
-                items_per_commit: row.get(10)?.unwrap_or(1),
-                synchronous_commit: row.get(11)?.unwrap_or(true),
-                paused: row.get(12)?.unwrap_or(false),
-                source: row.get(13)?,
-                rank_by_activity: row.get(14)?.unwrap_or(false),
-                max_items_per_cycle: row.get(15)?,
-                sequential_groups: row.get(16)?.unwrap_or(false),
+                id: row.get_by_name("task_id")?.unwrap_or_default(),
+                name: row.get_by_name("task")?.unwrap_or_default(),
+                owner: row.get_by_name("owner")?.unwrap_or(pg_sys::InvalidOid),
+                call: row.get_by_name("call")?,
+                statement: row.get_by_name("statement")?,
+                after: row.get_by_name("after")?,
+                workers: row.get_by_name("workers")?,
+                item_timeout_ms: row.get_by_name("item_timeout_ms")?,
+                items_per_commit: row.get_by_name("items_per_commit")?.unwrap_or(1),
+                synchronous_commit: row.get_by_name("synchronous_commit")?.unwrap_or(true),
+                paused: row.get_by_name("paused")?.unwrap_or(false),
+                source: row.get_by_name("source")?,
+                rank_by_activity: row.get_by_name("rank_by_activity")?.unwrap_or(false),
+                max_items_per_cycle: row.get_by_name("max_items_per_cycle")?,
+                sequential_groups: row.get_by_name("sequential_groups")?.unwrap_or(false),
             })
         };
         Ok(read()?)

@@ -20,6 +20,9 @@ enum LockKind {
     Cycle = 1,
     /// Counting and launching workers against `chunkwise.max_workers`, cluster-wide.
     Launch = 2,
+    /// Counting the items that were in flight in a crash (see `worker::inflight`), per
+    /// database.
+    CrashRecovery = 3,
 }
 
 fn tag(database: pg_sys::Oid, kind: LockKind, id: u32) -> pg_sys::LOCKTAG {
@@ -91,4 +94,13 @@ impl Drop for LaunchLock {
         // SAFETY: releases the session lock taken in `acquire`.
         unsafe { pg_sys::LockRelease(&self.tag, pg_sys::ExclusiveLock as i32, true) };
     }
+}
+
+/// Takes the database's crash-recovery lock until the end of the transaction: one worker
+/// at a time takes the files of crashed workers, and the next sees its counts committed.
+pub fn lock_crash_recovery() {
+    // SAFETY: reads this backend's database id.
+    let tag = tag(unsafe { pg_sys::MyDatabaseId }, LockKind::CrashRecovery, 0);
+    // SAFETY: a transaction-level lock on a tag built above, released at commit or abort.
+    unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, false) };
 }

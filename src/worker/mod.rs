@@ -2,9 +2,11 @@
 //! the queue is drained (or the run's limit is reached, or it is told to stop).
 
 mod citus;
+mod inflight;
 mod item;
 mod queue;
 mod raised_code;
+mod signals;
 
 use std::ffi::CString;
 use std::panic::AssertUnwindSafe;
@@ -19,6 +21,7 @@ use crate::notify;
 use crate::retention;
 use crate::run_state::{Attempt, SharedRun, Tally};
 use crate::target::Target;
+use inflight::InFlightSlot;
 use item::{ItemFailure, ItemOutcome, Targets};
 use queue::{ClaimCursor, ClaimedItem, Queue};
 use raised_code::RaisedCodeWatch;
@@ -94,6 +97,9 @@ struct Worker {
     shared: SharedRun,
     queue: Queue,
     targets: Targets,
+    /// Where the item in flight is kept for the case of a crash; `None` if it could not
+    /// be made.
+    slot: Option<InFlightSlot>,
     tally: Tally,
     /// pause() or cancel() asked this run to stop (seen when a claim came back empty).
     stop_requested: bool,
@@ -133,6 +139,8 @@ impl Worker {
             set_session_option("synchronous_commit", "off");
         }
         let queue = Queue::prepare(&task);
+        queue.count_crashed_attempts(args.database);
+        let slot = InFlightSlot::create(args.database);
         queue.register_worker(&args);
         shared.state().attach_worker();
         let targets = Targets::new(
@@ -146,6 +154,7 @@ impl Worker {
             shared,
             queue,
             targets,
+            slot,
             tally: Tally::default(),
             stop_requested: false,
             claim_cursor: ClaimCursor::default(),
@@ -211,18 +220,17 @@ impl Worker {
     /// batch is rolled back, and each is recorded as a failed attempt (with a retry) in a
     /// new transaction, as a failure inside the item would be; the worker goes on.
     fn run_batch(&mut self, limit: i64) -> i64 {
-        let (items, attempts) = match transaction_surviving_commit_errors(|| {
-            self.process_batch(limit)
-        }) {
+        let committed = transaction_surviving_commit_errors(|| self.process_batch(limit));
+        if let Some(slot) = &self.slot {
+            slot.idle();
+        }
+        let (items, attempts) = match committed {
             Ok(batch) => batch,
             Err(((items, _), failure)) => {
                 let attempts = BackgroundWorker::transaction(AssertUnwindSafe(|| {
                     items
                         .iter()
-                        .map(|item| {
-                            self.queue
-                                .record_failure(&self.task, item, &failure, self.args.run_id)
-                        })
+                        .map(|item| self.queue.record_failure(item, &failure, self.args.run_id))
                         .collect()
                 }));
                 (items, attempts)
@@ -249,6 +257,9 @@ impl Worker {
         }
         let mut attempts = Vec::with_capacity(items.len());
         for item in &items {
+            if let Some(slot) = &self.slot {
+                slot.in_flight(self.args.run_id, item.id, item.attempts);
+            }
             // chunkwise.workers parses this text.
             report_activity(&format!(
                 "task {}: key {} (item {}); {} items done",
@@ -260,8 +271,7 @@ impl Worker {
                     Attempt::Done
                 }
                 ItemOutcome::Failed(failure) => {
-                    self.queue
-                        .record_failure(&self.task, item, &failure, self.args.run_id)
+                    self.queue.record_failure(item, &failure, self.args.run_id)
                 }
             });
         }

@@ -7,11 +7,13 @@ use pgrx::JsonB;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
+use pgrx::spi::{OwnedPreparedStatement, SpiTupleTable};
 
 use super::WorkerArgs;
+use super::inflight;
 use super::item::ItemFailure;
 use crate::catalog::Task;
+use crate::locks;
 use crate::notify;
 use crate::run_state::{Attempt, Tally};
 use crate::security::as_extension_owner_with;
@@ -138,19 +140,83 @@ const STOP_REQUESTED: &str = "SELECT coalesce((SELECT paused OR cancelled_throug
 const MARK_DONE: &str = "UPDATE chunkwise.items \
      SET status = 'done', finished_at = clock_timestamp(), run_id = $2 WHERE item_id = $1";
 
-/// Failure: attempts + 1; dead after max_attempts, else due again after an exponential
-/// backoff (retry_backoff * 2^(attempts-1), capped at retry_backoff_max).
-const RECORD_FAILURE: &str = "UPDATE chunkwise.items i \
-     SET attempts = i.attempts + 1, \
-         status = CASE WHEN i.attempts + 1 >= t.max_attempts THEN 'dead' ELSE 'pending' END, \
-         not_before = CASE WHEN i.attempts + 1 >= t.max_attempts THEN i.not_before \
-                      ELSE clock_timestamp() + least(t.retry_backoff * power(2, least(i.attempts, 30)), \
-                                                     t.retry_backoff_max) END, \
-         finished_at = CASE WHEN i.attempts + 1 >= t.max_attempts THEN clock_timestamp() END, \
-         last_sqlstate = $2, last_error = $3, last_failed_at = clock_timestamp(), run_id = $4 \
-     FROM chunkwise.tasks t \
-     WHERE i.item_id = $1 AND t.task_id = i.task_id \
-     RETURNING i.status = 'dead', i.attempts, to_char(i.not_before, 'YYYY-MM-DD HH24:MI:SS.MS TZ')";
+/// A failed attempt: attempts + 1; dead after max_attempts, else due again after an
+/// exponential backoff (retry_backoff * 2^(attempts-1), capped at retry_backoff_max).
+/// `$condition` narrows which item rows it applies to. The RETURNING columns are read by
+/// `Queue::count_failed_attempt`.
+macro_rules! failed_attempt_sql {
+    ($condition:literal) => {
+        concat!(
+            "UPDATE chunkwise.items i \
+             SET attempts = i.attempts + 1, \
+                 status = CASE WHEN i.attempts + 1 >= t.max_attempts THEN 'dead' ELSE 'pending' END, \
+                 not_before = CASE WHEN i.attempts + 1 >= t.max_attempts THEN i.not_before \
+                              ELSE clock_timestamp() + least(t.retry_backoff * power(2, least(i.attempts, 30)), \
+                                                             t.retry_backoff_max) END, \
+                 finished_at = CASE WHEN i.attempts + 1 >= t.max_attempts THEN clock_timestamp() END, \
+                 last_sqlstate = $2, last_error = $3, last_failed_at = clock_timestamp(), run_id = $4 \
+             FROM chunkwise.tasks t \
+             WHERE i.item_id = $1 AND t.task_id = i.task_id",
+            $condition,
+            " RETURNING i.status = 'dead', i.attempts, t.max_attempts, t.task, i.key, \
+                        to_char(i.not_before, 'YYYY-MM-DD HH24:MI:SS.MS TZ')"
+        )
+    };
+}
+
+/// A failure inside the item, or at its commit.
+const RECORD_FAILURE: &str = failed_attempt_sql!("");
+
+/// An attempt that crashed the server: counted only if no attempt was counted since the
+/// crashed one was claimed with `$5` attempts (and the item was not done or dropped).
+const RECORD_CRASH: &str = failed_attempt_sql!(" AND i.status = 'pending' AND i.attempts = $5");
+
+/// What recording a failed attempt found.
+struct CountedAttempt {
+    dead: bool,
+    attempts: i32,
+    max_attempts: i32,
+    task: String,
+    key: i64,
+    retry_at: String,
+}
+
+/// The SQLSTATE recorded for an attempt that crashed the server: it raised nothing.
+const CRASH_SQLSTATE: &str = "XX000";
+
+impl CountedAttempt {
+    /// The RETURNING row of a failed-attempt update; `None` when no row was updated.
+    fn read(table: SpiTupleTable) -> Result<Option<CountedAttempt>, pgrx::spi::SpiError> {
+        let Some(row) = table.into_iter().next() else {
+            return Ok(None);
+        };
+        Ok(Some(CountedAttempt {
+            dead: row.get(1)?.unwrap_or(false),
+            attempts: row.get(2)?.unwrap_or_default(),
+            max_attempts: row.get(3)?.unwrap_or_default(),
+            task: row.get(4)?.unwrap_or_default(),
+            key: row.get(5)?.unwrap_or_default(),
+            retry_at: row.get(6)?.unwrap_or_default(),
+        }))
+    }
+
+    /// Logs the attempt (with the task's limit as it is now, not as the worker started)
+    /// and announces a death. `cause` follows "failed on attempt n of m".
+    fn report(&self, run_id: i64, item_id: i64, cause: &str) -> Attempt {
+        let said = format!(
+            "pg_chunkwise task \"{}\" key {} failed on attempt {} of {}{cause}",
+            self.task, self.key, self.attempts, self.max_attempts
+        );
+        if self.dead {
+            notify::item_dead(run_id, item_id);
+            warning!("{said}; the item is dead (chunkwise.retry() makes it pending again)");
+            Attempt::Died
+        } else {
+            warning!("{said}; retry at {}", self.retry_at);
+            Attempt::Failed
+        }
+    }
+}
 
 pub struct Queue {
     claim: Claim,
@@ -336,45 +402,70 @@ impl Queue {
     /// Records a failed attempt and logs it; the attempt is `Died` when the item is now dead.
     pub fn record_failure(
         &self,
-        task: &Task,
         item: &ClaimedItem,
         failure: &ItemFailure,
         run_id: i64,
     ) -> Attempt {
-        let (dead, attempts, retry_at) = bookkeeping(|| {
-            Spi::connect_mut(
-                |client| -> Result<(bool, i32, String), pgrx::spi::SpiError> {
+        let counted = bookkeeping(|| {
+            Spi::connect_mut(|client| {
+                let table = client.update(
+                    &self.record_failure,
+                    None,
+                    &[
+                        item.id.into(),
+                        failure.sqlstate.as_str().into(),
+                        failure.message.as_str().into(),
+                        run_id.into(),
+                    ],
+                )?;
+                CountedAttempt::read(table)
+            })
+        })
+        .expect("record failure")
+        .expect("the claimed item is still there");
+        counted.report(
+            run_id,
+            item.id,
+            &format!(" [SQLSTATE {}]: {}", failure.sqlstate, failure.message),
+        )
+    }
+
+    /// Counts the attempts that were in flight when the server crashed (see
+    /// `worker::inflight`) as failed, before this worker's first claim.
+    pub fn count_crashed_attempts(&self, database: pg_sys::Oid) {
+        locks::lock_crash_recovery();
+        for crashed in inflight::take_crashed(database) {
+            let message = format!(
+                "the server crashed while this item ran: its worker (pid {}, run {}) was killed by a signal",
+                crashed.pid, crashed.run_id
+            );
+            let counted = bookkeeping(|| {
+                Spi::connect_mut(|client| {
                     let table = client.update(
-                        &self.record_failure,
+                        RECORD_CRASH,
                         None,
                         &[
-                            item.id.into(),
-                            failure.sqlstate.as_str().into(),
-                            failure.message.as_str().into(),
-                            run_id.into(),
+                            crashed.item_id.into(),
+                            CRASH_SQLSTATE.into(),
+                            message.as_str().into(),
+                            crashed.run_id.into(),
+                            crashed.attempts.into(),
                         ],
                     )?;
-                    let row = table.first();
-                    Ok((
-                        row.get::<bool>(1)?.unwrap_or(false),
-                        row.get::<i32>(2)?.unwrap_or(item.attempts + 1),
-                        row.get::<String>(3)?.unwrap_or_default(),
-                    ))
-                },
-            )
-        })
-        .expect("record failure");
-        let what = format!(
-            "pg_chunkwise task \"{}\" key {} failed on attempt {attempts} of {} [SQLSTATE {}]: {}",
-            task.name, item.key, task.max_attempts, failure.sqlstate, failure.message
-        );
-        if dead {
-            notify::item_dead(run_id, item.id);
-            warning!("{what}; the item is dead (chunkwise.retry() makes it pending again)");
-            Attempt::Died
-        } else {
-            warning!("{what}; retry at {retry_at}");
-            Attempt::Failed
+                    CountedAttempt::read(table)
+                })
+            })
+            .expect("record crash");
+            if let Some(counted) = counted {
+                counted.report(
+                    crashed.run_id,
+                    crashed.item_id,
+                    &format!(
+                        ": the server crashed while it ran (its worker, pid {} of run {}, died by a signal)",
+                        crashed.pid, crashed.run_id
+                    ),
+                );
+            }
         }
     }
 

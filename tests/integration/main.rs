@@ -6,6 +6,7 @@ mod fixtures;
 mod harness;
 
 mod bad_input;
+mod crashes;
 mod cycles;
 mod draining;
 mod engine;
