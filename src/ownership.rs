@@ -10,6 +10,7 @@
 //!   task's owner is its anchor's owner (`chunkwise._owner`);
 //! - `DROP OWNED BY old` drops the anchor, and the event trigger
 //!   `chunkwise_forget_dropped_tasks` drops the task with its queue and history.
+//!
 //! The anchors live in the extension's schema but are not members of the extension, so
 //! pg_dump keeps them with the tasks (whose `anchor` column names them).
 

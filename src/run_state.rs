@@ -18,7 +18,7 @@ pub enum Attempt {
 }
 
 /// Counts of attempts: a worker keeps its own, the run keeps the sum in shared memory.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Tally {
     pub processed: i64,
     pub failed: i64,
@@ -26,6 +26,15 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// What was counted since `earlier`, a copy of this tally taken before.
+    pub fn since(&self, earlier: &Tally) -> Tally {
+        Tally {
+            processed: self.processed - earlier.processed,
+            failed: self.failed - earlier.failed,
+            dead: self.dead - earlier.dead,
+        }
+    }
+
     pub fn record(&mut self, attempt: Attempt) {
         match attempt {
             Attempt::Done => self.processed += 1,
@@ -50,6 +59,8 @@ pub struct RunState {
     /// Workers the launcher got going; i32::MAX until it knows.
     workers_launched: AtomicI32,
     workers_exited: AtomicI32,
+    /// Workers that left because their bookkeeping kept failing (also in workers_exited).
+    workers_gave_up: AtomicI32,
     /// Set by whoever announces the end of the run (NOTIFY), so that it is announced once.
     finish_announced: AtomicBool,
     cancel: AtomicBool,
@@ -115,7 +126,7 @@ impl RunState {
 
     /// Workers that left cleanly (a worker that dies mid-run never counts itself).
     pub fn workers_exited(&self) -> i32 {
-        self.workers_exited.load(Ordering::SeqCst)
+        self.workers_exited.load(Ordering::SeqCst) - self.workers_gave_up.load(Ordering::SeqCst)
     }
 
     /// The launcher tells how many workers it started. True when they have all exited
@@ -125,8 +136,12 @@ impl RunState {
         self.workers_exited.load(Ordering::SeqCst) >= workers && self.claim_announcement()
     }
 
-    /// A worker is leaving. True for the last one out: it announces the end of the run.
-    pub fn worker_exited(&self) -> bool {
+    /// A worker is leaving, having given up or not. True for the last one out: it
+    /// announces the end of the run.
+    pub fn worker_exited(&self, gave_up: bool) -> bool {
+        if gave_up {
+            self.workers_gave_up.fetch_add(1, Ordering::SeqCst);
+        }
         let exited = self.workers_exited.fetch_add(1, Ordering::SeqCst) + 1;
         exited >= self.workers_launched.load(Ordering::SeqCst) && self.claim_announcement()
     }
@@ -156,6 +171,7 @@ impl SharedRun {
             workers_attached: AtomicI32::new(0),
             workers_launched: AtomicI32::new(i32::MAX),
             workers_exited: AtomicI32::new(0),
+            workers_gave_up: AtomicI32::new(0),
             finish_announced: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
         };

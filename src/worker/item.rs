@@ -10,6 +10,7 @@ use pgrx::spi::OwnedPreparedStatement;
 
 use super::queue::ClaimedItem;
 use super::raised_code::RaisedCodeWatch;
+use super::signals;
 use crate::error::{excerpt_of, sqlstate, sqlstate_of};
 use crate::target::Target;
 
@@ -170,6 +171,7 @@ impl Targets {
             ItemOutcome::Failed(ItemFailure::caught(caught, raised.last_raised()))
         })
         .execute();
+        signals::forget_cancel();
         drop(watch);
         // A session-level advisory lock outlives the subtransaction: one a target took and
         // kept would block every later item that wants it. Let them all go, as
@@ -190,16 +192,13 @@ impl Targets {
     }
 }
 
-/// Stops the item's statement timer and drops a cancel it may have raised too late to
-/// interrupt the item, so it cannot hit the worker's bookkeeping instead.
+/// Stops the item's statement timer (a cancel it raised too late to interrupt the item
+/// is dropped by `signals::forget_cancel`).
 ///
 /// # Safety
 /// Must run in a backend, between the item's statements and the worker's next ones.
 unsafe fn disable_item_timeout(timeout_ms: Option<i64>) {
     if timeout_ms.is_some() {
-        unsafe {
-            disable_timeout(STATEMENT_TIMEOUT, false);
-            pg_sys::QueryCancelPending = 0;
-        }
+        unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
     }
 }

@@ -13,6 +13,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+
 use pgrx::prelude::*;
 
 use crate::catalog::Task;
@@ -64,11 +65,27 @@ impl WorkerArgs {
 const RETRY_POLL: Duration = Duration::from_secs(1);
 /// How long a worker naps before claiming again when the due work left is held by others.
 const HELD_WORK_NAP: Duration = Duration::from_millis(20);
+/// Bookkeeping errors in a row a worker rides out, and its first nap after one (doubled
+/// each time).
+const BOOKKEEPING_RETRIES: u32 = 4;
+const BOOKKEEPING_NAP: Duration = Duration::from_millis(200);
+/// How often a batch looks whether pause() or cancel() asked its run to stop.
+const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a worker adds its figures to the run's row.
+const TALLY_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the worker's loop does after a step.
+enum Step {
+    Continue,
+    Exit,
+}
 
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SAFETY: stop_worker only sets flags and the latch.
+    unsafe { signals::set_handler(libc::SIGTERM, signals::stop_worker) };
     let Some(args) = WorkerArgs::decode(BackgroundWorker::get_extra()) else {
         log!("pg_chunkwise worker started with malformed arguments; exiting");
         return;
@@ -106,6 +123,17 @@ struct Worker {
     /// Where its next claim starts.
     claim_cursor: ClaimCursor,
     stopped_early: bool,
+    /// Claims of the run's `max_items` the batch under way holds.
+    reserved: i64,
+    /// The item being run, for the log when the worker's bookkeeping fails.
+    item_in_flight: Option<i64>,
+    /// Claims left to make one item at a time, after a batch failed at commit.
+    one_per_transaction: usize,
+    /// The worker's figures as the run's row has them, and when they were added.
+    flushed: Tally,
+    flushed_at: Instant,
+    /// Left after too many bookkeeping errors (not counted as a clean exit).
+    gave_up: bool,
 }
 
 impl Worker {
@@ -159,6 +187,12 @@ impl Worker {
             stop_requested: false,
             claim_cursor: ClaimCursor::default(),
             stopped_early: false,
+            reserved: 0,
+            item_in_flight: None,
+            one_per_transaction: 0,
+            flushed: Tally::default(),
+            flushed_at: Instant::now(),
+            gave_up: false,
         })
     }
 
@@ -180,53 +214,159 @@ impl Worker {
         }
     }
 
+    /// Claims and runs batches until the run is over. An ERROR in the worker's own
+    /// bookkeeping (a deadlock with a DBA's statement, a lock or statement timeout from
+    /// the owner's settings, a full disk) rolls back that step and is retried; after
+    /// `BOOKKEEPING_RETRIES` in a row the worker gives up, says so in the log with task,
+    /// run and item, and leaves without counting itself as finished: the run then shows
+    /// as interrupted, and `run()` warns. The other workers go on with the work.
     fn run(&mut self) {
+        let mut errors_in_a_row = 0;
         loop {
-            if self.should_stop() || self.stop_requested {
-                self.stopped_early = true;
-                return;
-            }
-            Self::reload_config_if_asked();
-            let wanted = i64::from(self.task.items_per_commit);
-            let granted = self.shared.state().reserve(wanted);
-            if granted == 0 {
-                return; // the run's max_items is used up
-            }
-            let handled = self.run_batch(granted);
-            self.shared.state().release(granted - handled);
-            report_idle();
-            if handled == 0 && !self.stop_requested {
-                // An empty claim ends the run only when no due work is left: what other
-                // workers (or transactions) hold now is claimable once they let go.
-                if self.due_work_held_elsewhere() {
-                    if !BackgroundWorker::wait_latch(Some(HELD_WORK_NAP)) {
+            match self.guarded_step() {
+                Ok(Step::Continue) => errors_in_a_row = 0,
+                Ok(Step::Exit) => return,
+                Err(_) if self.should_stop() => {
+                    // SIGTERM's cancel, or the launcher's, interrupted the bookkeeping.
+                    self.stopped_early = true;
+                    return;
+                }
+                Err(failure) => {
+                    errors_in_a_row += 1;
+                    let doing = match self.item_in_flight {
+                        Some(item) => format!(" (item {item})"),
+                        None => String::new(),
+                    };
+                    let what = format!(
+                        "pg_chunkwise worker of task \"{}\", run {}: its bookkeeping failed{doing} [SQLSTATE {}]: {}",
+                        self.task.name, self.args.run_id, failure.sqlstate, failure.message
+                    );
+                    if errors_in_a_row > BOOKKEEPING_RETRIES {
+                        warning!("{what}; it gives up after {BOOKKEEPING_RETRIES} tries");
+                        self.gave_up = true;
                         return;
                     }
-                    continue;
-                }
-                if !self.wait_for_retry() {
-                    return;
+                    warning!("{what}; it tries again");
+                    let nap = BOOKKEEPING_NAP * 2u32.pow(errors_in_a_row - 1);
+                    if !BackgroundWorker::wait_latch(Some(nap)) {
+                        return;
+                    }
+                    signals::forget_cancel();
                 }
             }
         }
     }
 
-    /// Claims up to `limit` items and runs them in one transaction, then counts what
-    /// happened to them. Returns how many items were claimed.
-    ///
-    /// The commit itself can fail: a deferred constraint is checked there, and under
-    /// Citus a worker node that went away between the item's statements and the commit
-    /// makes the PREPARE fail. Then every item of the
-    /// batch is rolled back, and each is recorded as a failed attempt (with a retry) in a
-    /// new transaction, as a failure inside the item would be; the worker goes on.
-    fn run_batch(&mut self, limit: i64) -> i64 {
-        let committed = transaction_surviving_commit_errors(|| self.process_batch(limit));
+    /// One step of the loop, with an ERROR caught and its transaction rolled back.
+    fn guarded_step(&mut self) -> Result<Step, ItemFailure> {
+        // SAFETY: reads the memory context the loop runs in, to return to after an ERROR.
+        let memory = unsafe { pg_sys::CurrentMemoryContext };
+        let watch = RaisedCodeWatch::push();
+        let outcome = PgTryBuilder::new(AssertUnwindSafe(|| Ok(self.step())))
+            .catch_others(|caught| {
+                // SAFETY: what a backend does after an ERROR at its top level: abort the
+                // transaction (and any subtransaction) the step was in, if any.
+                unsafe {
+                    pg_sys::MemoryContextSwitchTo(memory);
+                    pg_sys::AbortCurrentTransaction();
+                    pg_sys::MemoryContextSwitchTo(memory);
+                }
+                Err(ItemFailure::caught(caught, watch.last_raised()))
+            })
+            .execute();
+        drop(watch);
+        signals::forget_cancel();
+        if outcome.is_err() {
+            // The step's items rolled back: pending again, with no attempt counted.
+            self.give_back_reserved(0);
+            self.mark_idle();
+            self.claim_cursor = ClaimCursor::default();
+        }
+        outcome
+    }
+
+    fn step(&mut self) -> Step {
+        if self.should_stop() || self.stop_requested {
+            self.stopped_early = true;
+            return Step::Exit;
+        }
+        Self::reload_config_if_asked();
+        let wanted = if self.one_per_transaction > 0 {
+            1
+        } else {
+            i64::from(self.task.items_per_commit)
+        };
+        let granted = self.shared.state().reserve(wanted);
+        if granted == 0 {
+            return Step::Exit; // the run's max_items is used up
+        }
+        self.reserved = granted;
+        let handled = self.run_batch(granted);
+        self.give_back_reserved(handled);
+        report_idle();
+        if handled == 0 && !self.stop_requested && !self.should_stop() {
+            // An empty claim ends the run only when no due work is left: what other
+            // workers (or transactions) hold now is claimable once they let go.
+            if self.due_work_held_elsewhere() {
+                if !BackgroundWorker::wait_latch(Some(HELD_WORK_NAP)) {
+                    return Step::Exit;
+                }
+                return Step::Continue;
+            }
+            if !self.wait_for_retry() {
+                return Step::Exit;
+            }
+        }
+        Step::Continue
+    }
+
+    /// Gives back the claims of `max_items` the last batch reserved and did not use.
+    fn give_back_reserved(&mut self, used: i64) {
+        self.shared.state().release(self.reserved - used);
+        self.reserved = 0;
+    }
+
+    fn mark_idle(&mut self) {
+        self.item_in_flight = None;
         if let Some(slot) = &self.slot {
             slot.idle();
         }
+    }
+
+    /// Claims up to `limit` items and runs them in one transaction, then counts what
+    /// happened to them. Returns how many items were claimed and run.
+    ///
+    /// The commit itself can fail: a deferred constraint is checked there, and under
+    /// Citus a worker node that went away between the item's statements and the commit
+    /// makes the PREPARE fail. Then every item of the batch is rolled back. A batch of
+    /// one item is recorded as a failed attempt (with a retry) in a new transaction, as a
+    /// failure inside the item would be. A bigger batch does not know which of its items
+    /// failed, and charging them all would kill innocent items: its items are pending
+    /// again and the worker claims them one per transaction, so that the one that fails
+    /// at commit fails alone.
+    fn run_batch(&mut self, limit: i64) -> i64 {
+        let committed = transaction_surviving_commit_errors(|| self.process_batch(limit));
+        self.mark_idle();
+        self.one_per_transaction = self.one_per_transaction.saturating_sub(1);
         let (items, attempts) = match committed {
-            Ok(batch) => batch,
-            Err(((items, _), failure)) => {
+            Ok((items, attempts, flushed)) => {
+                self.flushed = flushed;
+                (items, attempts)
+            }
+            Err(((items, _, _), failure)) if items.len() > 1 => {
+                warning!(
+                    "pg_chunkwise task \"{}\": the commit of a batch of {} items failed [SQLSTATE {}]: {}; \
+                     running them one per transaction to find the item that fails",
+                    self.task.name,
+                    items.len(),
+                    failure.sqlstate,
+                    failure.message
+                );
+                self.one_per_transaction = items.len();
+                self.claim_cursor = ClaimCursor::default();
+                return items.len() as i64;
+            }
+            Err(((items, _, _), failure)) => {
                 let attempts = BackgroundWorker::transaction(AssertUnwindSafe(|| {
                     items
                         .iter()
@@ -244,9 +384,15 @@ impl Worker {
     }
 
     /// Claims up to `limit` items and runs each in its own subtransaction, in the
-    /// caller's transaction. Returns the items and what happened to each.
-    fn process_batch(&mut self, limit: i64) -> (Vec<ClaimedItem>, Vec<Attempt>) {
-        let items = self.queue.claim(
+    /// caller's transaction. Returns the items it ran, what happened to each, and the
+    /// worker's figures as the run's row has them if this transaction commits.
+    ///
+    /// Between items it stops early when the run is told to stop (SIGTERM, cancel,
+    /// pause): the items it did not get to are let go unchanged at commit. An item that
+    /// SIGTERM interrupted is rolled back without counting an attempt.
+    fn process_batch(&mut self, limit: i64) -> (Vec<ClaimedItem>, Vec<Attempt>, Tally) {
+        let flushed = self.flush_tally_if_due();
+        let mut items = self.queue.claim(
             self.task.id,
             self.args.run_id,
             limit,
@@ -256,7 +402,12 @@ impl Worker {
             self.stop_requested = self.queue.stop_requested(self.task.id, self.args.run_id);
         }
         let mut attempts = Vec::with_capacity(items.len());
-        for item in &items {
+        let mut last_stop_check = Instant::now();
+        for (ran, item) in items.iter().enumerate() {
+            if ran > 0 && self.stop_between_items(&mut last_stop_check) {
+                break;
+            }
+            self.item_in_flight = Some(item.id);
             if let Some(slot) = &self.slot {
                 slot.in_flight(self.args.run_id, item.id, item.attempts);
             }
@@ -270,15 +421,48 @@ impl Worker {
                     self.queue.mark_done(item.id, self.args.run_id);
                     Attempt::Done
                 }
+                ItemOutcome::Failed(_) if signals::stop_signalled() => {
+                    self.stopped_early = true;
+                    break;
+                }
                 ItemOutcome::Failed(failure) => {
                     self.queue.record_failure(item, &failure, self.args.run_id)
                 }
             });
         }
+        items.truncate(attempts.len());
         if !items.is_empty() {
             citus::commit_remote_work_with_2pc();
         }
-        (items, attempts)
+        (items, attempts, flushed)
+    }
+
+    /// Whether the batch should end before its next item: SIGTERM or the launcher's
+    /// cancel at once, pause() or cancel() looked up at most every `STOP_CHECK_INTERVAL`.
+    fn stop_between_items(&mut self, last_check: &mut Instant) -> bool {
+        if self.should_stop() {
+            self.stopped_early = true;
+            return true;
+        }
+        if last_check.elapsed() >= STOP_CHECK_INTERVAL {
+            *last_check = Instant::now();
+            self.stop_requested = self.queue.stop_requested(self.task.id, self.args.run_id);
+        }
+        self.stop_requested
+    }
+
+    /// Adds what the worker counted since its last report to the run's row, in the
+    /// batch's transaction, at most every `TALLY_FLUSH_INTERVAL`: the figures of a
+    /// worker that dies are then at most that old. Returns the figures the row holds
+    /// once this transaction commits.
+    fn flush_tally_if_due(&mut self) -> Tally {
+        if self.flushed_at.elapsed() < TALLY_FLUSH_INTERVAL || self.tally == self.flushed {
+            return self.flushed;
+        }
+        self.flushed_at = Instant::now();
+        self.queue
+            .add_to_run(self.args.run_id, &self.tally.since(&self.flushed));
+        self.tally
     }
 
     /// After an empty claim: whether due work remains that others hold; the worker then
@@ -335,12 +519,14 @@ impl Worker {
             shared,
             queue,
             tally,
+            flushed,
             stopped_early,
+            gave_up,
             ..
         } = self;
         BackgroundWorker::transaction(AssertUnwindSafe(|| {
-            queue.unregister_worker(&args, &tally, stopped_early);
-            if shared.state().worker_exited() {
+            queue.unregister_worker(&args, &tally.since(&flushed), stopped_early, gave_up);
+            if shared.state().worker_exited(gave_up) {
                 notify::run_finished(args.run_id);
                 retention::apply(args.task_id);
             }

@@ -252,29 +252,38 @@ fn bookkeeping<R>(f: impl FnOnce() -> R) -> R {
     as_extension_owner_with(&[(c"plan_cache_mode", c"force_generic_plan")], f)
 }
 
+/// The statements that differ between plain tasks and tasks with sequential groups.
+struct QueueSql {
+    /// The claim, from the start (false) or after the worker's cursor (true).
+    claim_sql: fn(bool) -> String,
+    claim_args: Vec<PgOid>,
+    mark_done: &'static str,
+    work_remains: &'static str,
+}
+
 impl Queue {
     /// Prepares the hot-path statements for `task`; call inside a transaction.
     pub fn prepare(task: &Task) -> Queue {
         let grouped = task.sequential_groups;
-        let (claim_sql, claim_args, mark_done, work_remains): (
-            fn(bool) -> String,
-            Vec<PgOid>,
-            &str,
-            &str,
-        ) = if grouped {
-            (
-                groups_claim_sql,
-                vec![int4(), int8(), int8(), text()],
-                MARK_DONE_IN_GROUP,
-                GROUP_WORK_REMAINS,
-            )
+        let QueueSql {
+            claim_sql,
+            claim_args,
+            mark_done,
+            work_remains,
+        } = if grouped {
+            QueueSql {
+                claim_sql: groups_claim_sql,
+                claim_args: vec![int4(), int8(), int8(), text()],
+                mark_done: MARK_DONE_IN_GROUP,
+                work_remains: GROUP_WORK_REMAINS,
+            }
         } else {
-            (
-                plain_claim_sql,
-                vec![int4(), int8(), int8(), int8(), int8()],
-                MARK_DONE,
-                PLAIN_WORK_REMAINS,
-            )
+            QueueSql {
+                claim_sql: plain_claim_sql,
+                claim_args: vec![int4(), int8(), int8(), int8(), int8()],
+                mark_done: MARK_DONE,
+                work_remains: PLAIN_WORK_REMAINS,
+            }
         };
         bookkeeping(|| {
             Spi::connect(|client| -> Result<Queue, pgrx::spi::SpiError> {
@@ -506,25 +515,47 @@ impl Queue {
         .expect("register worker");
     }
 
-    pub fn unregister_worker(&self, args: &WorkerArgs, tally: &Tally, stopped_early: bool) {
+    /// Adds a worker's figures to its run's row.
+    pub fn add_to_run(&self, run_id: i64, tally: &Tally) {
+        bookkeeping(|| Self::add_figures(run_id, tally, 0))
+            .expect("add the worker's figures to its run");
+    }
+
+    /// Adds the worker's last figures to the run's row and forgets its session. A worker
+    /// that gave up is not counted as exited: the run shows as interrupted.
+    pub fn unregister_worker(
+        &self,
+        args: &WorkerArgs,
+        tally: &Tally,
+        stopped_early: bool,
+        gave_up: bool,
+    ) {
         bookkeeping(|| {
+            Self::add_figures(args.run_id, tally, if gave_up { 0 } else { 1 })?;
             Spi::run_with_args(
-                "UPDATE chunkwise.run_history SET workers_exited = workers_exited + 1, finished_at = clock_timestamp(), \
-                        processed = processed + $2, failed = failed + $3, dead = dead + $4, \
-                        cancelled = cancelled OR $5 \
+                "UPDATE chunkwise.run_history SET finished_at = clock_timestamp(), cancelled = cancelled OR $2 \
                   WHERE run_id = $1",
-                &[
-                    args.run_id.into(),
-                    tally.processed.into(),
-                    tally.failed.into(),
-                    tally.dead.into(),
-                    stopped_early.into(),
-                ],
+                &[args.run_id.into(), stopped_early.into()],
             )?;
             Spi::run(
                 "DELETE FROM chunkwise.worker_sessions WHERE pid = pg_catalog.pg_backend_pid()",
             )
         })
         .expect("unregister worker");
+    }
+
+    fn add_figures(run_id: i64, tally: &Tally, exited: i32) -> Result<(), pgrx::spi::SpiError> {
+        Spi::run_with_args(
+            "UPDATE chunkwise.run_history SET workers_exited = workers_exited + $5, \
+                    processed = processed + $2, failed = failed + $3, dead = dead + $4 \
+              WHERE run_id = $1",
+            &[
+                run_id.into(),
+                tally.processed.into(),
+                tally.failed.into(),
+                tally.dead.into(),
+                exited.into(),
+            ],
+        )
     }
 }

@@ -163,6 +163,12 @@ impl Cluster {
             .args(["-w", "start"]));
     }
 
+    /// The server's log so far: what workers report goes there, not to a client.
+    pub fn server_log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.dir.join("server.log")).unwrap_or_default())
+            .into_owned()
+    }
+
     /// Waits until the server accepts connections (after a crash restart, say).
     pub fn wait_until_accepting(&self, timeout: Duration) {
         wait_for("the server to accept connections", timeout, || {

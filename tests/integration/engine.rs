@@ -169,6 +169,67 @@ fn an_item_failing_only_at_commit_is_retried_and_the_worker_goes_on() {
     assert_eq!(state, "finished");
 }
 
+/// One item of a batch that fails only at commit (a deferred constraint) rolls the whole
+/// batch back: its items are then run one per transaction, so that only the culprit is
+/// charged and the 99 innocent items are done.
+#[test]
+fn a_batch_failing_at_commit_charges_only_the_item_that_fails() {
+    let mut db = test_db("batch_blame");
+    db.batch_execute(
+        "CREATE TABLE claimed (k bigint, UNIQUE (k) DEFERRABLE INITIALLY DEFERRED);
+         INSERT INTO claimed VALUES (37);
+         CREATE PROCEDURE claim(k bigint) LANGUAGE sql AS 'INSERT INTO claimed VALUES (k)';
+         SELECT chunkwise.create_task('claim', call => 'claim', max_attempts => 1, items_per_commit => 100);
+         SELECT chunkwise.plan('claim', 'SELECT g AS key FROM generate_series(1, 100) g');",
+    )
+    .unwrap();
+    let (_, processed, failed, dead) = run(&mut db, "SELECT * FROM chunkwise.run('claim', 1)");
+    assert_eq!((processed, failed, dead), (99, 1, 1));
+    let dead_keys: Vec<i64> = column(
+        &mut db,
+        "SELECT key FROM chunkwise.items WHERE status = 'dead'",
+    );
+    assert_eq!(dead_keys, [37]);
+    let innocent_attempts: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM chunkwise.items WHERE attempts > 0 AND key <> 37",
+    );
+    assert_eq!(innocent_attempts, 0);
+}
+
+/// alter_task(max_attempts) takes effect for running workers, and their log says the
+/// limit that applied.
+#[test]
+fn a_changed_max_attempts_applies_at_once_and_the_log_says_so() {
+    let mut db = test_db("attempts_changed");
+    db.batch_execute(
+        "CREATE TABLE seen (n int);
+         CREATE PROCEDURE fails_twice(k bigint) LANGUAGE plpgsql AS $$
+         BEGIN
+           IF (SELECT attempts FROM chunkwise.items WHERE key = k) = 1 THEN
+             PERFORM * FROM dblink('dbname=attempts_changed host=' || current_setting('unix_socket_directories')
+                                   || ' port=' || current_setting('port') || ' user=postgres',
+                                   $q$SELECT chunkwise.alter_task('limit_changed', max_attempts => 2)::text$q$)
+                       AS altered(result text);
+           END IF;
+           RAISE EXCEPTION 'no luck with %', k;
+         END $$;
+         CREATE EXTENSION dblink;
+         SELECT chunkwise.create_task('limit_changed', call => 'fails_twice', max_attempts => 5,
+                                      retry_backoff => '1 millisecond', retry_backoff_max => '1 millisecond');
+         SELECT chunkwise.enqueue('limit_changed', 4242);",
+    )
+    .unwrap();
+    let (_, _, failed, dead) = run(&mut db, "SELECT * FROM chunkwise.run('limit_changed', 1)");
+    assert_eq!((failed, dead), (2, 1), "the second attempt was the last");
+    assert!(
+        Cluster::get().server_log().contains(
+            "pg_chunkwise task \"limit_changed\" key 4242 failed on attempt 2 of 2 [SQLSTATE P0001]: no luck with 4242; the item is dead"
+        ),
+        "the log gives the limit that applied"
+    );
+}
+
 /// A target's own SQLSTATE is recorded as raised, also when PostgreSQL does not define
 /// it (pgrx alone would turn P0042 into XX000), when a notice came after it was caught
 /// and re-raised, and when a deferred trigger raises it at commit.

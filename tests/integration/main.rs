@@ -13,6 +13,7 @@ mod engine;
 mod examples;
 mod groups;
 mod hijack;
+mod interrupts;
 mod operating;
 mod planning;
 mod ranges;
