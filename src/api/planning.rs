@@ -122,6 +122,9 @@ impl ItemBatch {
         self.ensure_within_limits()?;
         self.ensure_grouped(task)?;
         let task_id = task.id;
+        if task.sequential_groups {
+            lock_groups(task_id, &self.group_keys)?;
+        }
         let added = as_extension_owner(|| {
             Spi::get_one_with_args::<i64>(
                 "WITH added AS ( \
@@ -156,6 +159,32 @@ impl ItemBatch {
         })?;
         Ok(added.unwrap_or(0))
     }
+}
+
+/// Locks the rows of the groups `group_keys` name (making the missing ones), in
+/// group_key order, before any of their items is touched.
+///
+/// A worker locks a group's row, then its head item (the claim), then updates both
+/// (mark done). Planning that locked items first and groups second (the upsert below)
+/// could hold the head a worker waits for while waiting for that worker's group: a
+/// deadlock, which either killed the plan() or the worker's claim. Taking the groups
+/// first, in one order, makes planning wait for the item a worker runs in one of its
+/// groups, and nothing else.
+fn lock_groups(task_id: i32, group_keys: &[Option<String>]) -> SqlResult<()> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "INSERT INTO chunkwise.groups (task_id, group_key, open) \
+             SELECT DISTINCT $1, k, 0 FROM unnest($2::text[]) k ORDER BY 2 \
+             ON CONFLICT (task_id, group_key) DO NOTHING",
+            &[task_id.into(), group_keys.to_vec().into()],
+        )?;
+        Spi::run_with_args(
+            "SELECT FROM chunkwise.groups WHERE task_id = $1 AND group_key = ANY ($2::text[]) \
+              ORDER BY group_key FOR UPDATE",
+            &[task_id.into(), group_keys.to_vec().into()],
+        )
+    })?;
+    Ok(())
 }
 
 /// The task a planning call writes to, after the caller's right to do so is checked.

@@ -8,6 +8,7 @@ mod harness;
 mod bad_input;
 mod crashes;
 mod cycles;
+mod deadlocks;
 mod draining;
 mod engine;
 mod examples;
