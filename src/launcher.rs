@@ -15,6 +15,7 @@ use crate::notify;
 use crate::retention;
 use crate::run_state::{RunState, SharedRun};
 use crate::security::{as_extension_owner, ensure_owner_can_run, ensure_owner_may_execute};
+use crate::subxact::without_keeping_locks;
 use crate::target::Target;
 use crate::worker::WorkerArgs;
 
@@ -97,12 +98,52 @@ pub fn start_task(
 }
 
 /// Checks, reserves worker slots and launches the workers; `None` (with a NOTICE) when
-/// the task is paused or has nothing pending.
+/// the task is paused or has nothing pending. The checks and counts run without keeping
+/// their locks on the queue tables (see `subxact`): the caller is about to wait.
 fn launch_run(
     task: &Task,
     workers: Option<i32>,
     max_items: Option<i64>,
 ) -> SqlResult<Option<LaunchedRun>> {
+    // Made outside the subtransaction: its mapping belongs to the caller's statement.
+    let shared = SharedRun::create(max_items);
+    let Some(launched) =
+        without_keeping_locks(|| launch_workers_for(task, workers, max_items, &shared))?
+    else {
+        return Ok(None);
+    };
+    if shared.state().set_launched(launched.handles.len() as i32) {
+        // Every worker was gone before it could tell: the end is the launcher's to tell.
+        notify::run_finished(launched.run_id);
+        retention::apply(task.id);
+    }
+    wait_until_under_way(&shared, &launched.handles);
+    // The workers now show in pg_stat_activity, where the next launcher counts them.
+    drop(launched.launch_lock);
+    Ok(Some(LaunchedRun {
+        run_id: launched.run_id,
+        shared,
+        handles: launched.handles,
+        total: launched.total,
+        started: launched.started,
+    }))
+}
+
+/// Workers launched, still holding the launch lock until they are under way.
+struct Launched {
+    run_id: i64,
+    handles: Vec<DynamicBackgroundWorker>,
+    total: i64,
+    started: Instant,
+    launch_lock: LaunchLock,
+}
+
+fn launch_workers_for(
+    task: &Task,
+    workers: Option<i32>,
+    max_items: Option<i64>,
+    shared: &SharedRun,
+) -> SqlResult<Option<Launched>> {
     ensure_runnable(task)?;
     if let Some(limit) = max_items.filter(|&limit| limit < 1) {
         return Err(SqlError::invalid_parameter(format!(
@@ -138,21 +179,13 @@ fn launch_run(
     let slots = free_worker_slots(task.owner, wanted)?;
     let started = Instant::now();
     let run_id = next_run_id()?;
-    let shared = SharedRun::create(max_items);
-    let handles = launch_workers(task, run_id, slots, &shared)?;
-    if shared.state().set_launched(handles.len() as i32) {
-        // Every worker was gone before it could tell: the end is the launcher's to tell.
-        notify::run_finished(run_id);
-        retention::apply(task.id);
-    }
-    wait_until_under_way(&shared, &handles);
-    drop(launch_lock);
-    Ok(Some(LaunchedRun {
+    let handles = launch_workers(task, run_id, slots, shared)?;
+    Ok(Some(Launched {
         run_id,
-        shared,
         handles,
         total,
         started,
+        launch_lock,
     }))
 }
 

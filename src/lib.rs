@@ -19,6 +19,7 @@ mod ranking;
 mod retention;
 mod run_state;
 mod security;
+mod subxact;
 mod target;
 mod worker;
 

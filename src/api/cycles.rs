@@ -20,6 +20,7 @@ use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::launcher::run_task;
 use crate::locks::{try_lock_cycle, unlock_cycle};
 use crate::security::as_task_owner;
+use crate::subxact::without_keeping_locks;
 
 thread_local! {
     /// The task whose cycle lock this backend holds, between `_cycle_begin` and `_cycle_run`.
@@ -103,7 +104,7 @@ fn plan_source(task: &Task) -> SqlResult<Option<i64>> {
 #[pg_extern(name = "_cycle_run", volatile, parallel_unsafe)]
 fn cycle_run(task: Option<&str>) {
     let run = || -> SqlResult<()> {
-        let task = Task::for_caller(task, "run a cycle of")?;
+        let task = without_keeping_locks(|| Task::for_caller(task, "run a cycle of"))?;
         if HELD_CYCLE.with(Cell::get) != Some(task.id) {
             return Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

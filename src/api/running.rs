@@ -9,6 +9,7 @@ use crate::catalog::Task;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::launcher::{RunSummary, run_task, start_task, wait_on_latch};
 use crate::security::{as_extension_owner, may_see};
+use crate::subxact::without_keeping_locks;
 
 /// Runs the task's pending items with a pool of background workers and waits for them,
 /// reporting progress every `chunkwise.progress_interval`.
@@ -28,7 +29,7 @@ fn run(
     ),
 > {
     let summary = (|| -> SqlResult<RunSummary> {
-        let task = Task::for_caller(task, "run")?;
+        let task = without_keeping_locks(|| Task::for_caller(task, "run"))?;
         run_task(&task, workers, max_items)
     })()
     .or_raise();
@@ -50,7 +51,7 @@ fn start(
     max_items: default!(Option<i64>, "NULL"),
 ) -> Option<i64> {
     (|| -> SqlResult<Option<i64>> {
-        let task = Task::for_caller(task, "start")?;
+        let task = without_keeping_locks(|| Task::for_caller(task, "start"))?;
         start_task(&task, workers, max_items)
     })()
     .or_raise()
@@ -72,10 +73,15 @@ struct RunRow {
     seconds: f64,
 }
 
+/// The run as it is now: a fresh snapshot (a read-write SPI statement takes one in READ
+/// COMMITTED) and fresh backend statuses, also when wait() runs in the statement that
+/// started the run, whose snapshot predates the workers.
 fn read_run(run_id: i64) -> SqlResult<Option<RunRow>> {
+    // SAFETY: drops this transaction's cached copy of the backend status array.
+    unsafe { pg_sys::pgstat_clear_snapshot() };
     let row = as_extension_owner(|| {
-        Spi::connect(|client| -> pgrx::spi::Result<Option<RunRow>> {
-            let table = client.select(
+        Spi::connect_mut(|client| -> pgrx::spi::Result<Option<RunRow>> {
+            let table = client.update(
                 "SELECT r.task, chunkwise._owner(t.anchor, t.owner), r.state, r.processed, r.failed, r.dead, r.seconds::float8 \
                    FROM chunkwise.runs r JOIN chunkwise.tasks t USING (task) WHERE r.run_id = $1",
                 Some(1),
@@ -150,7 +156,9 @@ fn wait(
             }
             Some(t) => Some(Instant::now() + Duration::from_micros(t.as_micros() as u64)),
         };
-        if run_id < 1 || run_id > last_run_id()? {
+        // Nothing read here keeps its locks while this backend waits (see `subxact`).
+        let read_run = |run_id| without_keeping_locks(|| read_run(run_id));
+        if run_id < 1 || run_id > without_keeping_locks(last_run_id)? {
             return Err(unknown_run(run_id));
         }
         // Its workers record a just-started run in their first transaction.

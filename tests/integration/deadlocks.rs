@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::fixtures::live_workers;
+use crate::fixtures::{bump_task, live_workers, status_counts};
 use crate::harness::{Cluster, column, one, test_db, wait_for};
 
 /// plan() re-planning items of groups that workers are running used to lock items then
@@ -72,4 +72,46 @@ fn planning_into_running_groups_does_not_deadlock_with_claims() {
         "SELECT count(*) FROM chunkwise.items WHERE status <> 'done'",
     );
     assert_eq!(open, 0);
+}
+
+/// `VACUUM FULL` of a queue table while run() or wait() waits for the workers: the
+/// waiting backend used to keep its locks on the table from its lookups, the VACUUM
+/// queued behind it, the workers' claims behind the VACUUM, and nothing saw the circle.
+/// Now the VACUUM goes through as soon as the workers' current transactions end.
+#[test]
+fn vacuum_full_of_the_queue_tables_goes_through_while_a_run_waits() {
+    let mut db = test_db("vacuum_full_run");
+    bump_task(&mut db, 400, 10.0);
+    for (table, waiter) in [
+        (
+            "chunkwise.items",
+            "SELECT processed FROM chunkwise.run('bump', 2, max_items => 200)",
+        ),
+        (
+            "chunkwise.tasks",
+            "SELECT processed FROM chunkwise.wait(chunkwise.start('bump', 2))",
+        ),
+    ] {
+        let runner = std::thread::spawn(move || {
+            let mut client = Cluster::get().connect("vacuum_full_run");
+            one::<i64>(&mut client, waiter)
+        });
+        wait_for("the workers to run items", Duration::from_secs(60), || {
+            let n: i64 = one(
+                &mut db,
+                "SELECT count(*) FROM chunkwise.workers WHERE current_item IS NOT NULL",
+            );
+            (n > 0).then_some(())
+        });
+        let mut dba = Cluster::get().connect("vacuum_full_run");
+        dba.batch_execute("SET lock_timeout = '20s'").unwrap();
+        let vacuumed = dba.batch_execute(&format!("VACUUM FULL {table}"));
+        assert!(
+            vacuumed.is_ok(),
+            "VACUUM FULL {table} went through: {vacuumed:?}"
+        );
+        let processed = runner.join().unwrap();
+        assert_eq!(processed, 200, "{waiter} finished its run");
+    }
+    assert_eq!(status_counts(&mut db, "bump"), (0, 400, 0));
 }
