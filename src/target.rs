@@ -7,7 +7,7 @@ use std::ffi::CString;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
-use pgrx::{JsonB, spi};
+use pgrx::{JsonB, PgList, spi};
 
 use crate::catalog::Task;
 use crate::error::{SqlError, SqlResult};
@@ -172,7 +172,8 @@ fn signature_shape(arg_types: &[pg_sys::Oid]) -> Option<(ItemShape, bool)> {
     }
 }
 
-/// Checks that `sql` is exactly one SQL statement; a syntax error is raised as such.
+/// Checks that `sql` is exactly one SQL statement, and not transaction control; a syntax
+/// error is raised as such.
 pub fn ensure_single_statement(sql: &str, what: &str) -> SqlResult<()> {
     let text = CString::new(sql).map_err(|_| {
         SqlError::new(
@@ -180,21 +181,40 @@ pub fn ensure_single_statement(sql: &str, what: &str) -> SqlResult<()> {
             format!("{what} contains a NUL byte"),
         )
     })?;
-    // SAFETY: raw_parser reads the NUL-terminated string and returns a List allocated in
-    // the current memory context, or raises a syntax error.
-    let statements =
-        unsafe { pg_sys::raw_parser(text.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT) };
-    // SAFETY: a non-NULL List pointer from the parser.
-    let count = if statements.is_null() {
-        0
-    } else {
-        unsafe { (*statements).length }
+    // SAFETY: raw_parser reads the NUL-terminated string and returns a List of RawStmt
+    // allocated in the current memory context, or raises a syntax error.
+    let statements = unsafe {
+        PgList::<pg_sys::RawStmt>::from_pg(pg_sys::raw_parser(
+            text.as_ptr(),
+            pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
+        ))
     };
-    if count == 1 {
-        return Ok(());
+    if statements.len() != 1 {
+        return Err(SqlError::invalid_parameter(format!(
+            "{what} must be exactly one SQL statement, found {}",
+            statements.len()
+        ))
+        .hint("Wrap several statements in a procedure and use call => instead."));
     }
-    Err(SqlError::invalid_parameter(format!(
-        "{what} must be exactly one SQL statement, found {count}"
-    ))
-    .hint("Wrap several statements in a procedure and use call => instead."))
+    // SAFETY: the parser's one RawStmt and its statement node.
+    let is_transaction_control = statements.get_ptr(0).is_some_and(|raw| unsafe {
+        let node = (*raw).stmt;
+        !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_TransactionStmt
+    });
+    if is_transaction_control {
+        return Err(transaction_control_refused(what));
+    }
+    Ok(())
+}
+
+/// BEGIN, COMMIT, SAVEPOINT and the like cannot be an item's SQL.
+pub fn transaction_control_refused(what: &str) -> SqlError {
+    SqlError::new(
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        format!("{what} cannot be a transaction control statement (BEGIN, COMMIT, SAVEPOINT, ...)"),
+    )
+    .hint(
+        "pg_chunkwise runs each item in a subtransaction of its own and commits it; to catch \
+         errors inside an item, use a PL/pgSQL procedure with an EXCEPTION block (call => ...).",
+    )
 }

@@ -6,8 +6,8 @@ use std::panic::AssertUnwindSafe;
 use pgrx::JsonB;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
 
+use super::discarding_plan::DiscardingPlan;
 use super::queue::ClaimedItem;
 use super::raised_code::RaisedCodeWatch;
 use super::signals;
@@ -66,7 +66,7 @@ pub enum ItemOutcome {
 /// A target with its plan, prepared on first use and kept for the worker's life.
 struct PreparedTarget {
     target: Target,
-    plan: Option<OwnedPreparedStatement>,
+    plan: Option<DiscardingPlan>,
 }
 
 impl PreparedTarget {
@@ -81,16 +81,16 @@ impl PreparedTarget {
             item.hi,
             item.payload.as_ref().map(|p| JsonB(p.0.clone())),
         );
-        Spi::connect_mut(|client| {
-            if self.plan.is_none() {
-                let plan =
-                    client.prepare_mut(self.target.sql.as_str(), &self.target.arg_types())?;
-                self.plan = Some(plan.keep());
-            }
-            let plan = self.plan.as_ref().expect("prepared above");
-            client.update(plan, None, &args).map(|_| ())
+        Spi::connect_mut(|_client| {
+            let plan = match self.plan.take() {
+                Some(plan) => plan,
+                None => DiscardingPlan::prepare(&self.target.sql, &self.target.arg_types())?,
+            };
+            let ran = plan.execute(&args);
+            self.plan = Some(plan);
+            ran
         })
-        .unwrap_or_else(|e| panic!("pg_chunkwise target: {e}"));
+        .unwrap_or_else(|e| e.raise());
     }
 }
 

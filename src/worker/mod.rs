@@ -2,6 +2,7 @@
 //! the queue is drained (or the run's limit is reached, or it is told to stop).
 
 mod citus;
+mod discarding_plan;
 mod inflight;
 mod item;
 mod queue;

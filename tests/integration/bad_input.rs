@@ -44,6 +44,18 @@ fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
         ),
         ("SELECT chunkwise.create_task('x')", "22023"),
         (
+            "SELECT chunkwise.create_task('x', statement => 'SAVEPOINT s1')",
+            "0A000",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', after => 'COMMIT')",
+            "0A000",
+        ),
+        (
+            "SELECT chunkwise.alter_task('ranges', statement => 'release savepoint s1')",
+            "0A000",
+        ),
+        (
             "SELECT chunkwise.create_task('x', call => 'good', workers => 0)",
             "22023",
         ),

@@ -230,6 +230,56 @@ fn a_changed_max_attempts_applies_at_once_and_the_log_says_so() {
     );
 }
 
+/// The rows a target returns are thrown away as they come, not collected in the
+/// worker's memory: after an item that returns two million rows, the worker's peak
+/// resident memory stays far below what holding them takes (over 100 MB).
+#[test]
+fn rows_a_target_returns_are_not_held_in_worker_memory() {
+    let mut db = test_db("many_rows");
+    db.batch_execute(
+        "CREATE TABLE measured (done boolean);
+         CREATE FUNCTION rows_or_wait(k bigint) RETURNS SETOF bigint LANGUAGE plpgsql AS $$
+         BEGIN
+           IF k = 1 THEN RETURN QUERY SELECT g::bigint FROM generate_series(1, 2000000) g; RETURN; END IF;
+           FOR i IN 1..3000 LOOP  -- item 2 waits (at most 30 s) while the test looks
+             EXIT WHEN EXISTS (SELECT FROM measured);
+             PERFORM pg_sleep(0.01);
+           END LOOP;
+         END $$;
+         SELECT chunkwise.create_task('many_rows', statement => 'SELECT rows_or_wait($1)');
+         SELECT chunkwise.enqueue('many_rows', 1);
+         SELECT chunkwise.enqueue('many_rows', 2);",
+    )
+    .unwrap();
+    let run_id: i64 = one(&mut db, "SELECT chunkwise.start('many_rows', workers => 1)");
+    let pid: i32 = wait_for("item 2 to run", Duration::from_secs(60), || {
+        db.query(
+            "SELECT pid FROM chunkwise.workers WHERE current_key = 2",
+            &[],
+        )
+        .unwrap()
+        .first()
+        .map(|r| r.get(0))
+    });
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    db.batch_execute("INSERT INTO measured VALUES (true)")
+        .unwrap();
+    let (state, processed): (String, i64) = two(
+        &mut db,
+        &format!("SELECT state, processed FROM chunkwise.wait({run_id})"),
+    );
+    assert_eq!((state.as_str(), processed), ("finished", 2));
+    assert!(
+        peak_kb < 60 * 1024,
+        "the worker's peak resident memory was {peak_kb} kB"
+    );
+}
+
 /// A target's own SQLSTATE is recorded as raised, also when PostgreSQL does not define
 /// it (pgrx alone would turn P0042 into XX000), when a notice came after it was caught
 /// and re-raised, and when a deferred trigger raises it at commit.
