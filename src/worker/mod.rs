@@ -419,7 +419,7 @@ impl Worker {
             ));
             attempts.push(match self.targets.execute(item) {
                 ItemOutcome::Done => {
-                    self.queue.mark_done(item.id, self.args.run_id);
+                    self.queue.mark_done(item, self.args.run_id);
                     Attempt::Done
                 }
                 ItemOutcome::Failed(_) if signals::stop_signalled() => {

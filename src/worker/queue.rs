@@ -28,6 +28,9 @@ pub struct ClaimedItem {
     /// Set by the claim of a task with sequential groups.
     pub group_key: Option<String>,
     pub priority: i64,
+    /// The row version claimed (its xmin): a target that enqueues its own key again
+    /// updates the row, and the item then stays pending for the follow-up (see MARK_DONE).
+    pub version: String,
 }
 
 /// A claim from the start of the queue and one from after the worker's cursor.
@@ -59,7 +62,7 @@ pub struct ClaimCursor {
 /// claims would slow down as a run goes on (see `ClaimCursor`).
 fn plain_claim_sql(after_cursor: bool) -> String {
     format!(
-        "SELECT item_id, key, hi, payload, attempts, NULL::text, priority FROM chunkwise.items \
+        "SELECT item_id, key, hi, payload, attempts, NULL::text, priority, xmin::text FROM chunkwise.items \
           WHERE task_id = $1 AND status = 'pending' AND not_before <= now() {cursor} \
             AND EXISTS (SELECT FROM chunkwise.tasks t \
                          WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
@@ -97,7 +100,7 @@ fn groups_claim_sql(after_cursor: bool) -> String {
                            WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
             ORDER BY g.group_key LIMIT 1 \
             FOR UPDATE OF g SKIP LOCKED) \
-         SELECT i.item_id, i.key, i.hi, i.payload, i.attempts, turn.group_key, i.priority \
+         SELECT i.item_id, i.key, i.hi, i.payload, i.attempts, turn.group_key, i.priority, i.xmin::text \
            FROM chunkwise.items i JOIN turn USING (item_id) \
           WHERE i.status = 'pending' AND i.not_before <= now() \
             FOR UPDATE OF i",
@@ -126,10 +129,11 @@ const GROUP_WORK_REMAINS: &str = "SELECT EXISTS (SELECT FROM chunkwise.groups g 
           ORDER BY i.priority, i.item_id LIMIT 1) head \
        WHERE g.task_id = $1 AND g.open > 0 AND head.status = 'pending' AND head.not_before <= now())";
 
-/// Done, in a task with sequential groups: the group has one open item fewer.
+/// Done, in a task with sequential groups: the group has one open item fewer (the same
+/// version check as MARK_DONE: an item enqueued again stays open).
 const MARK_DONE_IN_GROUP: &str = "WITH done AS ( \
        UPDATE chunkwise.items SET status = 'done', finished_at = clock_timestamp(), run_id = $2 \
-        WHERE item_id = $1 RETURNING task_id, group_key) \
+        WHERE item_id = $1 AND xmin = $3::xid RETURNING task_id, group_key) \
      UPDATE chunkwise.groups g SET open = g.open - 1 FROM done \
       WHERE g.task_id = done.task_id AND g.group_key = done.group_key";
 
@@ -137,8 +141,13 @@ const MARK_DONE_IN_GROUP: &str = "WITH done AS ( \
 const STOP_REQUESTED: &str = "SELECT coalesce((SELECT paused OR cancelled_through >= $2 \
        FROM chunkwise.tasks WHERE task_id = $1), true)";
 
+/// Done, unless the row is no longer the version claimed ($3): the item's own target
+/// enqueued its key again, which updated the pending row in the item's transaction. Then
+/// the item stays pending with what the enqueue set, and runs again: marking it done
+/// would lose the follow-up the target asked for.
 const MARK_DONE: &str = "UPDATE chunkwise.items \
-     SET status = 'done', finished_at = clock_timestamp(), run_id = $2 WHERE item_id = $1";
+     SET status = 'done', finished_at = clock_timestamp(), run_id = $2 \
+     WHERE item_id = $1 AND xmin = $3::xid";
 
 /// A failed attempt: attempts + 1; dead after max_attempts, else due again after an
 /// exponential backoff (retry_backoff * 2^(attempts-1), capped at retry_backoff_max).
@@ -297,7 +306,9 @@ impl Queue {
                         .prepare_mut(STOP_REQUESTED, &[int4(), int8()])?
                         .keep(),
                     work_remains: client.prepare_mut(work_remains, &[int4()])?.keep(),
-                    mark_done: client.prepare_mut(mark_done, &[int8(), int8()])?.keep(),
+                    mark_done: client
+                        .prepare_mut(mark_done, &[int8(), int8(), text()])?
+                        .keep(),
                     record_failure: client
                         .prepare_mut(RECORD_FAILURE, &[int8(), text(), text(), int8()])?
                         .keep(),
@@ -366,6 +377,7 @@ impl Queue {
                             attempts: row.get(5)?.unwrap_or_default(),
                             group_key: row.get(6)?,
                             priority: row.get(7)?.unwrap_or_default(),
+                            version: row.get(8)?.unwrap_or_default(),
                         })
                     })
                     .collect()
@@ -397,11 +409,15 @@ impl Queue {
         .expect("a yes/no bookkeeping statement returns a boolean")
     }
 
-    pub fn mark_done(&self, item_id: i64, run_id: i64) {
+    pub fn mark_done(&self, item: &ClaimedItem, run_id: i64) {
         bookkeeping(|| {
             Spi::connect_mut(|client| {
                 client
-                    .update(&self.mark_done, None, &[item_id.into(), run_id.into()])
+                    .update(
+                        &self.mark_done,
+                        None,
+                        &[item.id.into(), run_id.into(), item.version.as_str().into()],
+                    )
                     .map(|_| ())
             })
         })

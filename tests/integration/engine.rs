@@ -280,6 +280,36 @@ fn rows_a_target_returns_are_not_held_in_worker_memory() {
     );
 }
 
+/// A target that enqueues its own key again (a follow-up: "run me once more") gets the
+/// follow-up: the item stays pending and runs again, instead of the enqueue being merged
+/// into the running item and lost when it is marked done.
+#[test]
+fn a_target_enqueuing_its_own_key_runs_again() {
+    let mut db = test_db("requeue_self");
+    db.batch_execute(
+        "CREATE TABLE ran (k bigint);
+         CREATE PROCEDURE again(k bigint) LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO ran VALUES (k);
+           IF k = 2 AND (SELECT count(*) FROM ran WHERE ran.k = again.k) = 1 THEN
+             PERFORM chunkwise.enqueue('again', k);
+           END IF;
+         END $$;
+         SELECT chunkwise.create_task('again', call => 'again');
+         SELECT chunkwise.plan('again', 'SELECT g AS key FROM generate_series(1, 3) g');",
+    )
+    .unwrap();
+    let (_, processed, _, _) = run(&mut db, "SELECT * FROM chunkwise.run('again', 1)");
+    assert_eq!(processed, 4);
+    let runs: Vec<i64> = column(&mut db, "SELECT k FROM ran ORDER BY k");
+    assert_eq!(runs, [1, 2, 2, 3]);
+    let states: Vec<String> = column(
+        &mut db,
+        "SELECT key || ' ' || status FROM chunkwise.items ORDER BY key",
+    );
+    assert_eq!(states, ["1 done", "2 done", "3 done"]);
+}
+
 /// A target's own SQLSTATE is recorded as raised, also when PostgreSQL does not define
 /// it (pgrx alone would turn P0042 into XX000), when a notice came after it was caught
 /// and re-raised, and when a deferred trigger raises it at commit.
