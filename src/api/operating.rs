@@ -112,7 +112,9 @@ fn retry(task: Option<&str>) -> i64 {
 }
 
 /// Gives up on the task's dead item with `key`: it becomes `skipped`, and a sequential
-/// group it blocked goes on with its next item. Returns the item's id.
+/// group it blocked goes on with its next item. Returns the item's id. (The update checks
+/// `dead` again: a retry() committed while skip() waited for the row makes it pending,
+/// and skip() then finds no dead item, as it would have after the retry.)
 #[pg_extern(volatile, parallel_unsafe)]
 fn skip(task: Option<&str>, key: Option<i64>) -> i64 {
     let run = || -> SqlResult<i64> {
@@ -125,6 +127,7 @@ fn skip(task: Option<&str>, key: Option<i64>) -> i64 {
                     WHERE item_id = (SELECT item_id FROM chunkwise.items \
                                       WHERE task_id = $1 AND key = $2 AND status = 'dead' \
                                       ORDER BY item_id DESC LIMIT 1) \
+                      AND status = 'dead' \
                    RETURNING item_id, task_id, group_key), \
                  closed AS ( \
                    UPDATE chunkwise.groups g SET open = g.open - 1 FROM skipped s \

@@ -465,3 +465,37 @@ fn settings_reload_on_sighup_without_a_restart() {
         (setting() == "24").then_some(())
     });
 }
+
+/// The README's `ALTER SYSTEM SET chunkwise.max_workers = ...` works in a session that
+/// has not loaded the library (a fresh psql as the DBA opens it), and the value reaches
+/// sessions that do.
+#[test]
+fn the_readmes_alter_system_works_in_a_fresh_session() {
+    let cluster = Cluster::get();
+    let mut fresh = cluster.connect("postgres");
+    let loaded: i64 = one(
+        &mut fresh,
+        "SELECT count(*) FROM pg_settings WHERE name = 'chunkwise.max_workers'",
+    );
+    assert_eq!(loaded, 0, "this session has not loaded pg_chunkwise");
+    fresh
+        .batch_execute("ALTER SYSTEM SET chunkwise.max_workers = 16; SELECT pg_reload_conf();")
+        .expect("the README's command works as written");
+    let setting = || -> String {
+        let mut client = cluster.connect("postgres");
+        client.batch_execute("LOAD 'pg_chunkwise'").unwrap();
+        client
+            .query_one("SHOW chunkwise.max_workers", &[])
+            .unwrap()
+            .get(0)
+    };
+    wait_for("the reload", Duration::from_secs(10), || {
+        (setting() == "16").then_some(())
+    });
+    fresh
+        .batch_execute("ALTER SYSTEM RESET chunkwise.max_workers; SELECT pg_reload_conf();")
+        .unwrap();
+    wait_for("the reset", Duration::from_secs(10), || {
+        (setting() == "24").then_some(())
+    });
+}
