@@ -1,5 +1,5 @@
 # The two commands of the README's quick start. Both install what is missing first.
-.PHONY: setup demo test package
+.PHONY: setup demo test test-stress package
 
 setup:
 	bash .ci/setup.sh
@@ -9,6 +9,10 @@ demo: setup
 
 test: setup
 	bash .ci/test.sh
+
+# The integration and fault suites under CPU contention, 10 rounds (STRESS_ROUNDS=N).
+test-stress: setup
+	bash .ci/stress.sh
 
 # A Debian package of this build: target/postgresql-15-pg-chunkwise_<version>-1_amd64.deb
 package: setup

@@ -2,7 +2,8 @@
 # The whole test suite, after .ci/setup.sh: client tests against a real cluster
 # (tests/integration), which the test harness starts and stops itself, the upgrade
 # path from 0.1.0 (tests/upgrade), the Citus
-# scale-out tests (tests/citus), the fault-injection suite (tests/faults), the Debian
+# scale-out tests (tests/citus), the fault-injection suite (tests/faults), one round of
+# both suites under CPU contention (.ci/stress.sh), the Debian
 # package (.ci/package-test.sh), then the benchmarks in smoke mode (tiny sizes, seconds) so that they cannot rot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,9 @@ cargo test --release --test upgrade
 cargo test --release --test citus
 # Fault injection (its own cluster); prints its report table.
 cargo test --release --test faults -- --nocapture
+# One round of the integration and fault suites under CPU contention (make test-stress
+# runs ten).
+STRESS_ROUNDS=1 bash .ci/stress.sh
 # The Debian package: build, apt-get install, run, remove (then the build is reinstalled).
 bash .ci/package-test.sh
 CHUNKWISE_SETUP_DONE=1 bash bench/run.sh --smoke

@@ -479,8 +479,9 @@ fn the_readmes_alter_system_works_in_a_fresh_session() {
     );
     assert_eq!(loaded, 0, "this session has not loaded pg_chunkwise");
     fresh
-        .batch_execute("ALTER SYSTEM SET chunkwise.max_workers = 16; SELECT pg_reload_conf();")
+        .batch_execute("ALTER SYSTEM SET chunkwise.max_workers = 16")
         .expect("the README's command works as written");
+    fresh.batch_execute("SELECT pg_reload_conf()").unwrap();
     let setting = || -> String {
         let mut client = cluster.connect("postgres");
         client.batch_execute("LOAD 'pg_chunkwise'").unwrap();
@@ -493,8 +494,9 @@ fn the_readmes_alter_system_works_in_a_fresh_session() {
         (setting() == "16").then_some(())
     });
     fresh
-        .batch_execute("ALTER SYSTEM RESET chunkwise.max_workers; SELECT pg_reload_conf();")
+        .batch_execute("ALTER SYSTEM RESET chunkwise.max_workers")
         .unwrap();
+    fresh.batch_execute("SELECT pg_reload_conf()").unwrap();
     wait_for("the reset", Duration::from_secs(10), || {
         (setting() == "24").then_some(())
     });
