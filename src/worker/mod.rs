@@ -85,8 +85,7 @@ enum Step {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
-    // SAFETY: stop_worker only sets flags and the latch.
-    unsafe { signals::set_handler(libc::SIGTERM, signals::stop_worker) };
+    signals::handle_sigterm();
     let Some(args) = WorkerArgs::decode(BackgroundWorker::get_extra()) else {
         log!("pg_chunkwise worker started with malformed arguments; exiting");
         return;
@@ -422,7 +421,17 @@ impl Worker {
                     self.queue.mark_done(item, self.args.run_id);
                     Attempt::Done
                 }
+                ItemOutcome::Failed(_) if signals::self_terminated() => {
+                    self.stopped_early = true;
+                    let failure = ItemFailure {
+                        sqlstate: "57P01".to_string(),
+                        message: "the item's target terminated its own worker".to_string(),
+                    };
+                    attempts.push(self.queue.record_failure(item, &failure, self.args.run_id));
+                    break;
+                }
                 ItemOutcome::Failed(_) if signals::stop_signalled() => {
+                    // Stopped from outside: rolled back, not counted.
                     self.stopped_early = true;
                     break;
                 }

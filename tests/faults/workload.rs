@@ -17,7 +17,8 @@ pub enum Behaviour {
     Plain,
     /// Sleeps 300 ms on its first attempt (longer than the scenario's item_timeout).
     SlowFirst,
-    /// Calls pg_terminate_backend() on its own worker.
+    /// Calls pg_terminate_backend() on its own worker on its first attempt (a failed
+    /// attempt: retried).
     TerminateSelf,
     /// Takes a session-level advisory lock and keeps it.
     LeakLock,
@@ -82,7 +83,7 @@ impl Workload {
                    PERFORM pg_sleep({sleep_ms} / 1000.0);
                    CASE kind
                      WHEN 'slow_first' THEN IF first THEN PERFORM pg_sleep(0.3); END IF;
-                     WHEN 'terminate_self' THEN PERFORM pg_terminate_backend(pg_backend_pid());
+                     WHEN 'terminate_self' THEN IF first THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;
                      WHEN 'leak_lock' THEN PERFORM pg_advisory_lock(42);
                      WHEN 'take_lock' THEN PERFORM pg_advisory_xact_lock(42);
                      WHEN 'commit_first' THEN IF first THEN COMMIT; END IF;

@@ -87,6 +87,49 @@ fn a_terminated_worker_leaves_at_once_its_item_uncounted_and_its_figures_recorde
     assert_eq!(row.get::<_, i32>(2), 1, "the worker left cleanly");
 }
 
+/// A target that terminates its own worker is to blame: that counts as a failed
+/// attempt, so it dies after max_attempts instead of ending a worker on every run.
+#[test]
+fn a_target_that_terminates_its_own_worker_fails_its_attempt() {
+    let mut db = test_db("sigterm_self");
+    db.batch_execute(
+        "CREATE PROCEDURE suicidal(k bigint) LANGUAGE plpgsql AS $$
+         BEGIN IF k = 1 THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; END $$;
+         SELECT chunkwise.create_task('suicidal', call => 'suicidal', max_attempts => 2,
+                                      retry_backoff => '1 millisecond', retry_backoff_max => '1 millisecond');
+         SELECT chunkwise.plan('suicidal', 'SELECT g AS key FROM generate_series(1, 3) g');",
+    )
+    .unwrap();
+    // Each of the first two runs ends when key 1 ends its worker; the third does the rest.
+    for _ in 0..3 {
+        db.batch_execute("SELECT chunkwise.run('suicidal', 1)")
+            .unwrap();
+        wait_for_no_workers(&mut db);
+    }
+    let row = db
+        .query_one(
+            "SELECT status, attempts, sqlstate, message FROM chunkwise.failures WHERE key = 1",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, &str>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, &str>(2),
+            row.get::<_, &str>(3)
+        ),
+        (
+            "dead",
+            2,
+            "57P01",
+            "the item's target terminated its own worker"
+        )
+    );
+    let (_, done, _) = status_counts(&mut db, "suicidal");
+    assert_eq!(done, 2, "the other items were done");
+}
+
 /// `DROP DATABASE ... WITH (FORCE)` terminates the database's backends and gives up if
 /// they are still there after 5 seconds: a worker in a long item must go at once.
 #[test]
