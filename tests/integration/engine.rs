@@ -7,6 +7,7 @@ use postgres::Client;
 
 use crate::fixtures::{
     bump_task, counter_histogram, done_order, live_workers, recorder_task, status_counts,
+    worker_running_key,
 };
 use crate::harness::{Cluster, column, one, test_db, two, wait_for};
 
@@ -252,15 +253,7 @@ fn rows_a_target_returns_are_not_held_in_worker_memory() {
     )
     .unwrap();
     let run_id: i64 = one(&mut db, "SELECT chunkwise.start('many_rows', workers => 1)");
-    let pid: i32 = wait_for("item 2 to run", Duration::from_secs(60), || {
-        db.query(
-            "SELECT pid FROM chunkwise.workers WHERE current_key = 2",
-            &[],
-        )
-        .unwrap()
-        .first()
-        .map(|r| r.get(0))
-    });
+    let pid = worker_running_key(&mut db, 2);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let peak_kb: u64 = status
         .lines()

@@ -98,3 +98,21 @@ pub fn run_task(client: &mut Client, task: &str, workers: Option<i32>) -> postgr
         .query_one("SELECT * FROM chunkwise.run($1, $2)", &[&task, &workers])
         .unwrap_or_else(|e| panic!("run {task}: {e}"))
 }
+
+/// The pid of the worker of this database that is running `key`, once one is.
+pub fn worker_running_key(client: &mut Client, key: i64) -> i32 {
+    crate::harness::wait_for(
+        &format!("a worker to run key {key}"),
+        std::time::Duration::from_secs(60),
+        || {
+            client
+                .query(
+                    "SELECT pid FROM chunkwise.workers WHERE current_key = $1",
+                    &[&key],
+                )
+                .unwrap()
+                .first()
+                .map(|r| r.get(0))
+        },
+    )
+}

@@ -8,7 +8,9 @@ use postgres::Client;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::fixtures::{bump_task, counter_histogram, live_workers, status_counts};
+use crate::fixtures::{
+    bump_task, counter_histogram, live_workers, status_counts, worker_running_key,
+};
 use crate::harness::{Cluster, one, test_db, two, wait_for};
 
 /// The pid of a worker of this database that is running an item.
@@ -48,19 +50,7 @@ fn a_terminated_worker_leaves_at_once_its_item_uncounted_and_its_figures_recorde
     let mut db = test_db("sigterm");
     sleeper_task(&mut db, 3);
     let run_id: i64 = one(&mut db, "SELECT chunkwise.start('sleeper', workers => 1)");
-    let pid = wait_for(
-        "the worker to sleep in item 2",
-        Duration::from_secs(60),
-        || {
-            db.query(
-                "SELECT pid FROM chunkwise.workers WHERE current_key = 2",
-                &[],
-            )
-            .unwrap()
-            .first()
-            .map(|r| r.get::<_, i32>(0))
-        },
-    );
+    let pid = worker_running_key(&mut db, 2);
     db.execute("SELECT pg_terminate_backend($1)", &[&pid])
         .unwrap();
     // The item sleeps for ten minutes: the worker does not wait for it.
@@ -138,17 +128,7 @@ fn drop_database_with_force_is_not_held_up_by_a_long_item() {
     sleeper_task(&mut db, 3);
     db.batch_execute("SELECT chunkwise.start('sleeper', workers => 1)")
         .unwrap();
-    wait_for(
-        "the worker to sleep in item 2",
-        Duration::from_secs(60),
-        || {
-            let n: i64 = one(
-                &mut db,
-                "SELECT count(*) FROM chunkwise.workers WHERE current_key = 2",
-            );
-            (n == 1).then_some(())
-        },
-    );
+    worker_running_key(&mut db, 2);
     drop(db);
     let mut admin = Cluster::get().connect("postgres");
     admin
