@@ -13,31 +13,82 @@ use std::panic::AssertUnwindSafe;
 
 use pgrx::prelude::*;
 
+/// An internal subtransaction, begun as PL/pgSQL's exception blocks begin one: it
+/// remembers the memory context and resource owner its caller returns to when it ends,
+/// committed or rolled back.
+#[derive(Clone, Copy)]
+pub struct Subtransaction {
+    memory: pg_sys::MemoryContext,
+    owner: pg_sys::ResourceOwner,
+}
+
+impl Subtransaction {
+    /// Begins a subtransaction of the current transaction; the caller stays in its own
+    /// memory context.
+    pub fn begin() -> Subtransaction {
+        // SAFETY: remembers the caller's context and owner, begins the subtransaction
+        // (which switches both) and returns to the caller's memory context.
+        unsafe {
+            let saved = Subtransaction {
+                memory: pg_sys::CurrentMemoryContext,
+                owner: pg_sys::CurrentResourceOwner,
+            };
+            pg_sys::BeginInternalSubTransaction(std::ptr::null());
+            pg_sys::MemoryContextSwitchTo(saved.memory);
+            saved
+        }
+    }
+
+    /// Commits the subtransaction into its parent.
+    ///
+    /// # Safety
+    /// Once, while this subtransaction is the current one and in good state.
+    pub unsafe fn release(self) {
+        // SAFETY: the caller vouches that this subtransaction is the current one.
+        unsafe {
+            pg_sys::ReleaseCurrentSubTransaction();
+            self.restore();
+        }
+    }
+
+    /// Rolls the subtransaction back, releasing its locks, also after an ERROR in it.
+    ///
+    /// # Safety
+    /// Once, while this subtransaction is the current one (aborted or not).
+    pub unsafe fn roll_back(self) {
+        // SAFETY: leaves whatever context the ERROR left us in before PostgreSQL frees
+        // it; the caller vouches that this subtransaction is the current one.
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(self.memory);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            self.restore();
+        }
+    }
+
+    /// # Safety
+    /// Right after the subtransaction ended.
+    unsafe fn restore(self) {
+        // SAFETY: both were current when the subtransaction began and outlive it.
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(self.memory);
+            pg_sys::CurrentResourceOwner = self.owner;
+        }
+    }
+}
+
 /// Runs `read` in an internal subtransaction and rolls it back, releasing the locks it
 /// took; an ERROR rolls it back too and goes on. Only for work whose effects may be
 /// undone: reads, and what is not transactional (launching workers, a sequence).
 pub fn without_keeping_locks<R>(read: impl FnOnce() -> R) -> R {
-    // SAFETY: the pattern of PL/pgSQL's exception blocks: remember the memory context and
-    // resource owner, start a subtransaction, and restore both after it ends either way.
-    let (memory, owner) = unsafe {
-        let saved = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(saved.0);
-        saved
-    };
-    // SAFETY: ends the subtransaction begun above, from its own or its parent's state.
-    let roll_back = move || unsafe {
-        pg_sys::MemoryContextSwitchTo(memory);
-        pg_sys::RollbackAndReleaseCurrentSubTransaction();
-        pg_sys::MemoryContextSwitchTo(memory);
-        pg_sys::CurrentResourceOwner = owner;
-    };
+    let subtransaction = Subtransaction::begin();
     let result = PgTryBuilder::new(AssertUnwindSafe(read))
         .catch_others(|caught| {
-            roll_back();
+            // SAFETY: the subtransaction begun above is still the current one.
+            unsafe { subtransaction.roll_back() };
             caught.rethrow()
         })
         .execute();
-    roll_back();
+    // SAFETY: as above; `read` returned normally.
+    unsafe { subtransaction.roll_back() };
     result
 }

@@ -75,41 +75,46 @@ struct RunRow {
 
 /// The run as it is now: a fresh snapshot (a read-write SPI statement takes one in READ
 /// COMMITTED) and fresh backend statuses, also when wait() runs in the statement that
-/// started the run, whose snapshot predates the workers.
+/// started the run, whose snapshot predates the workers. Keeps no locks: wait() sleeps
+/// between reads (see `subxact`).
 fn read_run(run_id: i64) -> SqlResult<Option<RunRow>> {
     // SAFETY: drops this transaction's cached copy of the backend status array.
     unsafe { pg_sys::pgstat_clear_snapshot() };
-    let row = as_extension_owner(|| {
-        Spi::connect_mut(|client| -> pgrx::spi::Result<Option<RunRow>> {
-            let table = client.update(
+    let row = without_keeping_locks(|| {
+        as_extension_owner(|| {
+            Spi::connect_mut(|client| -> pgrx::spi::Result<Option<RunRow>> {
+                let table = client.update(
                 "SELECT r.task, chunkwise._owner(t.anchor, t.owner), r.state, r.processed, r.failed, r.dead, r.seconds::float8 \
                    FROM chunkwise.runs r JOIN chunkwise.tasks t USING (task) WHERE r.run_id = $1",
                 Some(1),
                 &[run_id.into()],
             )?;
-            let Some(row) = table.into_iter().next() else {
-                return Ok(None);
-            };
-            Ok(Some(RunRow {
-                task: row.get(1)?.unwrap_or_default(),
-                owner: row.get(2)?.unwrap_or(pg_sys::InvalidOid),
-                state: row.get(3)?.unwrap_or_default(),
-                processed: row.get(4)?.unwrap_or(0),
-                failed: row.get(5)?.unwrap_or(0),
-                dead: row.get(6)?.unwrap_or(0),
-                seconds: row.get(7)?.unwrap_or(0.0),
-            }))
+                let Some(row) = table.into_iter().next() else {
+                    return Ok(None);
+                };
+                Ok(Some(RunRow {
+                    task: row.get(1)?.unwrap_or_default(),
+                    owner: row.get(2)?.unwrap_or(pg_sys::InvalidOid),
+                    state: row.get(3)?.unwrap_or_default(),
+                    processed: row.get(4)?.unwrap_or(0),
+                    failed: row.get(5)?.unwrap_or(0),
+                    dead: row.get(6)?.unwrap_or(0),
+                    seconds: row.get(7)?.unwrap_or(0.0),
+                }))
+            })
         })
     })?;
     Ok(row)
 }
 
-/// The highest run id handed out so far.
+/// The highest run id handed out so far (keeping no lock, as `read_run`).
 fn last_run_id() -> SqlResult<i64> {
-    let last = as_extension_owner(|| {
-        Spi::get_one::<i64>(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM chunkwise.run_id_seq",
-        )
+    let last = without_keeping_locks(|| {
+        as_extension_owner(|| {
+            Spi::get_one::<i64>(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM chunkwise.run_id_seq",
+            )
+        })
     })?;
     Ok(last.unwrap_or(0))
 }
@@ -156,9 +161,7 @@ fn wait(
             }
             Some(t) => Some(Instant::now() + Duration::from_micros(t.as_micros() as u64)),
         };
-        // Nothing read here keeps its locks while this backend waits (see `subxact`).
-        let read_run = |run_id| without_keeping_locks(|| read_run(run_id));
-        if run_id < 1 || run_id > without_keeping_locks(last_run_id)? {
+        if run_id < 1 || run_id > last_run_id()? {
             return Err(unknown_run(run_id));
         }
         // Its workers record a just-started run in their first transaction.

@@ -12,6 +12,7 @@ use super::queue::ClaimedItem;
 use super::raised_code::RaisedCodeWatch;
 use super::signals;
 use crate::error::{excerpt_of, sqlstate, sqlstate_of};
+use crate::subxact::Subtransaction;
 use crate::target::Target;
 
 // utils/timeout.h, which pgrx does not bind. STATEMENT_TIMEOUT is the fourth TimeoutId
@@ -114,22 +115,11 @@ impl Targets {
     /// (SET, SET ROLE, search_path, session advisory locks, temporary tables, prepared
     /// statements) is undone before the next item.
     pub fn execute(&mut self, item: &ClaimedItem) -> ItemOutcome {
-        // SAFETY: the pattern of PL/pgSQL's exception blocks: remember the memory context
-        // and resource owner, start a subtransaction, and restore both on either exit.
-        let (memory, owner, user, security) = unsafe {
-            let mut user = pg_sys::InvalidOid;
-            let mut security = 0;
-            pg_sys::GetUserIdAndSecContext(&mut user, &mut security);
-            let saved = (
-                pg_sys::CurrentMemoryContext,
-                pg_sys::CurrentResourceOwner,
-                user,
-                security,
-            );
-            pg_sys::BeginInternalSubTransaction(std::ptr::null());
-            pg_sys::MemoryContextSwitchTo(saved.0);
-            saved
-        };
+        let mut user = pg_sys::InvalidOid;
+        let mut security = 0;
+        // SAFETY: reads this backend's current user and security context.
+        unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut security) };
+        let subtransaction = Subtransaction::begin();
         let timeout_ms = self.timeout_ms;
         let watch = RaisedCodeWatch::push();
         let raised = &watch;
@@ -147,26 +137,22 @@ impl Targets {
             if let Some(after) = self.after.as_mut() {
                 after.execute(item);
             }
-            // SAFETY: see above; restoring the identity undoes a SET ROLE the target left.
+            // SAFETY: see above; restoring the identity undoes a SET ROLE the target left;
+            // the item's subtransaction is the current one.
             unsafe {
                 disable_item_timeout(timeout_ms);
                 pg_sys::AtEOXact_GUC(false, guc_level);
                 pg_sys::SetUserIdAndSecContext(user, security);
-                pg_sys::ReleaseCurrentSubTransaction();
-                pg_sys::MemoryContextSwitchTo(memory);
-                pg_sys::CurrentResourceOwner = owner;
+                subtransaction.release();
             }
             ItemOutcome::Done
         }))
         .catch_others(move |caught| {
-            // SAFETY: as in PL/pgSQL: back to the saved context, roll the subtransaction
-            // back (which also restores settings and identity), restore context and owner.
+            // SAFETY: as in PL/pgSQL: roll the item's subtransaction back, which also
+            // restores settings and identity.
             unsafe {
                 disable_item_timeout(timeout_ms);
-                pg_sys::MemoryContextSwitchTo(memory);
-                pg_sys::RollbackAndReleaseCurrentSubTransaction();
-                pg_sys::MemoryContextSwitchTo(memory);
-                pg_sys::CurrentResourceOwner = owner;
+                subtransaction.roll_back();
             }
             ItemOutcome::Failed(ItemFailure::caught(caught, raised.last_raised()))
         })

@@ -14,7 +14,6 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
-
 use pgrx::prelude::*;
 
 use crate::catalog::Task;
@@ -261,20 +260,7 @@ impl Worker {
     fn guarded_step(&mut self) -> Result<Step, ItemFailure> {
         // SAFETY: reads the memory context the loop runs in, to return to after an ERROR.
         let memory = unsafe { pg_sys::CurrentMemoryContext };
-        let watch = RaisedCodeWatch::push();
-        let outcome = PgTryBuilder::new(AssertUnwindSafe(|| Ok(self.step())))
-            .catch_others(|caught| {
-                // SAFETY: what a backend does after an ERROR at its top level: abort the
-                // transaction (and any subtransaction) the step was in, if any.
-                unsafe {
-                    pg_sys::MemoryContextSwitchTo(memory);
-                    pg_sys::AbortCurrentTransaction();
-                    pg_sys::MemoryContextSwitchTo(memory);
-                }
-                Err(ItemFailure::caught(caught, watch.last_raised()))
-            })
-            .execute();
-        drop(watch);
+        let outcome = aborting_on_error(memory, || self.step());
         signals::forget_cancel();
         if outcome.is_err() {
             // The step's items rolled back: pending again, with no attempt counted.
@@ -416,19 +402,18 @@ impl Worker {
                 "task {}: key {} (item {}); {} items done",
                 self.task.name, item.key, item.id, self.tally.processed
             ));
-            attempts.push(match self.targets.execute(item) {
+            let attempt = match self.targets.execute(item) {
                 ItemOutcome::Done => {
                     self.queue.mark_done(item, self.args.run_id);
                     Attempt::Done
                 }
                 ItemOutcome::Failed(_) if signals::self_terminated() => {
-                    self.stopped_early = true;
+                    // The item's own target sent the SIGTERM: its attempt failed.
                     let failure = ItemFailure {
                         sqlstate: "57P01".to_string(),
                         message: "the item's target terminated its own worker".to_string(),
                     };
-                    attempts.push(self.queue.record_failure(item, &failure, self.args.run_id));
-                    break;
+                    self.queue.record_failure(item, &failure, self.args.run_id)
                 }
                 ItemOutcome::Failed(_) if signals::stop_signalled() => {
                     // Stopped from outside: rolled back, not counted.
@@ -438,7 +423,12 @@ impl Worker {
                 ItemOutcome::Failed(failure) => {
                     self.queue.record_failure(item, &failure, self.args.run_id)
                 }
-            });
+            };
+            attempts.push(attempt);
+            if signals::self_terminated() {
+                self.stopped_early = true;
+                break;
+            }
         }
         items.truncate(attempts.len());
         if !items.is_empty() {
@@ -562,26 +552,11 @@ fn transaction_surviving_commit_errors<R>(body: impl FnOnce() -> R) -> Result<R,
     let result = body();
     // SAFETY: pops the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
-    let watch = RaisedCodeWatch::push();
-    let failure = PgTryBuilder::new(AssertUnwindSafe(|| {
-        // SAFETY: commits the transaction started above.
-        unsafe { pg_sys::CommitTransactionCommand() };
-        None
-    }))
-    .catch_others(|caught| {
-        // SAFETY: what PostgresMain does after an ERROR: leave the failed transaction's
-        // memory and abort it (the commit failed before the transaction was committed).
-        unsafe {
-            pg_sys::MemoryContextSwitchTo(memory);
-            pg_sys::AbortCurrentTransaction();
-        }
-        Some(ItemFailure::caught(caught, watch.last_raised()))
-    })
-    .execute();
-    drop(watch);
-    match failure {
-        None => Ok(result),
-        Some(failure) => {
+    // SAFETY: commits the transaction started above.
+    let committed = aborting_on_error(memory, || unsafe { pg_sys::CommitTransactionCommand() });
+    match committed {
+        Ok(()) => Ok(result),
+        Err(failure) => {
             warning!(
                 "pg_chunkwise: commit failed [SQLSTATE {}]: {}; the batch's items are retried",
                 failure.sqlstate,
@@ -590,6 +565,31 @@ fn transaction_surviving_commit_errors<R>(body: impl FnOnce() -> R) -> Result<R,
             Err((result, failure))
         }
     }
+}
+
+/// Runs `f`; an ERROR in it aborts the transaction it ran in (and any subtransaction),
+/// returns to `memory` (a context outside that transaction) and comes back as the
+/// failure, with its SQLSTATE as raised. What PostgresMain does after an ERROR, for the
+/// worker's own statements.
+fn aborting_on_error<R>(
+    memory: pg_sys::MemoryContext,
+    f: impl FnOnce() -> R,
+) -> Result<R, ItemFailure> {
+    let watch = RaisedCodeWatch::push();
+    let outcome = PgTryBuilder::new(AssertUnwindSafe(|| Ok(f())))
+        .catch_others(|caught| {
+            // SAFETY: leaves the failed transaction's memory, aborts it, and returns to
+            // the caller's context, which outlives it.
+            unsafe {
+                pg_sys::MemoryContextSwitchTo(memory);
+                pg_sys::AbortCurrentTransaction();
+                pg_sys::MemoryContextSwitchTo(memory);
+            }
+            Err(ItemFailure::caught(caught, watch.last_raised()))
+        })
+        .execute();
+    drop(watch);
+    outcome
 }
 
 fn set_session_option(name: &str, value: &str) {
