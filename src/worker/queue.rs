@@ -75,6 +75,22 @@ fn plain_claim_sql(after_cursor: bool) -> String {
     )
 }
 
+/// The task's ($1) groups with work whose head (first pending or dead item in priority
+/// order) is pending and due, each with its head as `head`: what a claim of a task with
+/// sequential groups chooses from, and what `GROUP_WORK_REMAINS` asks about. A FROM
+/// clause and the start of its WHERE.
+macro_rules! groups_with_due_heads {
+    () => {
+        "chunkwise.groups g \
+         CROSS JOIN LATERAL ( \
+           SELECT i.item_id, i.status, i.not_before FROM chunkwise.items i \
+            WHERE i.task_id = g.task_id AND i.group_key = g.group_key \
+              AND i.status IN ('pending', 'dead') \
+            ORDER BY i.priority, i.item_id LIMIT 1) head \
+         WHERE g.task_id = $1 AND g.open > 0 AND head.status = 'pending' AND head.not_before <= now()"
+    };
+}
+
 /// The claim of a task with sequential groups: the head item of the next group after
 /// this worker's cursor (in group_key order, wrapping around) whose head is due. Each
 /// worker walks the groups round-robin, so every group with work gets a turn per pass,
@@ -88,14 +104,7 @@ fn plain_claim_sql(after_cursor: bool) -> String {
 fn groups_claim_sql(after_cursor: bool) -> String {
     format!(
         "WITH turn AS ( \
-           SELECT g.group_key, head.item_id FROM chunkwise.groups g \
-           CROSS JOIN LATERAL ( \
-             SELECT i.item_id, i.status, i.not_before FROM chunkwise.items i \
-              WHERE i.task_id = g.task_id AND i.group_key = g.group_key \
-                AND i.status IN ('pending', 'dead') \
-              ORDER BY i.priority, i.item_id LIMIT 1) head \
-            WHERE g.task_id = $1 AND g.open > 0 AND $2 > 0 {cursor} \
-              AND head.status = 'pending' AND head.not_before <= now() \
+           SELECT g.group_key, head.item_id FROM {heads} AND $2 > 0 {cursor} \
               AND EXISTS (SELECT FROM chunkwise.tasks t \
                            WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
             ORDER BY g.group_key LIMIT 1 \
@@ -104,6 +113,7 @@ fn groups_claim_sql(after_cursor: bool) -> String {
            FROM chunkwise.items i JOIN turn USING (item_id) \
           WHERE i.status = 'pending' AND i.not_before <= now() \
             FOR UPDATE OF i",
+        heads = groups_with_due_heads!(),
         cursor = if after_cursor {
             "AND g.group_key > $4"
         } else {
@@ -121,13 +131,8 @@ const PLAIN_WORK_REMAINS: &str = "SELECT EXISTS (SELECT FROM chunkwise.items \
        WHERE task_id = $1 AND status = 'pending' AND not_before <= now())";
 
 /// The same for a task with sequential groups: a group with work whose head is due.
-const GROUP_WORK_REMAINS: &str = "SELECT EXISTS (SELECT FROM chunkwise.groups g \
-       CROSS JOIN LATERAL ( \
-         SELECT i.status, i.not_before FROM chunkwise.items i \
-          WHERE i.task_id = g.task_id AND i.group_key = g.group_key \
-            AND i.status IN ('pending', 'dead') \
-          ORDER BY i.priority, i.item_id LIMIT 1) head \
-       WHERE g.task_id = $1 AND g.open > 0 AND head.status = 'pending' AND head.not_before <= now())";
+const GROUP_WORK_REMAINS: &str =
+    concat!("SELECT EXISTS (SELECT FROM ", groups_with_due_heads!(), ")");
 
 /// Done, in a task with sequential groups: the group has one open item fewer (the same
 /// version check as MARK_DONE: an item enqueued again stays open).
@@ -533,7 +538,7 @@ impl Queue {
 
     /// Adds a worker's figures to its run's row.
     pub fn add_to_run(&self, run_id: i64, tally: &Tally) {
-        bookkeeping(|| Self::add_figures(run_id, tally, 0))
+        bookkeeping(|| Self::update_run(run_id, tally, None))
             .expect("add the worker's figures to its run");
     }
 
@@ -546,13 +551,12 @@ impl Queue {
         stopped_early: bool,
         gave_up: bool,
     ) {
+        let leaving = Leaving {
+            counted: !gave_up,
+            stopped_early,
+        };
         bookkeeping(|| {
-            Self::add_figures(args.run_id, tally, if gave_up { 0 } else { 1 })?;
-            Spi::run_with_args(
-                "UPDATE chunkwise.run_history SET finished_at = clock_timestamp(), cancelled = cancelled OR $2 \
-                  WHERE run_id = $1",
-                &[args.run_id.into(), stopped_early.into()],
-            )?;
+            Self::update_run(args.run_id, tally, Some(leaving))?;
             Spi::run(
                 "DELETE FROM chunkwise.worker_sessions WHERE pid = pg_catalog.pg_backend_pid()",
             )
@@ -560,18 +564,37 @@ impl Queue {
         .expect("unregister worker");
     }
 
-    fn add_figures(run_id: i64, tally: &Tally, exited: i32) -> Result<(), pgrx::spi::SpiError> {
+    /// One update of the run's row: the worker's figures, and its exit when it leaves.
+    fn update_run(
+        run_id: i64,
+        tally: &Tally,
+        leaving: Option<Leaving>,
+    ) -> Result<(), pgrx::spi::SpiError> {
         Spi::run_with_args(
-            "UPDATE chunkwise.run_history SET workers_exited = workers_exited + $5, \
-                    processed = processed + $2, failed = failed + $3, dead = dead + $4 \
+            "UPDATE chunkwise.run_history \
+                SET processed = processed + $2, failed = failed + $3, dead = dead + $4, \
+                    workers_exited = workers_exited + CASE WHEN $5 THEN 1 ELSE 0 END, \
+                    finished_at = CASE WHEN $6 THEN clock_timestamp() ELSE finished_at END, \
+                    cancelled = cancelled OR $7 \
               WHERE run_id = $1",
             &[
                 run_id.into(),
                 tally.processed.into(),
                 tally.failed.into(),
                 tally.dead.into(),
-                exited.into(),
+                leaving.is_some_and(|l| l.counted).into(),
+                leaving.is_some().into(),
+                leaving.is_some_and(|l| l.stopped_early).into(),
             ],
         )
     }
+}
+
+/// How a worker leaves its run.
+#[derive(Clone, Copy)]
+struct Leaving {
+    /// Counted as exited (not when it gave up: the run is then interrupted).
+    counted: bool,
+    /// Stopped before the run's work was done (pause, cancel, SIGTERM).
+    stopped_early: bool,
 }
