@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, after .ci/setup.sh: client tests against a real cluster
+# The whole test suite, after .ci/setup.sh: the module-circle check and the unit tests,
+# client tests against a real cluster
 # (tests/integration), which the test harness starts and stops itself, the upgrade
 # path from 0.1.0 (tests/upgrade), the Citus
 # scale-out tests (tests/citus), the fault-injection suite (tests/faults), one round of
@@ -8,6 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUST_TEST_THREADS=1
+# Dependencies between the modules of src/ run one way.
+python3 .ci/module_cycles.py
+# Unit tests of the pure parts (no server; milliseconds).
+cargo test --release --lib
 cargo test --release --test integration
 # The upgrade path from the first release (built from git history) to this build.
 cargo test --release --test upgrade

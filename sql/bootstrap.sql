@@ -43,10 +43,11 @@ CREATE TABLE chunkwise.tasks (
 );
 
 -- One row per unit of work. Items are never moved between tables: a status change is
--- one UPDATE in the same transaction as the item's effects.
+-- one UPDATE in the same transaction as the item's effects. A task's items, groups and
+-- runs go with it (ON DELETE CASCADE).
 CREATE TABLE chunkwise.items (
     item_id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    task_id         int NOT NULL,
+    task_id         int NOT NULL REFERENCES chunkwise.tasks ON DELETE CASCADE,
     key             bigint NOT NULL,
     hi              bigint,
     priority        bigint NOT NULL DEFAULT 0,
@@ -88,7 +89,7 @@ CREATE INDEX items_failed_idx ON chunkwise.items (task_id, last_failed_at)
 -- and a group's items run in order. `open` counts its pending and dead items, so that
 -- finished groups are passed over; it is in no index, so updating it is a HOT update.
 CREATE TABLE chunkwise.groups (
-    task_id   int NOT NULL,
+    task_id   int NOT NULL REFERENCES chunkwise.tasks ON DELETE CASCADE,
     group_key text NOT NULL,
     open      bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (task_id, group_key)
@@ -103,7 +104,7 @@ CREATE INDEX items_group_head_idx ON chunkwise.items (task_id, group_key, priori
 -- running (chunkwise.runs is the view DBAs read).
 CREATE TABLE chunkwise.run_history (
     run_id            bigint PRIMARY KEY,
-    task_id           int NOT NULL,
+    task_id           int NOT NULL REFERENCES chunkwise.tasks ON DELETE CASCADE,
     started_at        timestamptz NOT NULL,
     finished_at       timestamptz,
     workers_requested int NOT NULL,

@@ -1,8 +1,9 @@
-//! Reading task definitions from `chunkwise.tasks`.
+//! Reading tasks and the facts of their runs from the extension's tables.
 
 use pgrx::prelude::*;
 use pgrx::spi::SpiHeapTupleData;
 
+use crate::columns::Columns;
 use crate::error::{SqlError, SqlResult, excerpt};
 use crate::security::{as_extension_owner, may_manage, may_see, permission_denied};
 
@@ -38,26 +39,23 @@ const TASK_COLUMNS: &str = "task_id, task, chunkwise._owner(anchor, owner) AS ow
 
 impl Task {
     fn from_row(row: &SpiHeapTupleData) -> SqlResult<Task> {
-        let read = || -> Result<Task, pgrx::spi::SpiError> {
-            Ok(Task {
-                id: row.get_by_name("task_id")?.unwrap_or_default(),
-                name: row.get_by_name("task")?.unwrap_or_default(),
-                owner: row.get_by_name("owner")?.unwrap_or(pg_sys::InvalidOid),
-                call: row.get_by_name("call")?,
-                statement: row.get_by_name("statement")?,
-                after: row.get_by_name("after")?,
-                workers: row.get_by_name("workers")?,
-                item_timeout_ms: row.get_by_name("item_timeout_ms")?,
-                items_per_commit: row.get_by_name("items_per_commit")?.unwrap_or(1),
-                synchronous_commit: row.get_by_name("synchronous_commit")?.unwrap_or(true),
-                paused: row.get_by_name("paused")?.unwrap_or(false),
-                source: row.get_by_name("source")?,
-                rank_by_activity: row.get_by_name("rank_by_activity")?.unwrap_or(false),
-                max_items_per_cycle: row.get_by_name("max_items_per_cycle")?,
-                sequential_groups: row.get_by_name("sequential_groups")?.unwrap_or(false),
-            })
-        };
-        Ok(read()?)
+        Ok(Task {
+            id: row.required("task_id")?,
+            name: row.required("task")?,
+            owner: row.required("owner")?,
+            call: row.optional("call")?,
+            statement: row.optional("statement")?,
+            after: row.optional("after")?,
+            workers: row.optional("workers")?,
+            item_timeout_ms: row.optional("item_timeout_ms")?,
+            items_per_commit: row.required("items_per_commit")?,
+            synchronous_commit: row.required("synchronous_commit")?,
+            paused: row.required("paused")?,
+            source: row.optional("source")?,
+            rank_by_activity: row.required("rank_by_activity")?,
+            max_items_per_cycle: row.optional("max_items_per_cycle")?,
+            sequential_groups: row.required("sequential_groups")?,
+        })
     }
 
     /// Looks a task up by name; an unknown name is the caller's error.
@@ -118,10 +116,32 @@ pub fn unknown_task(name: &str) -> SqlError {
 /// The task name argument of every function: required.
 pub fn required_task_name(name: Option<&str>) -> SqlResult<&str> {
     name.ok_or_else(|| {
-        SqlError::new(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            "task name must not be NULL",
+        SqlError::null_argument(
+            "task name",
+            "Pass the name given to chunkwise.create_task().",
         )
-        .hint("Pass the name given to chunkwise.create_task().")
     })
+}
+
+/// Workers of the task alive now: their sessions, as `chunkwise._live_workers` tells
+/// them from pg_stat_activity.
+pub fn live_workers(task_id: i32) -> SqlResult<i64> {
+    let live = as_extension_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM chunkwise._live_workers lw \
+               JOIN chunkwise.run_history r USING (run_id) WHERE r.task_id = $1",
+            &[task_id.into()],
+        )
+    })?;
+    Ok(live.unwrap_or(0))
+}
+
+/// The highest run id handed out so far; 0 before the first run.
+pub fn last_run_id() -> SqlResult<i64> {
+    let last = as_extension_owner(|| {
+        Spi::get_one::<i64>(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM chunkwise.run_id_seq",
+        )
+    })?;
+    Ok(last.unwrap_or(0))
 }

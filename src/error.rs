@@ -38,8 +38,26 @@ impl SqlError {
         self
     }
 
+    /// A required argument that was NULL: "`name` must not be NULL", with what to pass.
+    pub fn null_argument(name: &str, hint: impl Into<String>) -> Self {
+        SqlError::new(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("{name} must not be NULL"),
+        )
+        .hint(hint)
+    }
+
     pub fn invalid_parameter(message: impl Into<Cow<'static, str>>) -> Self {
         SqlError::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message)
+    }
+
+    /// The five-character SQLSTATE.
+    pub fn sqlstate(&self) -> String {
+        sqlstate(self.code)
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     /// Raises the error as a PostgreSQL ERROR: the current (sub)transaction aborts.

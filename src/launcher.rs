@@ -10,13 +10,14 @@ use pgrx::prelude::*;
 use crate::catalog::Task;
 use crate::error::{SqlError, SqlResult};
 use crate::gucs;
+use crate::item_status::item_status;
 use crate::locks::LaunchLock;
 use crate::notify;
 use crate::retention;
 use crate::run_state::{RunState, SharedRun};
 use crate::security::{as_extension_owner, ensure_owner_can_run, ensure_owner_may_execute};
-use crate::subxact::without_keeping_locks;
 use crate::target::Target;
+use crate::transaction::without_keeping_locks;
 use crate::worker::WorkerArgs;
 
 /// What `chunkwise.run()` returns.
@@ -99,7 +100,7 @@ pub fn start_task(
 
 /// Checks, reserves worker slots and launches the workers; `None` (with a NOTICE) when
 /// the task is paused or has nothing pending. The checks and counts run without keeping
-/// their locks on the queue tables (see `subxact`): the caller is about to wait.
+/// their locks on the queue tables (see `transaction`): the caller is about to wait.
 fn launch_run(
     task: &Task,
     workers: Option<i32>,
@@ -114,8 +115,8 @@ fn launch_run(
     };
     if shared.state().set_launched(launched.handles.len() as i32) {
         // Every worker was gone before it could tell: the end is the launcher's to tell.
-        notify::run_finished(launched.run_id);
-        retention::apply(task.id);
+        notify::run_finished(launched.run_id)?;
+        retention::apply(task.id)?;
     }
     wait_until_under_way(&shared, &launched.handles);
     // The workers now show in pg_stat_activity, where the next launcher counts them.
@@ -281,9 +282,11 @@ fn ensure_runnable(task: &Task) -> SqlResult<()> {
 fn pending_backlog(task: &Task) -> SqlResult<i64> {
     let count = as_extension_owner(|| {
         Spi::get_one_with_args::<i64>(
-            "SELECT count(*) FROM chunkwise.items \
-              WHERE task_id = $1 AND status = 'pending' \
-                AND not_before <= now() + make_interval(secs => $2)",
+            concat!(
+                "SELECT count(*) FROM chunkwise.items WHERE task_id = $1 AND status = ",
+                item_status!(pending),
+                " AND not_before <= now() + make_interval(secs => $2)"
+            ),
             &[
                 task.id.into(),
                 f64::from(gucs::retry_wait_max_secs()).into(),
@@ -347,7 +350,12 @@ fn free_worker_slots(owner: pg_sys::Oid, wanted: i32) -> SqlResult<i32> {
 
 fn next_run_id() -> SqlResult<i64> {
     let id = as_extension_owner(|| Spi::get_one::<i64>("SELECT nextval('chunkwise.run_id_seq')"))?;
-    Ok(id.unwrap_or_default())
+    id.ok_or_else(|| {
+        SqlError::new(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "nextval of chunkwise.run_id_seq returned NULL",
+        )
+    })
 }
 
 fn launch_workers(

@@ -8,19 +8,23 @@ use pgrx::prelude::*;
 
 mod api;
 mod catalog;
+mod columns;
 mod error;
 mod gucs;
+mod item_status;
 mod launcher;
 mod locks;
 mod notify;
 mod oid_args;
+mod open_groups;
 mod ownership;
+mod raised;
 mod ranking;
 mod retention;
 mod run_state;
 mod security;
-mod subxact;
 mod target;
+mod transaction;
 mod worker;
 
 ::pgrx::pg_module_magic!();

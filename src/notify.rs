@@ -4,34 +4,34 @@
 //! key or error message: what a listener may know it reads back through the views.
 
 use pgrx::prelude::*;
+use pgrx::spi::SpiError;
 use serde_json::json;
 
 use crate::security::with_pinned_search_path;
 
-fn send(payload: serde_json::Value) {
+fn send(payload: serde_json::Value) -> Result<(), SpiError> {
     with_pinned_search_path(|| {
         Spi::run_with_args(
             "SELECT pg_catalog.pg_notify('chunkwise', $1)",
             &[payload.to_string().into()],
         )
     })
-    .expect("pg_notify takes a short text payload");
 }
 
 /// An item went dead. Only ids travel: `LISTEN` has no permissions, so a listener reads
 /// the details back through `chunkwise.failures`, which shows it only what it may see.
-pub fn item_dead(run_id: i64, item_id: i64) {
+pub fn item_dead(run_id: i64, item_id: i64) -> Result<(), SpiError> {
     send(json!({
         "event": "item_dead",
         "run_id": run_id,
         "item_id": item_id,
-    }));
+    }))
 }
 
 /// A run is over; its figures are in `chunkwise.runs` (for those who may see it).
-pub fn run_finished(run_id: i64) {
+pub fn run_finished(run_id: i64) -> Result<(), SpiError> {
     send(json!({
         "event": "run_finished",
         "run_id": run_id,
-    }));
+    }))
 }

@@ -33,11 +33,14 @@ pub struct Activity {
 impl Ranking {
     /// The ranking as the current settings define it.
     pub fn from_settings() -> SqlResult<Ranking> {
-        let windows = parse_list(&gucs::recency_windows(), "chunkwise.recency_windows")?;
-        let thresholds = parse_list(
-            &gucs::activity_thresholds(),
-            "chunkwise.activity_thresholds",
-        )?;
+        Ranking::new(&gucs::recency_windows(), &gucs::activity_thresholds())
+    }
+
+    /// The ranking of `windows` (days, ascending) and `thresholds` (actions, descending),
+    /// both comma-separated as the settings hold them.
+    pub fn new(windows: &str, thresholds: &str) -> SqlResult<Ranking> {
+        let windows = parse_list(windows, "chunkwise.recency_windows")?;
+        let thresholds = parse_list(thresholds, "chunkwise.activity_thresholds")?;
         if windows.is_empty() || !windows.windows(2).all(|w| w[0] < w[1]) || windows[0] <= 0 {
             return Err(SqlError::invalid_parameter(
                 "chunkwise.recency_windows must be positive day counts in ascending order",
@@ -129,4 +132,116 @@ fn parse_list(text: &str, guc: &str) -> SqlResult<Vec<i64>> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_000 * MICROS_PER_DAY;
+
+    fn days_ago(days: i64) -> Option<i64> {
+        Some(NOW - days * MICROS_PER_DAY)
+    }
+
+    fn default_ranking() -> Ranking {
+        Ranking::new("7,30,90", "100,10").unwrap()
+    }
+
+    #[test]
+    fn recency_tiers_follow_the_windows() {
+        let ranking = default_ranking();
+        let tiers: Vec<i32> = [0, 7, 8, 30, 31, 90, 91, 900]
+            .map(|d| ranking.recency_tier(NOW, days_ago(d)))
+            .to_vec();
+        assert_eq!(tiers, [1, 1, 2, 2, 3, 3, 4, 4]);
+        assert_eq!(ranking.recency_tier(NOW, None), 4, "never active is last");
+    }
+
+    #[test]
+    fn action_tiers_follow_the_thresholds() {
+        let ranking = default_ranking();
+        let tiers: Vec<i32> = [Some(101), Some(100), Some(11), Some(10), Some(0), None]
+            .map(|a| ranking.action_tier(a))
+            .to_vec();
+        assert_eq!(tiers, [1, 2, 2, 3, 3, 3]);
+    }
+
+    #[test]
+    fn recency_comes_before_activity() {
+        let ranking = default_ranking();
+        // Active yesterday with one action beats a heavy user last seen 20 days ago.
+        assert!(
+            ranking.tier(NOW, days_ago(1), Some(1)) < ranking.tier(NOW, days_ago(20), Some(1000))
+        );
+        assert_eq!(ranking.tier(NOW, days_ago(1), Some(1000)), 1);
+        assert_eq!(
+            ranking.tier(NOW, None, None),
+            12,
+            "4 recency tiers x 3 action tiers"
+        );
+    }
+
+    #[test]
+    fn prioritise_orders_by_tier_then_actions_then_newest() {
+        let ranking = default_ranking();
+        let mut entities = [
+            Activity {
+                key: 1,
+                last_activity: None,
+                actions: Some(500),
+            },
+            Activity {
+                key: 2,
+                last_activity: days_ago(2),
+                actions: Some(50),
+            },
+            Activity {
+                key: 3,
+                last_activity: days_ago(3),
+                actions: Some(50),
+            },
+            Activity {
+                key: 4,
+                last_activity: days_ago(1),
+                actions: Some(60),
+            },
+            Activity {
+                key: 5,
+                last_activity: days_ago(40),
+                actions: Some(5000),
+            },
+            Activity {
+                key: 6,
+                last_activity: days_ago(1),
+                actions: Some(200),
+            },
+        ];
+        let order = ranking.prioritise(NOW, &mut entities);
+        let keys: Vec<i64> = order.iter().map(|(key, _)| *key).collect();
+        assert_eq!(keys, [6, 4, 2, 3, 5, 1]);
+        let priorities: Vec<i64> = order.iter().map(|(_, p)| *p).collect();
+        assert!(priorities.windows(2).all(|w| w[0] < w[1]), "{priorities:?}");
+        assert_eq!(
+            priorities[0] / TIER_SPAN,
+            1,
+            "the tier reads back from the priority"
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for (windows, thresholds) in [
+            ("30,7", "100,10"),
+            ("", "100"),
+            ("0,7", "1"),
+            ("7,x", "1"),
+            ("7", "10,100"),
+        ] {
+            assert!(
+                Ranking::new(windows, thresholds).is_err(),
+                "{windows:?} / {thresholds:?}"
+            );
+        }
+    }
 }

@@ -11,6 +11,7 @@ use std::ffi::CStr;
 use pgrx::prelude::*;
 
 use crate::error::{SqlError, SqlResult};
+use crate::transaction::{GucScope, SavedIdentity};
 
 thread_local! {
     static EXTENSION_OWNER: Cell<Option<pg_sys::Oid>> = const { Cell::new(None) };
@@ -58,92 +59,14 @@ pub fn extension_owner() -> pg_sys::Oid {
     owner
 }
 
-/// A GUC nest level of its own, as a function with `SET` clauses gets: settings made
-/// inside it, with [`GucScope::set`] or by any SQL run inside it (`SET`, `set_config`),
-/// are undone when it is dropped, so nothing leaks out to the caller either way.
-pub struct GucScope {
-    level: i32,
-}
-
-impl GucScope {
-    pub fn new() -> GucScope {
-        // SAFETY: pushes a GUC nest level; `drop` pops it, and a (sub)transaction abort
-        // in between pops it as well.
-        GucScope {
-            level: unsafe { pg_sys::NewGUCNestLevel() },
-        }
-    }
-
-    /// Sets `name` to `value` until the scope ends (a function-style SAVE setting).
-    pub fn set(&self, name: &CStr, value: &CStr) {
-        // SAFETY: both strings are NUL-terminated and copied by set_config_option; an
-        // invalid value raises an ERROR like any SET would.
-        unsafe {
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-        }
-    }
-
-    /// Pins the search_path to `pg_catalog, pg_temp` until the scope ends.
-    pub fn pin_search_path(&self) {
-        self.set(c"search_path", PINNED_SEARCH_PATH);
-    }
-}
-
-impl Drop for GucScope {
-    fn drop(&mut self) {
-        // SAFETY: pops the level pushed in `new` (and any above it), discarding what was
-        // set inside, as PostgreSQL does after a function with SET clauses. If an abort
-        // already popped it, AtEOXact_GUC finds nothing at or above the level to undo.
-        unsafe { pg_sys::AtEOXact_GUC(false, self.level) };
-    }
-}
-
 /// Runs the extension's own fixed SQL with the pinned search_path, as whoever is the
 /// current user (catalog reads, privilege checks).
 pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
     let scope = GucScope::new();
-    scope.pin_search_path();
+    scope.set(c"search_path", PINNED_SEARCH_PATH);
     let result = f();
     drop(scope);
     result
-}
-
-/// Restores the user id and security context saved when it was made.
-struct RestoreUser {
-    user: pg_sys::Oid,
-    context: i32,
-}
-
-impl RestoreUser {
-    /// Becomes `role`, adding `flags` to the security context, until the value is dropped.
-    fn switch_to(role: pg_sys::Oid, flags: u32) -> RestoreUser {
-        let mut user = pg_sys::InvalidOid;
-        let mut context = 0;
-        // SAFETY: both out-parameters point to live locals.
-        unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut context) };
-        // SAFETY: SECURITY_LOCAL_USERID_CHANGE marks the switch as local, as PostgreSQL
-        // does for SECURITY DEFINER functions; the returned value puts the previous
-        // identity back, also on unwind.
-        unsafe { pg_sys::SetUserIdAndSecContext(role, context | flags as i32) };
-        RestoreUser { user, context }
-    }
-}
-
-impl Drop for RestoreUser {
-    fn drop(&mut self) {
-        // SAFETY: plain assignment of backend-local globals to values read from them earlier
-        // in this backend; (sub)transaction abort would restore the same values.
-        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
-    }
 }
 
 /// Runs `f` as the extension owner, for the extension's own fixed SQL on its own tables
@@ -156,9 +79,10 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 
 /// [`as_extension_owner`] with further `(name, value)` settings in the same nest level.
 pub fn as_extension_owner_with<R>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> R) -> R {
-    let _identity = RestoreUser::switch_to(extension_owner(), pg_sys::SECURITY_LOCAL_USERID_CHANGE);
+    let _identity =
+        SavedIdentity::switch_to(extension_owner(), pg_sys::SECURITY_LOCAL_USERID_CHANGE);
     let scope = GucScope::new();
-    scope.pin_search_path();
+    scope.set(c"search_path", PINNED_SEARCH_PATH);
     for (name, value) in settings {
         scope.set(name, value);
     }
@@ -180,7 +104,7 @@ pub fn as_task_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
         pg_sys::SECURITY_RESTRICTED_OPERATION
     };
     let _identity =
-        RestoreUser::switch_to(owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE | restricted);
+        SavedIdentity::switch_to(owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE | restricted);
     let scope = GucScope::new();
     let result = f();
     drop(scope);

@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 use pgrx::{JsonB, PgList, spi};
 
 use crate::catalog::Task;
+use crate::columns::Columns;
 use crate::error::{SqlError, SqlResult};
 use crate::security::with_pinned_search_path;
 
@@ -61,10 +62,10 @@ impl Target {
     /// A procedure or function, checked to take one of the supported signatures.
     pub fn for_call(proc: pg_sys::Oid) -> SqlResult<Target> {
         let found = with_pinned_search_path(|| {
-            Spi::connect(|client| -> spi::Result<Option<_>> {
+            Spi::connect(|client| -> SqlResult<Option<_>> {
                 let table = client.select(
-                    "SELECT n.nspname::text, p.proname::text, p.prokind::text, \
-                        p.proargtypes::oid[], p.oid::regprocedure::text, p.proretset \
+                    "SELECT n.nspname::text AS schema, p.proname::text AS name, p.prokind::text AS kind, \
+                        p.proargtypes::oid[] AS arg_types, p.oid::regprocedure::text AS signature \
                    FROM pg_catalog.pg_proc p \
                    JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
                   WHERE p.oid = $1",
@@ -74,11 +75,11 @@ impl Target {
                 match table.into_iter().next() {
                     None => Ok(None),
                     Some(row) => Ok(Some((
-                        row.get::<String>(1)?.unwrap_or_default(),
-                        row.get::<String>(2)?.unwrap_or_default(),
-                        row.get::<String>(3)?.unwrap_or_default(),
-                        row.get::<Vec<pg_sys::Oid>>(4)?.unwrap_or_default(),
-                        row.get::<String>(5)?.unwrap_or_default(),
+                        row.required::<String>("schema")?,
+                        row.required::<String>("name")?,
+                        row.required::<String>("kind")?,
+                        row.required::<Vec<pg_sys::Oid>>("arg_types")?,
+                        row.required::<String>("signature")?,
                     ))),
                 }
             })

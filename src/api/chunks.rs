@@ -8,10 +8,11 @@
 //! parameters.
 
 use pgrx::prelude::*;
-use pgrx::spi::{self, SpiClient};
+use pgrx::spi::SpiClient;
 
-use super::planning::{ItemBatch, PLAN_BATCH, null_argument, task_to_plan};
+use super::planning::{ItemBatch, PLAN_BATCH, task_to_plan};
 use crate::catalog::Task;
+use crate::columns::Columns;
 use crate::error::{OrRaise, SqlError, SqlResult, excerpt};
 use crate::oid_args::RegClass;
 use crate::security::with_pinned_search_path;
@@ -41,13 +42,16 @@ pub(super) struct Relation {
 impl Relation {
     pub(super) fn open(relation: Option<RegClass>) -> SqlResult<Relation> {
         let oid = relation
-            .ok_or_else(|| null_argument("relation", "Pass the table to chunk, e.g. 'stage'."))?
+            .ok_or_else(|| {
+                SqlError::null_argument("relation", "Pass the table to chunk, e.g. 'stage'.")
+            })?
             .0;
-        let found = Spi::connect(|client| -> spi::Result<Option<Relation>> {
+        let found = Spi::connect(|client| -> SqlResult<Option<Relation>> {
             let table = client.select(
-                "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind::text, \
-                        c.reltuples::float8, c.relpages::float8, \
-                        pg_catalog.pg_relation_size(c.oid) / current_setting('block_size')::bigint \
+                "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS quoted, \
+                        c.relkind::text AS kind, c.reltuples::float8 AS reltuples, \
+                        c.relpages::float8 AS relpages, \
+                        pg_catalog.pg_relation_size(c.oid) / current_setting('block_size')::bigint AS blocks \
                    FROM pg_catalog.pg_class c \
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                   WHERE c.oid = $1",
@@ -59,14 +63,15 @@ impl Relation {
             };
             Ok(Some(Relation {
                 oid,
-                quoted: row.get::<String>(1)?.unwrap_or_default(),
+                quoted: row.required("quoted")?,
                 kind: row
-                    .get::<String>(2)?
-                    .and_then(|k| k.chars().next())
+                    .required::<String>("kind")?
+                    .chars()
+                    .next()
                     .unwrap_or('?'),
-                reltuples: row.get::<f64>(3)?.unwrap_or(-1.0),
-                relpages: row.get::<f64>(4)?.unwrap_or(0.0),
-                blocks: row.get::<i64>(5)?.unwrap_or(0),
+                reltuples: row.required("reltuples")?,
+                relpages: row.required("relpages")?,
+                blocks: row.required("blocks")?,
             }))
         })?;
         found.ok_or_else(|| {
@@ -113,26 +118,24 @@ struct KeyColumn {
 impl KeyColumn {
     fn find(relation: &Relation, column: Option<&str>) -> SqlResult<KeyColumn> {
         let column = column.ok_or_else(|| {
-            null_argument("column", "Pass the integer key column to cut into ranges.")
+            SqlError::null_argument("column", "Pass the integer key column to cut into ranges.")
         })?;
-        let found = Spi::connect(
-            |client| -> spi::Result<Option<(String, pg_sys::Oid, bool)>> {
-                let table = client.select(
-                "SELECT quote_ident(attname), atttypid, attnotnull FROM pg_catalog.pg_attribute \
+        let found = Spi::connect(|client| -> SqlResult<Option<(String, pg_sys::Oid, bool)>> {
+            let table = client.select(
+                "SELECT quote_ident(attname) AS quoted, atttypid, attnotnull FROM pg_catalog.pg_attribute \
                   WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
                 Some(1),
                 &[relation.oid.into(), column.into()],
             )?;
-                match table.into_iter().next() {
-                    None => Ok(None),
-                    Some(row) => Ok(Some((
-                        row.get::<String>(1)?.unwrap_or_default(),
-                        row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
-                        row.get::<bool>(3)?.unwrap_or(false),
-                    ))),
-                }
-            },
-        )?;
+            match table.into_iter().next() {
+                None => Ok(None),
+                Some(row) => Ok(Some((
+                    row.required("quoted")?,
+                    row.required("atttypid")?,
+                    row.required("attnotnull")?,
+                ))),
+            }
+        })?;
         let Some((quoted, type_oid, not_null)) = found else {
             return Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
@@ -176,7 +179,10 @@ pub(super) fn range_task(task: Option<&str>, function: &str) -> SqlResult<Task> 
 
 fn positive(value: Option<i64>, name: &str) -> SqlResult<i64> {
     match value {
-        None => Err(null_argument(name, "Pass a chunk size greater than zero.")),
+        None => Err(SqlError::null_argument(
+            name,
+            "Pass a chunk size greater than zero.",
+        )),
         Some(v) if v <= 0 => Err(SqlError::invalid_parameter(format!(
             "{name} must be greater than zero, not {v}"
         ))
@@ -185,12 +191,47 @@ fn positive(value: Option<i64>, name: &str) -> SqlResult<i64> {
     }
 }
 
-/// Turns ordered cut points into consecutive ranges and queues them, `PLAN_BATCH` at a
-/// time, in ascending order (which is also their priority order).
-struct RangeQueue<'a> {
-    task: &'a Task,
+/// Turns ordered cut points into consecutive `[lo, hi)` ranges, numbered from 1 in
+/// ascending order (their priority order).
+struct RangeCutter {
     lo: i64,
     ordinal: i64,
+}
+
+/// One range of a [`RangeCutter`].
+#[derive(Debug, PartialEq, Eq)]
+struct Range {
+    lo: i64,
+    hi: i64,
+    ordinal: i64,
+}
+
+impl RangeCutter {
+    fn starting_at(lo: i64) -> Self {
+        RangeCutter { lo, ordinal: 0 }
+    }
+
+    /// Ends the current range at `cut`; `None` unless `cut` lies above the range's start,
+    /// so repeated (or lower) cut points make no empty ranges.
+    fn cut(&mut self, cut: i64) -> Option<Range> {
+        if cut <= self.lo {
+            return None;
+        }
+        self.ordinal += 1;
+        let range = Range {
+            lo: self.lo,
+            hi: cut,
+            ordinal: self.ordinal,
+        };
+        self.lo = cut;
+        Some(range)
+    }
+}
+
+/// Queues the ranges a [`RangeCutter`] makes, `PLAN_BATCH` at a time.
+struct RangeQueue<'a> {
+    task: &'a Task,
+    cutter: RangeCutter,
     batch: ItemBatch,
     added: i64,
 }
@@ -199,24 +240,20 @@ impl<'a> RangeQueue<'a> {
     fn starting_at(task: &'a Task, lo: i64) -> Self {
         RangeQueue {
             task,
-            lo,
-            ordinal: 0,
+            cutter: RangeCutter::starting_at(lo),
             batch: ItemBatch::default(),
             added: 0,
         }
     }
 
-    /// Ends the current range at `cut` (ignored unless it lies above the range's start,
-    /// so repeated cut points make no empty ranges).
+    /// Ends the current range at `cut` (see [`RangeCutter::cut`]).
     fn cut(&mut self, cut: i64) -> SqlResult<()> {
-        if cut <= self.lo {
+        let Some(range) = self.cutter.cut(cut) else {
             return Ok(());
-        }
-        self.ordinal += 1;
+        };
         self.batch
-            .push(self.lo, Some(cut), self.ordinal, None, None);
-        self.lo = cut;
-        if self.ordinal % PLAN_BATCH == 0 {
+            .push(range.lo, Some(range.hi), range.ordinal, None, None);
+        if range.ordinal % PLAN_BATCH == 0 {
             self.added += std::mem::take(&mut self.batch).insert(self.task, None)?;
         }
         Ok(())
@@ -383,4 +420,47 @@ fn block_tid(block: i64) -> pg_sys::ItemPointerData {
     let mut tid = pg_sys::ItemPointerData::default();
     pgrx::itemptr::item_pointer_set_all(&mut tid, block, 0);
     tid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_points_make_consecutive_ranges_without_empty_ones() {
+        let mut cutter = RangeCutter::starting_at(-5);
+        let ranges: Vec<Range> = [0, 0, 10, 7, 10, 25]
+            .into_iter()
+            .filter_map(|cut| cutter.cut(cut))
+            .collect();
+        assert_eq!(
+            ranges,
+            [
+                Range {
+                    lo: -5,
+                    hi: 0,
+                    ordinal: 1
+                },
+                Range {
+                    lo: 0,
+                    hi: 10,
+                    ordinal: 2
+                },
+                Range {
+                    lo: 10,
+                    hi: 25,
+                    ordinal: 3
+                },
+            ]
+        );
+        assert_eq!(cutter.cut(25), None, "the end at the last cut adds nothing");
+        assert_eq!(
+            cutter.cut(26),
+            Some(Range {
+                lo: 25,
+                hi: 26,
+                ordinal: 4
+            })
+        );
+    }
 }

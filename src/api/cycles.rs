@@ -20,7 +20,7 @@ use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::launcher::run_task;
 use crate::locks::{try_lock_cycle, unlock_cycle};
 use crate::security::as_task_owner;
-use crate::subxact::without_keeping_locks;
+use crate::transaction::without_keeping_locks;
 
 thread_local! {
     /// The task whose cycle lock this backend holds, between `_cycle_begin` and `_cycle_run`.

@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use pgrx::prelude::*;
 
+use crate::columns::Columns;
 use crate::error::{OrRaise, SqlResult};
 use crate::security::with_pinned_search_path;
 
@@ -103,7 +104,7 @@ fn metrics() -> String {
             .collect::<Vec<_>>()
             .join(", ");
         let query = format!(
-            "SELECT s.task, ARRAY[{values}] \
+            "SELECT s.task, ARRAY[{values}] AS figures \
                FROM chunkwise.task_status s \
                LEFT JOIN LATERAL (SELECT count(*) AS runs, coalesce(sum(processed), 0) AS processed, \
                                          coalesce(sum(failed), 0) AS failed \
@@ -113,29 +114,74 @@ fn metrics() -> String {
         let rows: Vec<(String, Vec<f64>)> = Spi::connect(|client| {
             client
                 .select(&query, None, &[])?
-                .map(|row| {
-                    Ok((
-                        row.get::<String>(1)?.unwrap_or_default(),
-                        row.get::<Vec<f64>>(2)?.unwrap_or_default(),
-                    ))
-                })
-                .collect::<Result<_, pgrx::spi::SpiError>>()
+                .map(|row| Ok((row.required("task")?, row.required("figures")?)))
+                .collect::<SqlResult<_>>()
         })?;
-        let mut out = String::new();
-        for (index, family) in FAMILIES.iter().enumerate() {
-            let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
-            let _ = writeln!(out, "# TYPE {} {}", family.name, family.kind);
-            for (task, values) in &rows {
-                let _ = writeln!(
-                    out,
-                    "{}{{task=\"{}\"}} {}",
-                    family.name,
-                    label_value(task),
-                    values.get(index).copied().unwrap_or(0.0)
-                );
-            }
-        }
-        Ok(out)
+        Ok(exposition(&rows))
     };
     with_pinned_search_path(run).or_raise()
+}
+
+/// The text exposition of the families' figures: `rows` holds each task with one figure
+/// per family, in `FAMILIES` order.
+fn exposition(rows: &[(String, Vec<f64>)]) -> String {
+    let mut out = String::new();
+    for (index, family) in FAMILIES.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
+        let _ = writeln!(out, "# TYPE {} {}", family.name, family.kind);
+        for (task, values) in rows {
+            let _ = writeln!(
+                out,
+                "{}{{task=\"{}\"}} {}",
+                family.name,
+                label_value(task),
+                values.get(index).copied().unwrap_or(0.0)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("plain"), "plain");
+        assert_eq!(label_value("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+    }
+
+    #[test]
+    fn every_family_has_help_type_and_one_line_per_task() {
+        let figures: Vec<f64> = (0..FAMILIES.len()).map(|i| i as f64 + 0.5).collect();
+        let rows = vec![
+            ("datamart".to_string(), figures.clone()),
+            ("odd \"name\"".to_string(), figures),
+        ];
+        let text = exposition(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), FAMILIES.len() * 4);
+        for (index, family) in FAMILIES.iter().enumerate() {
+            let block = &lines[index * 4..index * 4 + 4];
+            assert_eq!(block[0], format!("# HELP {} {}", family.name, family.help));
+            assert_eq!(block[1], format!("# TYPE {} {}", family.name, family.kind));
+            assert_eq!(
+                block[2],
+                format!(
+                    "{}{{task=\"datamart\"}} {}",
+                    family.name,
+                    index as f64 + 0.5
+                )
+            );
+            assert_eq!(
+                block[3],
+                format!(
+                    "{}{{task=\"odd \\\"name\\\"\"}} {}",
+                    family.name,
+                    index as f64 + 0.5
+                )
+            );
+        }
+    }
 }

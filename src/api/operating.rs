@@ -7,9 +7,10 @@
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
 
-use super::planning::null_argument;
-use crate::catalog::Task;
+use crate::catalog::{self, Task};
 use crate::error::{OrRaise, SqlError, SqlResult};
+use crate::item_status::item_status;
+use crate::open_groups::close_items_of_groups;
 use crate::security::as_extension_owner;
 
 /// Runs fixed bookkeeping SQL on the task's rows as the extension owner; returns the
@@ -22,16 +23,6 @@ fn count_as_owner(sql: &str, task: &Task, extra: Option<Interval>) -> SqlResult<
     Ok(count.unwrap_or(0))
 }
 
-/// Workers of the task alive now.
-fn live_workers(task: &Task) -> SqlResult<i64> {
-    count_as_owner(
-        "SELECT count(*) FROM chunkwise._live_workers lw \
-           JOIN chunkwise.run_history r USING (run_id) WHERE r.task_id = $1",
-        task,
-        None,
-    )
-}
-
 fn set_paused(task: Option<&str>, paused: bool) -> SqlResult<()> {
     let task = Task::for_caller(task, if paused { "pause" } else { "resume" })?;
     as_extension_owner(|| {
@@ -40,7 +31,7 @@ fn set_paused(task: Option<&str>, paused: bool) -> SqlResult<()> {
             &[task.id.into(), paused.into()],
         )
     })?;
-    let workers = live_workers(&task)?;
+    let workers = catalog::live_workers(task.id)?;
     if paused && workers > 0 {
         notice!(
             "task \"{}\" paused: its {workers} running workers stop after their current item",
@@ -70,16 +61,14 @@ fn cancel(task: Option<&str>) -> i64 {
     let run = || -> SqlResult<i64> {
         let task = Task::for_caller(task, "cancel")?;
         // Every run numbered so far; runs started later are not affected.
+        let through = catalog::last_run_id()?;
         as_extension_owner(|| {
             Spi::run_with_args(
-                "UPDATE chunkwise.tasks \
-                    SET cancelled_through = (SELECT CASE WHEN is_called THEN last_value ELSE 0 END \
-                                               FROM chunkwise.run_id_seq) \
-                  WHERE task_id = $1",
-                &[task.id.into()],
+                "UPDATE chunkwise.tasks SET cancelled_through = $2 WHERE task_id = $1",
+                &[task.id.into(), through.into()],
             )
         })?;
-        let workers = live_workers(&task)?;
+        let workers = catalog::live_workers(task.id)?;
         if workers == 0 {
             notice!("task \"{}\" has no running workers", task.name);
         }
@@ -96,14 +85,20 @@ fn retry(task: Option<&str>) -> i64 {
     let run = || -> SqlResult<i64> {
         let task = Task::for_caller(task, "retry")?;
         count_as_owner(
-            "WITH revived AS ( \
-               UPDATE chunkwise.items i \
-                  SET status = 'pending', attempts = 0, not_before = now(), finished_at = NULL \
-                WHERE i.task_id = $1 AND i.status = 'dead' \
-                  AND NOT EXISTS (SELECT FROM chunkwise.items p \
-                                   WHERE p.task_id = i.task_id AND p.key = i.key AND p.status = 'pending') \
-                RETURNING 1) \
-             SELECT count(*) FROM revived",
+            concat!(
+                "WITH revived AS ( \
+                   UPDATE chunkwise.items i \
+                      SET status = ",
+                item_status!(pending),
+                ", attempts = 0, not_before = now(), finished_at = NULL \
+                    WHERE i.task_id = $1 AND i.status = ",
+                item_status!(dead),
+                " AND NOT EXISTS (SELECT FROM chunkwise.items p \
+                                   WHERE p.task_id = i.task_id AND p.key = i.key AND p.status = ",
+                item_status!(pending),
+                ") RETURNING 1) \
+                 SELECT count(*) FROM revived"
+            ),
             &task,
             None,
         )
@@ -119,20 +114,26 @@ fn retry(task: Option<&str>) -> i64 {
 fn skip(task: Option<&str>, key: Option<i64>) -> i64 {
     let run = || -> SqlResult<i64> {
         let task = Task::for_caller(task, "skip an item of")?;
-        let key = key.ok_or_else(|| null_argument("key", "Pass the key of the dead item."))?;
+        let key =
+            key.ok_or_else(|| SqlError::null_argument("key", "Pass the key of the dead item."))?;
         let skipped = as_extension_owner(|| {
             Spi::get_one_with_args::<i64>(
-                "WITH skipped AS ( \
-                   UPDATE chunkwise.items SET status = 'skipped', finished_at = clock_timestamp() \
-                    WHERE item_id = (SELECT item_id FROM chunkwise.items \
-                                      WHERE task_id = $1 AND key = $2 AND status = 'dead' \
-                                      ORDER BY item_id DESC LIMIT 1) \
-                      AND status = 'dead' \
-                   RETURNING item_id, task_id, group_key), \
-                 closed AS ( \
-                   UPDATE chunkwise.groups g SET open = g.open - 1 FROM skipped s \
-                    WHERE g.task_id = s.task_id AND g.group_key = s.group_key) \
-                 SELECT item_id FROM skipped",
+                concat!(
+                    "WITH skipped AS ( \
+                       UPDATE chunkwise.items SET status = ",
+                    item_status!(skipped),
+                    ", finished_at = clock_timestamp() \
+                        WHERE item_id = (SELECT item_id FROM chunkwise.items \
+                                          WHERE task_id = $1 AND key = $2 AND status = ",
+                    item_status!(dead),
+                    " ORDER BY item_id DESC LIMIT 1) \
+                          AND status = ",
+                    item_status!(dead),
+                    " RETURNING item_id, task_id, group_key), \
+                     closed AS (",
+                    close_items_of_groups!("skipped"),
+                    ") SELECT item_id FROM skipped"
+                ),
                 &[task.id.into(), key.into()],
             )
         });
@@ -156,7 +157,7 @@ fn purge(task: Option<&str>, older_than: Option<Interval>) -> i64 {
     let run = || -> SqlResult<i64> {
         let task = Task::for_caller(task, "purge")?;
         let older_than = older_than.ok_or_else(|| {
-            null_argument(
+            SqlError::null_argument(
                 "older_than",
                 "Pass how old finished items must be, e.g. '7 days' (or '0' for all).",
             )
@@ -179,16 +180,25 @@ fn purge(task: Option<&str>, older_than: Option<Interval>) -> i64 {
         )?;
         // Dead items purged no longer hold their group open.
         count_as_owner(
-            "WITH gone AS ( \
-               DELETE FROM chunkwise.items \
-                WHERE task_id = $1 AND status IN ('done', 'dead', 'skipped') \
-                  AND finished_at < now() - $2 \
-                RETURNING group_key, status), \
-             closed AS ( \
-               UPDATE chunkwise.groups g SET open = g.open - d.dead FROM \
-                 (SELECT group_key, count(*) AS dead FROM gone WHERE status = 'dead' GROUP BY group_key) d \
-                WHERE g.task_id = $1 AND g.group_key = d.group_key) \
-             SELECT count(*) FROM gone",
+            concat!(
+                "WITH gone AS ( \
+                   DELETE FROM chunkwise.items \
+                    WHERE task_id = $1 AND status IN (",
+                item_status!(done),
+                ", ",
+                item_status!(dead),
+                ", ",
+                item_status!(skipped),
+                ") AND finished_at < now() - $2 \
+                    RETURNING task_id, group_key, status), \
+                 closed AS (",
+                close_items_of_groups!(concat!(
+                    "(SELECT task_id, group_key FROM gone WHERE status = ",
+                    item_status!(dead),
+                    ") dead"
+                )),
+                ") SELECT count(*) FROM gone"
+            ),
             &task,
             Some(older_than),
         )

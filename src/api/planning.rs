@@ -13,6 +13,8 @@ use pgrx::spi::{SpiCursor, SpiHeapTupleData, SpiTupleTable};
 
 use crate::catalog::Task;
 use crate::error::{OrRaise, SqlError, SqlResult};
+use crate::item_status::item_status;
+use crate::open_groups::open_items_of_groups;
 use crate::ranking::{Activity, Ranking};
 use crate::security::as_extension_owner;
 use crate::target::ensure_single_statement;
@@ -127,24 +129,27 @@ impl ItemBatch {
         }
         let added = as_extension_owner(|| {
             Spi::get_one_with_args::<i64>(
-                "WITH added AS ( \
-                   INSERT INTO chunkwise.items AS i (task_id, key, hi, priority, group_key, payload, not_before) \
-                   SELECT $1, u.key, u.hi, u.priority, u.group_key, u.payload, coalesce($7, now()) \
-                     FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::jsonb[]) \
-                          WITH ORDINALITY AS u(key, hi, priority, group_key, payload, ord) \
-                    ORDER BY u.ord \
-                   ON CONFLICT (task_id, key) WHERE status = 'pending' DO UPDATE \
-                      SET priority = EXCLUDED.priority, hi = EXCLUDED.hi, \
-                          group_key = CASE WHEN $8 THEN i.group_key \
-                                           ELSE coalesce(EXCLUDED.group_key, i.group_key) END, \
-                          payload = coalesce(EXCLUDED.payload, i.payload) \
-                   RETURNING (xmax = 0) AS inserted, i.group_key), \
-                 opened AS ( \
-                   INSERT INTO chunkwise.groups AS g (task_id, group_key, open) \
-                   SELECT $1, group_key, count(*) FROM added \
-                    WHERE $8 AND inserted GROUP BY group_key \
-                   ON CONFLICT (task_id, group_key) DO UPDATE SET open = g.open + EXCLUDED.open) \
-                 SELECT count(*) FILTER (WHERE inserted) FROM added",
+                concat!(
+                    "WITH added AS ( \
+                       INSERT INTO chunkwise.items AS i (task_id, key, hi, priority, group_key, payload, not_before) \
+                       SELECT $1, u.key, u.hi, u.priority, u.group_key, u.payload, coalesce($7, now()) \
+                         FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::jsonb[]) \
+                              WITH ORDINALITY AS u(key, hi, priority, group_key, payload, ord) \
+                        ORDER BY u.ord \
+                       ON CONFLICT (task_id, key) WHERE status = ",
+                    item_status!(pending),
+                    " DO UPDATE \
+                          SET priority = EXCLUDED.priority, hi = EXCLUDED.hi, \
+                              group_key = CASE WHEN $8 THEN i.group_key \
+                                               ELSE coalesce(EXCLUDED.group_key, i.group_key) END, \
+                              payload = coalesce(EXCLUDED.payload, i.payload) \
+                       RETURNING (xmax = 0) AS inserted, i.task_id, i.group_key), \
+                     opened AS (",
+                    open_items_of_groups!(
+                        "(SELECT task_id, group_key FROM added WHERE $8 AND inserted) new"
+                    ),
+                    ") SELECT count(*) FILTER (WHERE inserted) FROM added"
+                ),
                 &[
                     task_id.into(),
                     self.keys.into(),
@@ -192,14 +197,6 @@ pub(crate) fn task_to_plan(task: Option<&str>) -> SqlResult<Task> {
     Task::for_caller(task, "plan into")
 }
 
-pub(crate) fn null_argument(name: &str, hint: &str) -> SqlError {
-    SqlError::new(
-        PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-        format!("{name} must not be NULL"),
-    )
-    .hint(hint.to_string())
-}
-
 /// Adds one item (or updates the priority of the pending item with that key).
 #[pg_extern(volatile, parallel_unsafe)]
 fn enqueue(
@@ -212,12 +209,13 @@ fn enqueue(
 ) -> i64 {
     let run = || -> SqlResult<i64> {
         let task = task_to_plan(task)?;
-        let key = key.ok_or_else(|| null_argument("key", "Every item needs a bigint key."))?;
+        let key =
+            key.ok_or_else(|| SqlError::null_argument("key", "Every item needs a bigint key."))?;
         let priority = priority.ok_or_else(|| {
-            null_argument("priority", "Leave priority out for 0; lower runs first.")
+            SqlError::null_argument("priority", "Leave priority out for 0; lower runs first.")
         })?;
         let not_before = not_before.ok_or_else(|| {
-            null_argument(
+            SqlError::null_argument(
                 "not_before",
                 "Leave not_before out to make the item due now.",
             )
@@ -372,8 +370,8 @@ fn for_each_batch(
     by_activity: bool,
     mut on_rows: impl FnMut(&PlanColumns, SpiTupleTable) -> SqlResult<usize>,
 ) -> SqlResult<()> {
-    let query =
-        query.ok_or_else(|| null_argument("query", "Pass a SELECT returning a key column."))?;
+    let query = query
+        .ok_or_else(|| SqlError::null_argument("query", "Pass a SELECT returning a key column."))?;
     ensure_single_statement(query, "planning query")?;
     Spi::connect(|client| {
         let mut cursor: SpiCursor = client.try_open_cursor(query, &[])?;

@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
 
-use crate::catalog::Task;
+use crate::catalog::{self, Task};
+use crate::columns::Columns;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::launcher::{RunSummary, run_task, start_task, wait_on_latch};
 use crate::security::{as_extension_owner, may_see};
-use crate::subxact::without_keeping_locks;
+use crate::transaction::without_keeping_locks;
 
 /// Runs the task's pending items with a pool of background workers and waits for them,
 /// reporting progress every `chunkwise.progress_interval`.
@@ -82,24 +83,25 @@ fn read_run(run_id: i64) -> SqlResult<Option<RunRow>> {
     unsafe { pg_sys::pgstat_clear_snapshot() };
     let row = without_keeping_locks(|| {
         as_extension_owner(|| {
-            Spi::connect_mut(|client| -> pgrx::spi::Result<Option<RunRow>> {
+            Spi::connect_mut(|client| -> SqlResult<Option<RunRow>> {
                 let table = client.update(
-                "SELECT r.task, chunkwise._owner(t.anchor, t.owner), r.state, r.processed, r.failed, r.dead, r.seconds::float8 \
-                   FROM chunkwise.runs r JOIN chunkwise.tasks t USING (task) WHERE r.run_id = $1",
-                Some(1),
-                &[run_id.into()],
-            )?;
+                    "SELECT r.task, chunkwise._owner(t.anchor, t.owner) AS owner, r.state, \
+                            r.processed, r.failed, r.dead, r.seconds::float8 AS seconds \
+                       FROM chunkwise.runs r JOIN chunkwise.tasks t USING (task) WHERE r.run_id = $1",
+                    Some(1),
+                    &[run_id.into()],
+                )?;
                 let Some(row) = table.into_iter().next() else {
                     return Ok(None);
                 };
                 Ok(Some(RunRow {
-                    task: row.get(1)?.unwrap_or_default(),
-                    owner: row.get(2)?.unwrap_or(pg_sys::InvalidOid),
-                    state: row.get(3)?.unwrap_or_default(),
-                    processed: row.get(4)?.unwrap_or(0),
-                    failed: row.get(5)?.unwrap_or(0),
-                    dead: row.get(6)?.unwrap_or(0),
-                    seconds: row.get(7)?.unwrap_or(0.0),
+                    task: row.required("task")?,
+                    owner: row.required("owner")?,
+                    state: row.required("state")?,
+                    processed: row.required("processed")?,
+                    failed: row.required("failed")?,
+                    dead: row.required("dead")?,
+                    seconds: row.required("seconds")?,
                 }))
             })
         })
@@ -109,14 +111,7 @@ fn read_run(run_id: i64) -> SqlResult<Option<RunRow>> {
 
 /// The highest run id handed out so far (keeping no lock, as `read_run`).
 fn last_run_id() -> SqlResult<i64> {
-    let last = without_keeping_locks(|| {
-        as_extension_owner(|| {
-            Spi::get_one::<i64>(
-                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM chunkwise.run_id_seq",
-            )
-        })
-    })?;
-    Ok(last.unwrap_or(0))
+    without_keeping_locks(catalog::last_run_id)
 }
 
 fn unknown_run(run_id: i64) -> SqlError {
@@ -147,11 +142,7 @@ fn wait(
 > {
     let (run_id, row) = (|| -> SqlResult<(i64, RunRow)> {
         let run_id = run_id.ok_or_else(|| {
-            SqlError::new(
-                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-                "run_id must not be NULL",
-            )
-            .hint("Pass the id chunkwise.start() returned.")
+            SqlError::null_argument("run_id", "Pass the id chunkwise.start() returned.")
         })?;
         let deadline = match timeout {
             None => None,

@@ -27,11 +27,12 @@ use std::collections::HashMap;
 
 use pgrx::JsonB;
 use pgrx::prelude::*;
-use pgrx::spi::{self, SpiClient};
+use pgrx::spi::SpiClient;
 use serde_json::{Value, json};
 
 use super::chunks::{Relation, range_task};
 use super::planning::ItemBatch;
+use crate::columns::Columns;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::oid_args::RegClass;
 use crate::security::with_pinned_search_path;
@@ -92,10 +93,11 @@ impl<'a> DistributedTable<'a> {
             return Err(not_distributed("Citus is not installed in this database."));
         }
         let found = Spi::connect(
-            |client| -> spi::Result<Option<(String, String, String, String)>> {
+            |client| -> SqlResult<Option<(String, String, String, String)>> {
                 let table = client.select(
-                "SELECT p.partmethod::text, p.repmodel::text, \
-                        coalesce(format_type(a.atttypid, NULL), ''), coalesce(t.typcategory::text, '') \
+                "SELECT p.partmethod::text AS method, p.repmodel::text AS replication, \
+                        coalesce(format_type(a.atttypid, NULL), '') AS column_type, \
+                        coalesce(t.typcategory::text, '') AS category \
                    FROM pg_catalog.pg_dist_partition p \
                    LEFT JOIN pg_catalog.pg_attribute a \
                           ON a.attrelid = p.logicalrelid \
@@ -108,10 +110,10 @@ impl<'a> DistributedTable<'a> {
                 match table.into_iter().next() {
                     None => Ok(None),
                     Some(row) => Ok(Some((
-                        row.get::<String>(1)?.unwrap_or_default(),
-                        row.get::<String>(2)?.unwrap_or_default(),
-                        row.get::<String>(3)?.unwrap_or_default(),
-                        row.get::<String>(4)?.unwrap_or_default(),
+                        row.required("method")?,
+                        row.required("replication")?,
+                        row.required("column_type")?,
+                        row.required("category")?,
                     ))),
                 }
             },
@@ -163,13 +165,13 @@ impl<'a> DistributedTable<'a> {
 
     fn shards(&self, client: &SpiClient<'_>) -> SqlResult<Vec<Shard>> {
         let table = client.select(
-            "SELECT s.shardid, s.shardminvalue::bigint, s.shardmaxvalue::bigint + 1, \
-                    pg_catalog.shard_name(s.logicalrelid, s.shardid), \
+            "SELECT s.shardid, s.shardminvalue::bigint AS lo, s.shardmaxvalue::bigint + 1 AS hi, \
+                    pg_catalog.shard_name(s.logicalrelid, s.shardid) AS name, \
                     (SELECT n.nodename || ':' || n.nodeport \
                        FROM pg_catalog.pg_dist_placement p \
                        JOIN pg_catalog.pg_dist_node n ON n.groupid = p.groupid \
                       WHERE p.shardid = s.shardid AND n.noderole = 'primary' \
-                      ORDER BY n.nodeid LIMIT 1) \
+                      ORDER BY n.nodeid LIMIT 1) AS node \
                FROM pg_catalog.pg_dist_shard s \
               WHERE s.logicalrelid = $1 \
                 AND s.shardminvalue IS NOT NULL AND s.shardmaxvalue IS NOT NULL \
@@ -180,11 +182,11 @@ impl<'a> DistributedTable<'a> {
         let mut shards = Vec::with_capacity(table.len());
         for row in table {
             shards.push(Shard {
-                id: row.get::<i64>(1)?.unwrap_or_default(),
-                lo: row.get::<i64>(2)?.unwrap_or_default(),
-                hi: row.get::<i64>(3)?.unwrap_or_default(),
-                name: row.get::<String>(4)?.unwrap_or_default(),
-                node: row.get::<String>(5)?,
+                id: row.required("shardid")?,
+                lo: row.required("lo")?,
+                hi: row.required("hi")?,
+                name: row.required("name")?,
+                node: row.optional("node")?,
             });
         }
         Ok(shards)

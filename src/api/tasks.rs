@@ -3,9 +3,11 @@
 use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::prelude::*;
 
-use crate::catalog::{Task, required_task_name};
+use crate::catalog::{self, Task, required_task_name};
+use crate::columns::Columns;
 use crate::error::{OrRaise, SqlError, SqlResult, excerpt};
 use crate::gucs;
+use crate::item_status::item_status;
 use crate::oid_args::RegProc;
 use crate::ownership::{anchor_task, drop_anchor};
 use crate::security::{
@@ -45,11 +47,7 @@ struct TaskOptions {
 
 fn required<T>(value: Option<T>, name: &str) -> SqlResult<T> {
     value.ok_or_else(|| {
-        SqlError::new(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            format!("{name} must not be NULL"),
-        )
-        .hint(format!("Leave {name} out to use its default."))
+        SqlError::null_argument(name, format!("Leave {name} out to use its default."))
     })
 }
 
@@ -175,47 +173,48 @@ impl TaskOptions {
         Ok(())
     }
 
-    /// The stored options as SPI arguments, in `OPTION_COLUMNS` order.
-    fn option_args(&self) -> Vec<DatumWithOid<'_>> {
+    /// The stored options, each with its column: the one list that INSERT and UPDATE
+    /// are written from (`load` reads the same columns by name).
+    fn stored(&self) -> Vec<(&'static str, DatumWithOid<'_>)> {
         vec![
-            self.call.into(),
-            self.statement.as_deref().into(),
-            self.after.as_deref().into(),
-            self.source.as_deref().into(),
-            self.workers.into(),
-            self.max_items_per_cycle.into(),
-            self.max_attempts.into(),
-            self.retry_backoff.into(),
-            self.retry_backoff_max.into(),
-            self.item_timeout.into(),
-            self.items_per_commit.into(),
-            self.synchronous_commit.into(),
-            self.sequential_groups.into(),
-            self.rank_by_activity.into(),
-            self.retain_done.into(),
-            self.retain_runs.into(),
+            ("call", self.call.into()),
+            ("statement", self.statement.as_deref().into()),
+            ("after", self.after.as_deref().into()),
+            ("source", self.source.as_deref().into()),
+            ("workers", self.workers.into()),
+            ("max_items_per_cycle", self.max_items_per_cycle.into()),
+            ("max_attempts", self.max_attempts.into()),
+            ("retry_backoff", self.retry_backoff.into()),
+            ("retry_backoff_max", self.retry_backoff_max.into()),
+            ("item_timeout", self.item_timeout.into()),
+            ("items_per_commit", self.items_per_commit.into()),
+            ("synchronous_commit", self.synchronous_commit.into()),
+            ("sequential_groups", self.sequential_groups.into()),
+            ("rank_by_activity", self.rank_by_activity.into()),
+            ("retain_done", self.retain_done.into()),
+            ("retain_runs", self.retain_runs.into()),
         ]
     }
 
     /// Inserts the task and anchors it to its owner (see `ownership`).
     fn insert(&self) -> SqlResult<()> {
+        let (columns, placeholders, options) = option_parameters(self.stored(), 3);
         let mut args: Vec<DatumWithOid> = vec![self.name.as_str().into(), self.owner.into()];
-        args.extend(self.option_args());
+        args.extend(options);
         let inserted = as_extension_owner(|| {
-            Spi::connect_mut(|client| {
+            Spi::connect_mut(|client| -> SqlResult<Option<i32>> {
                 let table = client.update(
                     &format!(
-                        "INSERT INTO chunkwise.tasks (task, owner, {OPTION_COLUMNS}) \
-                         VALUES ($1, $2, {}) \
-                         ON CONFLICT (task) DO NOTHING RETURNING task_id",
-                        option_placeholders(3)
+                        "INSERT INTO chunkwise.tasks (task, owner, {columns}) \
+                         VALUES ($1, $2, {placeholders}) \
+                         ON CONFLICT (task) DO NOTHING RETURNING task_id"
                     ),
                     None,
                     &args,
                 )?;
                 // No row: the name is taken.
                 match table.into_iter().next() {
-                    Some(row) => row.get::<i32>(1),
+                    Some(row) => Ok(Some(row.required("task_id")?)),
                     None => Ok(None),
                 }
             })
@@ -231,13 +230,13 @@ impl TaskOptions {
     }
 
     fn update(&self, task_id: i32) -> SqlResult<()> {
+        let (columns, placeholders, options) = option_parameters(self.stored(), 2);
         let mut args: Vec<DatumWithOid> = vec![task_id.into()];
-        args.extend(self.option_args());
+        args.extend(options);
         as_extension_owner(|| {
             Spi::run_with_args(
                 &format!(
-                    "UPDATE chunkwise.tasks SET ({OPTION_COLUMNS}) = ({}) WHERE task_id = $1",
-                    option_placeholders(2)
+                    "UPDATE chunkwise.tasks SET ({columns}) = ({placeholders}) WHERE task_id = $1"
                 ),
                 &args,
             )
@@ -246,66 +245,60 @@ impl TaskOptions {
     }
 }
 
-/// The option columns of `chunkwise.tasks`, in `TaskOptions::option_args` order.
-const OPTION_COLUMNS: &str = "call, statement, after, source, workers, max_items_per_cycle, \
-     max_attempts, retry_backoff, retry_backoff_max, item_timeout, items_per_commit, \
-     synchronous_commit, sequential_groups, rank_by_activity, retain_done, retain_runs";
-
-/// `$first, $first+1, ...`, one parameter per option column (the first, `call`, cast
-/// from its oid).
-fn option_placeholders(first: usize) -> String {
-    let count = OPTION_COLUMNS.split(',').count();
-    (first..first + count)
-        .map(|n| {
-            if n == first {
-                format!("${n}::regprocedure")
-            } else {
-                format!("${n}")
-            }
+/// The column list, the matching parameters (numbered from `first`; `call` is cast from
+/// its oid) and the values of `stored` options.
+fn option_parameters<'a>(
+    stored: Vec<(&'static str, DatumWithOid<'a>)>,
+    first: usize,
+) -> (String, String, Vec<DatumWithOid<'a>>) {
+    let columns = stored.iter().map(|(column, _)| *column).collect::<Vec<_>>();
+    let placeholders = columns
+        .iter()
+        .enumerate()
+        .map(|(i, column)| match *column {
+            "call" => format!("${}::regprocedure", first + i),
+            _ => format!("${}", first + i),
         })
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect::<Vec<_>>();
+    let values = stored.into_iter().map(|(_, value)| value).collect();
+    (columns.join(", "), placeholders.join(", "), values)
 }
 
 impl TaskOptions {
     /// The task's options as stored, for `alter_task` to change.
     fn load(task: &Task) -> SqlResult<TaskOptions> {
         let options = as_extension_owner(|| {
-            Spi::connect(|client| -> pgrx::spi::Result<TaskOptions> {
+            Spi::connect(|client| -> SqlResult<TaskOptions> {
                 let table = client.select(
-                    &format!(
-                        "SELECT {} FROM chunkwise.tasks WHERE task_id = $1",
-                        OPTION_COLUMNS.replacen("call", "call::oid", 1)
-                    ),
+                    "SELECT *, call::oid AS call_oid FROM chunkwise.tasks WHERE task_id = $1",
                     Some(1),
                     &[task.id.into()],
                 )?;
-                let row = table.first();
-                // The backoff and retention columns are NOT NULL.
-                let interval = |ordinal| -> pgrx::spi::Result<Interval> {
-                    Ok(row
-                        .get::<Interval>(ordinal)?
-                        .expect("a NOT NULL interval column"))
-                };
+                let row = table.into_iter().next().ok_or_else(|| {
+                    SqlError::new(
+                        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                        format!("task \"{}\" vanished while it was read", task.name),
+                    )
+                })?;
                 Ok(TaskOptions {
                     name: task.name.clone(),
                     owner: task.owner,
-                    call: row.get(1)?,
-                    statement: row.get(2)?,
-                    after: row.get(3)?,
-                    source: row.get(4)?,
-                    workers: row.get(5)?,
-                    max_items_per_cycle: row.get(6)?,
-                    max_attempts: row.get(7)?.unwrap_or(1),
-                    retry_backoff: interval(8)?,
-                    retry_backoff_max: interval(9)?,
-                    item_timeout: row.get(10)?,
-                    items_per_commit: row.get(11)?.unwrap_or(1),
-                    synchronous_commit: row.get(12)?.unwrap_or(true),
-                    sequential_groups: row.get(13)?.unwrap_or(false),
-                    rank_by_activity: row.get(14)?.unwrap_or(false),
-                    retain_done: interval(15)?,
-                    retain_runs: interval(16)?,
+                    call: row.optional("call_oid")?,
+                    statement: row.optional("statement")?,
+                    after: row.optional("after")?,
+                    source: row.optional("source")?,
+                    workers: row.optional("workers")?,
+                    max_items_per_cycle: row.optional("max_items_per_cycle")?,
+                    max_attempts: row.required("max_attempts")?,
+                    retry_backoff: row.required("retry_backoff")?,
+                    retry_backoff_max: row.required("retry_backoff_max")?,
+                    item_timeout: row.optional("item_timeout")?,
+                    items_per_commit: row.required("items_per_commit")?,
+                    synchronous_commit: row.required("synchronous_commit")?,
+                    sequential_groups: row.required("sequential_groups")?,
+                    rank_by_activity: row.required("rank_by_activity")?,
+                    retain_done: row.required("retain_done")?,
+                    retain_runs: row.required("retain_runs")?,
                 })
             })
         })?;
@@ -318,7 +311,13 @@ impl TaskOptions {
 fn ensure_queue_empty(task: &Task, sequential: bool) -> SqlResult<()> {
     let open = as_extension_owner(|| {
         Spi::get_one_with_args::<i64>(
-            "SELECT count(*) FROM chunkwise.items WHERE task_id = $1 AND status IN ('pending', 'dead')",
+            concat!(
+                "SELECT count(*) FROM chunkwise.items WHERE task_id = $1 AND status IN (",
+                item_status!(pending),
+                ", ",
+                item_status!(dead),
+                ")"
+            ),
             &[task.id.into()],
         )
     })?
@@ -480,41 +479,26 @@ fn alter_task(
 fn drop_task(task: Option<&str>) {
     let run = || -> SqlResult<()> {
         let task = Task::for_caller(task, "drop")?;
-        let (live, pending) = as_extension_owner(|| {
-            Spi::get_two_with_args::<i64, i64>(
-                "SELECT (SELECT count(*) FROM chunkwise._live_workers w \
-                           JOIN chunkwise.run_history r USING (run_id) WHERE r.task_id = $1), \
-                        (SELECT count(*) FROM chunkwise.items WHERE task_id = $1 AND status = 'pending')",
-                &[task.id.into()],
-            )
-        })?;
-        if live.unwrap_or(0) > 0 {
+        if catalog::live_workers(task.id)? > 0 {
             return Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
                 format!("task \"{}\" has running workers", task.name),
             )
             .hint("Wait for its run to finish, or chunkwise.cancel() it, then drop the task."));
         }
-        as_extension_owner(|| {
-            Spi::run_with_args(
-                "DELETE FROM chunkwise.items WHERE task_id = $1",
-                &[task.id.into()],
-            )?;
-            Spi::run_with_args(
-                "DELETE FROM chunkwise.run_history WHERE task_id = $1",
-                &[task.id.into()],
-            )?;
-            Spi::run_with_args(
-                "DELETE FROM chunkwise.groups WHERE task_id = $1",
-                &[task.id.into()],
-            )?;
-            Spi::run_with_args(
-                "DELETE FROM chunkwise.tasks WHERE task_id = $1",
+        // Its items, groups and runs go with it (foreign keys ON DELETE CASCADE).
+        let pending = as_extension_owner(|| {
+            Spi::get_one_with_args::<i64>(
+                concat!(
+                    "WITH dropped AS (DELETE FROM chunkwise.tasks WHERE task_id = $1) \
+                     SELECT count(*) FROM chunkwise.items WHERE task_id = $1 AND status = ",
+                    item_status!(pending)
+                ),
                 &[task.id.into()],
             )
-        })?;
+        })?
+        .unwrap_or(0);
         drop_anchor(&task.name)?;
-        let pending = pending.unwrap_or(0);
         if pending > 0 {
             notice!(
                 "task \"{}\" dropped with {pending} pending items",

@@ -95,9 +95,11 @@ impl InFlightSlot {
         let slot = InFlightSlot { file };
         slot.write(SlotState::Idle, 0, 0, 0);
         SLOT_FD.store(slot.file.as_raw_fd(), Ordering::SeqCst);
-        let c_path = CString::new(path.into_os_string().into_encoded_bytes())
-            .expect("a path made of numbers has no NUL");
-        let _ = SLOT_PATH.set(c_path);
+        // A path made of the data directory and numbers has no NUL; without it the file
+        // would only be left behind at exit, for the next start to remove.
+        if let Ok(c_path) = CString::new(path.into_os_string().into_encoded_bytes()) {
+            let _ = SLOT_PATH.set(c_path);
+        }
         // SAFETY: registers plain functions of this module; the handler makes only
         // async-signal-safe calls, and the callback runs once at process exit.
         unsafe {

@@ -4,64 +4,19 @@
 use std::panic::AssertUnwindSafe;
 
 use pgrx::JsonB;
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 
 use super::discarding_plan::DiscardingPlan;
 use super::queue::ClaimedItem;
-use super::raised_code::RaisedCodeWatch;
 use super::signals;
-use crate::error::{excerpt_of, sqlstate, sqlstate_of};
-use crate::subxact::Subtransaction;
+use crate::error::SqlError;
+use crate::raised::{RaisedCodeWatch, RaisedError};
 use crate::target::Target;
-
-// utils/timeout.h, which pgrx does not bind. STATEMENT_TIMEOUT is the fourth TimeoutId
-// in every supported PostgreSQL version; InitPostgres registers its handler.
-const STATEMENT_TIMEOUT: u32 = 3;
-unsafe extern "C-unwind" {
-    fn enable_timeout_after(id: u32, delay_ms: i32);
-    fn disable_timeout(id: u32, keep_indicator: bool);
-}
-
-/// Characters of a target's error message kept in the queue and the log.
-const FAILURE_MESSAGE_CHARS: usize = 2000;
-
-/// Why an item's attempt failed, as it is recorded and logged.
-#[derive(Debug, Clone)]
-pub struct ItemFailure {
-    pub sqlstate: String,
-    pub message: String,
-}
-
-impl ItemFailure {
-    /// The failure of a caught error. `raised` is the code a [`RaisedCodeWatch`] saw:
-    /// the report's own code, unless pgrx could not name it (a user-defined SQLSTATE,
-    /// which it turns into XX000).
-    pub fn caught(caught: CaughtError, raised: i32) -> Self {
-        match caught {
-            CaughtError::PostgresError(report)
-            | CaughtError::ErrorReport(report)
-            | CaughtError::RustPanic {
-                ereport: report, ..
-            } => {
-                let code = report.sql_error_code();
-                let sqlstate = if raised != 0 && PgSqlErrorCode::from(raised) == code {
-                    sqlstate_of(raised)
-                } else {
-                    sqlstate(code)
-                };
-                ItemFailure {
-                    sqlstate,
-                    message: excerpt_of(report.message(), FAILURE_MESSAGE_CHARS).into_owned(),
-                }
-            }
-        }
-    }
-}
+use crate::transaction::{GucScope, SavedIdentity, StatementTimer, Subtransaction};
 
 pub enum ItemOutcome {
     Done,
-    Failed(ItemFailure),
+    Failed(RaisedError),
 }
 
 /// A target with its plan, prepared on first use and kept for the worker's life.
@@ -75,8 +30,9 @@ impl PreparedTarget {
         PreparedTarget { target, plan: None }
     }
 
-    /// Runs the target for `item` through SPI as the current user (the task owner).
-    fn execute(&mut self, item: &ClaimedItem) {
+    /// Runs the target for `item` through SPI as the current user (the task owner). An
+    /// ERROR inside raises as usual; what pgrx or the plan refuses is returned.
+    fn execute(&mut self, item: &ClaimedItem) -> Result<(), SqlError> {
         let args = self.target.args(
             item.key,
             item.hi,
@@ -91,7 +47,6 @@ impl PreparedTarget {
             self.plan = Some(plan);
             ran
         })
-        .unwrap_or_else(|e| e.raise());
     }
 }
 
@@ -115,46 +70,38 @@ impl Targets {
     /// (SET, SET ROLE, search_path, session advisory locks, temporary tables, prepared
     /// statements) is undone before the next item.
     pub fn execute(&mut self, item: &ClaimedItem) -> ItemOutcome {
-        let mut user = pg_sys::InvalidOid;
-        let mut security = 0;
-        // SAFETY: reads this backend's current user and security context.
-        unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut security) };
         let subtransaction = Subtransaction::begin();
         let timeout_ms = self.timeout_ms;
         let watch = RaisedCodeWatch::push();
         let raised = &watch;
         let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
-            // SAFETY: a new GUC nesting level inside the subtransaction; it is popped
-            // (discarding the target's settings) before the subtransaction is released.
-            let guc_level = unsafe { pg_sys::NewGUCNestLevel() };
-            if let Some(ms) = timeout_ms {
-                // SAFETY: STATEMENT_TIMEOUT is registered by InitPostgres in every backend.
-                unsafe {
-                    enable_timeout_after(STATEMENT_TIMEOUT, ms.clamp(1, i64::from(i32::MAX)) as i32)
-                };
+            let identity = SavedIdentity::current();
+            let settings = GucScope::new();
+            let timer = StatementTimer::arm(timeout_ms);
+            let ran = self.run_targets(item);
+            // Undone as at the end of a function: the timer, the settings the target
+            // made, a role it set.
+            drop(timer);
+            drop(settings);
+            drop(identity);
+            match ran {
+                Ok(()) => {
+                    // SAFETY: the item's subtransaction is the current one, in good state.
+                    unsafe { subtransaction.release() };
+                    ItemOutcome::Done
+                }
+                Err(refused) => {
+                    // SAFETY: as above.
+                    unsafe { subtransaction.roll_back() };
+                    ItemOutcome::Failed(RaisedError::from(refused))
+                }
             }
-            self.target.execute(item);
-            if let Some(after) = self.after.as_mut() {
-                after.execute(item);
-            }
-            // SAFETY: see above; restoring the identity undoes a SET ROLE the target left;
-            // the item's subtransaction is the current one.
-            unsafe {
-                disable_item_timeout(timeout_ms);
-                pg_sys::AtEOXact_GUC(false, guc_level);
-                pg_sys::SetUserIdAndSecContext(user, security);
-                subtransaction.release();
-            }
-            ItemOutcome::Done
         }))
         .catch_others(move |caught| {
             // SAFETY: as in PL/pgSQL: roll the item's subtransaction back, which also
             // restores settings and identity.
-            unsafe {
-                disable_item_timeout(timeout_ms);
-                subtransaction.roll_back();
-            }
-            ItemOutcome::Failed(ItemFailure::caught(caught, raised.last_raised()))
+            unsafe { subtransaction.roll_back() };
+            ItemOutcome::Failed(RaisedError::caught(caught, raised.last_raised()))
         })
         .execute();
         signals::forget_cancel();
@@ -178,13 +125,13 @@ impl Targets {
     }
 }
 
-/// Stops the item's statement timer (a cancel it raised too late to interrupt the item
-/// is dropped by `signals::forget_cancel`).
-///
-/// # Safety
-/// Must run in a backend, between the item's statements and the worker's next ones.
-unsafe fn disable_item_timeout(timeout_ms: Option<i64>) {
-    if timeout_ms.is_some() {
-        unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+impl Targets {
+    /// The target, then `after`.
+    fn run_targets(&mut self, item: &ClaimedItem) -> Result<(), SqlError> {
+        self.target.execute(item)?;
+        match self.after.as_mut() {
+            Some(after) => after.execute(item),
+            None => Ok(()),
+        }
     }
 }

@@ -1,65 +1,36 @@
 //! The background worker: connects as the task owner, then claims and runs items until
 //! the queue is drained (or the run's limit is reached, or it is told to stop).
 
+mod args;
 mod citus;
 mod discarding_plan;
+mod error;
 mod inflight;
 mod item;
 mod queue;
-mod raised_code;
 mod signals;
 
-use std::ffi::CString;
-use std::panic::AssertUnwindSafe;
+use std::ffi::{CStr, CString};
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
+
+pub use args::WorkerArgs;
+use error::{Bookkeeping, BookkeepingError, Cause};
+use inflight::InFlightSlot;
+use item::{ItemOutcome, Targets};
+use queue::{ClaimCursor, ClaimedItem, Queue};
 
 use crate::catalog::Task;
 use crate::gucs;
 use crate::notify;
+use crate::raised::RaisedError;
 use crate::retention;
 use crate::run_state::{Attempt, SharedRun, Tally};
 use crate::target::Target;
-use inflight::InFlightSlot;
-use item::{ItemFailure, ItemOutcome, Targets};
-use queue::{ClaimCursor, ClaimedItem, Queue};
-use raised_code::RaisedCodeWatch;
-
-/// What the launcher tells a worker, carried in `bgw_extra`.
-#[derive(Debug, Clone, Copy)]
-pub struct WorkerArgs {
-    pub database: pg_sys::Oid,
-    pub owner: pg_sys::Oid,
-    pub task_id: i32,
-    pub run_id: i64,
-    pub workers: i32,
-}
-
-impl WorkerArgs {
-    pub fn encode(&self) -> String {
-        format!(
-            "{} {} {} {} {}",
-            self.database.to_u32(),
-            self.owner.to_u32(),
-            self.task_id,
-            self.run_id,
-            self.workers
-        )
-    }
-
-    fn decode(extra: &str) -> Option<WorkerArgs> {
-        let mut parts = extra.split_whitespace();
-        Some(WorkerArgs {
-            database: pg_sys::Oid::from(parts.next()?.parse::<u32>().ok()?),
-            owner: pg_sys::Oid::from(parts.next()?.parse::<u32>().ok()?),
-            task_id: parts.next()?.parse().ok()?,
-            run_id: parts.next()?.parse().ok()?,
-            workers: parts.next()?.parse().ok()?,
-        })
-    }
-}
+use crate::transaction::{Ended, aborting_on_error, in_transaction};
 
 /// Longest sleep between looks at the cancel flag while waiting for a retry.
 const RETRY_POLL: Duration = Duration::from_secs(1);
@@ -100,8 +71,18 @@ pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
     };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(args.database), Some(args.owner));
 
-    let Some(mut worker) = BackgroundWorker::transaction(|| Worker::start(args, shared)) else {
-        return;
+    let mut worker = match transaction(|| Worker::start(args, shared)) {
+        Ok(Some(worker)) => worker,
+        Ok(None) => return,
+        Err(error) => {
+            warning!(
+                "pg_chunkwise worker of task {}, run {}: it could not start: {error} [SQLSTATE {}]",
+                args.task_id,
+                args.run_id,
+                error.sqlstate()
+            );
+            return;
+        }
     };
     worker.run();
     worker.finish();
@@ -136,8 +117,9 @@ struct Worker {
 }
 
 impl Worker {
-    /// Loads the task, prepares the bookkeeping statements and registers with the run.
-    fn start(args: WorkerArgs, shared: SharedRun) -> Option<Worker> {
+    /// Loads the task, prepares the bookkeeping statements and registers with the run;
+    /// `None` (after a log line) when the task is gone or its target no longer fits.
+    fn start(args: WorkerArgs, shared: SharedRun) -> Bookkeeping<Option<Worker>> {
         let task = match Task::by_id(args.task_id) {
             Ok(Some(task)) => task,
             _ => {
@@ -145,7 +127,7 @@ impl Worker {
                     "pg_chunkwise task {} no longer exists; worker exits",
                     args.task_id
                 );
-                return None;
+                return Ok(None);
             }
         };
         let target = match Target::of_task(&task) {
@@ -155,27 +137,27 @@ impl Worker {
                     "pg_chunkwise task \"{}\": its target procedure no longer fits; worker exits",
                     task.name
                 );
-                return None;
+                return Ok(None);
             }
         };
         set_session_option(
-            "application_name",
+            c"application_name",
             &format!("chunkwise {} #{}", task.name, args.run_id),
         );
         if !task.synchronous_commit {
-            set_session_option("synchronous_commit", "off");
+            set_session_option(c"synchronous_commit", "off");
         }
-        let queue = Queue::prepare(&task);
-        queue.count_crashed_attempts(args.database);
+        let queue = Queue::prepare(&task)?;
+        queue.count_crashed_attempts(args.database)?;
         let slot = InFlightSlot::create(args.database);
-        queue.register_worker(&args);
+        queue.register_worker(&args)?;
         shared.state().attach_worker();
         let targets = Targets::new(
             target,
             task.after.as_deref().map(Target::for_statement),
             task.item_timeout_ms,
         );
-        Some(Worker {
+        Ok(Some(Worker {
             args,
             task,
             shared,
@@ -192,7 +174,7 @@ impl Worker {
             flushed: Tally::default(),
             flushed_at: Instant::now(),
             gave_up: false,
-        })
+        }))
     }
 
     fn should_stop(&self) -> bool {
@@ -230,24 +212,18 @@ impl Worker {
                     self.stopped_early = true;
                     return;
                 }
-                Err(failure) => {
+                Err(error) => {
                     errors_in_a_row += 1;
-                    let doing = match self.item_in_flight {
-                        Some(item) => format!(" (item {item})"),
-                        None => String::new(),
-                    };
-                    let what = format!(
-                        "pg_chunkwise worker of task \"{}\", run {}: its bookkeeping failed{doing} [SQLSTATE {}]: {}",
-                        self.task.name, self.args.run_id, failure.sqlstate, failure.message
-                    );
                     if errors_in_a_row > BOOKKEEPING_RETRIES {
-                        warning!("{what}; it gives up after {BOOKKEEPING_RETRIES} tries");
+                        self.report_bookkeeping_failure(
+                            &error,
+                            &format!("it gives up after {BOOKKEEPING_RETRIES} tries"),
+                        );
                         self.gave_up = true;
                         return;
                     }
-                    warning!("{what}; it tries again");
-                    let nap = BOOKKEEPING_NAP * 2u32.pow(errors_in_a_row - 1);
-                    if !BackgroundWorker::wait_latch(Some(nap)) {
+                    self.report_bookkeeping_failure(&error, "it tries again");
+                    if !BackgroundWorker::wait_latch(Some(bookkeeping_nap(errors_in_a_row))) {
                         return;
                     }
                     signals::forget_cancel();
@@ -256,11 +232,40 @@ impl Worker {
         }
     }
 
-    /// One step of the loop, with an ERROR caught and its transaction rolled back.
-    fn guarded_step(&mut self) -> Result<Step, ItemFailure> {
+    /// The WARNING of a failed step: task, run, the item in flight and why, then what the
+    /// worker does about it (`next`); the statement that failed is its DETAIL.
+    fn report_bookkeeping_failure(&self, error: &BookkeepingError, next: &str) {
+        let doing = match self.item_in_flight {
+            Some(item) => format!(" (item {item})"),
+            None => String::new(),
+        };
+        let message = format!(
+            "pg_chunkwise worker of task \"{}\", run {}: its bookkeeping failed{doing} [SQLSTATE {}]: {}; {next}",
+            self.task.name,
+            self.args.run_id,
+            error.sqlstate(),
+            error.cause,
+        );
+        ErrorReport::new(PgSqlErrorCode::ERRCODE_WARNING, message, "pg_chunkwise")
+            .set_detail(format!("The statement that failed: {}.", error.statement))
+            .report(PgLogLevel::WARNING);
+    }
+
+    /// One step of the loop. Its errors come back here, the one place that decides what
+    /// becomes of them (see `run`): an ERROR raised in it was caught and its transaction
+    /// rolled back; an error it returned was rolled back where it arose.
+    fn guarded_step(&mut self) -> Bookkeeping<Step> {
         // SAFETY: reads the memory context the loop runs in, to return to after an ERROR.
         let memory = unsafe { pg_sys::CurrentMemoryContext };
-        let outcome = aborting_on_error(memory, || self.step());
+        let outcome = match aborting_on_error(memory, || self.step()) {
+            Ok(stepped) => stepped,
+            Err(raised) => Err(BookkeepingError::new(
+                self.queue
+                    .interrupted_statement()
+                    .unwrap_or("work between statements"),
+                Cause::Raised(raised),
+            )),
+        };
         signals::forget_cancel();
         if outcome.is_err() {
             // The step's items rolled back: pending again, with no attempt counted.
@@ -271,10 +276,10 @@ impl Worker {
         outcome
     }
 
-    fn step(&mut self) -> Step {
+    fn step(&mut self) -> Bookkeeping<Step> {
         if self.should_stop() || self.stop_requested {
             self.stopped_early = true;
-            return Step::Exit;
+            return Ok(Step::Exit);
         }
         Self::reload_config_if_asked();
         let wanted = if self.one_per_transaction > 0 {
@@ -284,26 +289,26 @@ impl Worker {
         };
         let granted = self.shared.state().reserve(wanted);
         if granted == 0 {
-            return Step::Exit; // the run's max_items is used up
+            return Ok(Step::Exit); // the run's max_items is used up
         }
         self.reserved = granted;
-        let handled = self.run_batch(granted);
+        let handled = self.run_batch(granted)?;
         self.give_back_reserved(handled);
         report_idle();
         if handled == 0 && !self.stop_requested && !self.should_stop() {
             // An empty claim ends the run only when no due work is left: what other
             // workers (or transactions) hold now is claimable once they let go.
-            if self.due_work_held_elsewhere() {
+            if self.due_work_held_elsewhere()? {
                 if !BackgroundWorker::wait_latch(Some(HELD_WORK_NAP)) {
-                    return Step::Exit;
+                    return Ok(Step::Exit);
                 }
-                return Step::Continue;
+                return Ok(Step::Continue);
             }
-            if !self.wait_for_retry() {
-                return Step::Exit;
+            if !self.wait_for_retry()? {
+                return Ok(Step::Exit);
             }
         }
-        Step::Continue
+        Ok(Step::Continue)
     }
 
     /// Gives back the claims of `max_items` the last batch reserved and did not use.
@@ -330,16 +335,17 @@ impl Worker {
     /// failed, and charging them all would kill innocent items: its items are pending
     /// again and the worker claims them one per transaction, so that the one that fails
     /// at commit fails alone.
-    fn run_batch(&mut self, limit: i64) -> i64 {
-        let committed = transaction_surviving_commit_errors(|| self.process_batch(limit));
+    fn run_batch(&mut self, limit: i64) -> Bookkeeping<i64> {
+        let ended = in_transaction(|| self.process_batch(limit));
         self.mark_idle();
         self.one_per_transaction = self.one_per_transaction.saturating_sub(1);
-        let (items, attempts) = match committed {
-            Ok((items, attempts, flushed)) => {
+        let (items, attempts) = match ended {
+            Ended::Committed((items, attempts, flushed)) => {
                 self.flushed = flushed;
                 (items, attempts)
             }
-            Err(((items, _, _), failure)) if items.len() > 1 => {
+            Ended::RolledBack(error) => return Err(error),
+            Ended::CommitFailed((items, _, _), failure) if items.len() > 1 => {
                 warning!(
                     "pg_chunkwise task \"{}\": the commit of a batch of {} items failed [SQLSTATE {}]: {}; \
                      running them one per transaction to find the item that fails",
@@ -350,15 +356,16 @@ impl Worker {
                 );
                 self.one_per_transaction = items.len();
                 self.claim_cursor = ClaimCursor::default();
-                return items.len() as i64;
+                return Ok(items.len() as i64);
             }
-            Err(((items, _, _), failure)) => {
-                let attempts = BackgroundWorker::transaction(AssertUnwindSafe(|| {
+            Ended::CommitFailed((items, _, _), failure) => {
+                let run_id = self.args.run_id;
+                let attempts = transaction(|| {
                     items
                         .iter()
-                        .map(|item| self.queue.record_failure(item, &failure, self.args.run_id))
+                        .map(|item| self.queue.record_failure(item, &failure, run_id))
                         .collect()
-                }));
+                })?;
                 (items, attempts)
             }
         };
@@ -366,7 +373,7 @@ impl Worker {
             self.tally.record(attempt);
             self.shared.state().record(attempt);
         }
-        items.len() as i64
+        Ok(items.len() as i64)
     }
 
     /// Claims up to `limit` items and runs each in its own subtransaction, in the
@@ -376,21 +383,24 @@ impl Worker {
     /// Between items it stops early when the run is told to stop (SIGTERM, cancel,
     /// pause): the items it did not get to are let go unchanged at commit. An item that
     /// SIGTERM interrupted is rolled back without counting an attempt.
-    fn process_batch(&mut self, limit: i64) -> (Vec<ClaimedItem>, Vec<Attempt>, Tally) {
-        let flushed = self.flush_tally_if_due();
+    fn process_batch(
+        &mut self,
+        limit: i64,
+    ) -> Bookkeeping<(Vec<ClaimedItem>, Vec<Attempt>, Tally)> {
+        let flushed = self.flush_tally_if_due()?;
         let mut items = self.queue.claim(
             self.task.id,
             self.args.run_id,
             limit,
             &mut self.claim_cursor,
-        );
+        )?;
         if items.is_empty() {
-            self.stop_requested = self.queue.stop_requested(self.task.id, self.args.run_id);
+            self.stop_requested = self.queue.stop_requested(self.task.id, self.args.run_id)?;
         }
         let mut attempts = Vec::with_capacity(items.len());
         let mut last_stop_check = Instant::now();
         for (ran, item) in items.iter().enumerate() {
-            if ran > 0 && self.stop_between_items(&mut last_stop_check) {
+            if ran > 0 && self.stop_between_items(&mut last_stop_check)? {
                 break;
             }
             self.item_in_flight = Some(item.id);
@@ -404,16 +414,15 @@ impl Worker {
             ));
             let attempt = match self.targets.execute(item) {
                 ItemOutcome::Done => {
-                    self.queue.mark_done(item, self.args.run_id);
+                    self.queue.mark_done(item, self.args.run_id)?;
                     Attempt::Done
                 }
                 ItemOutcome::Failed(_) if signals::self_terminated() => {
                     // The item's own target sent the SIGTERM: its attempt failed.
-                    let failure = ItemFailure {
-                        sqlstate: "57P01".to_string(),
-                        message: "the item's target terminated its own worker".to_string(),
-                    };
-                    self.queue.record_failure(item, &failure, self.args.run_id)
+                    let failure =
+                        RaisedError::new("57P01", "the item's target terminated its own worker");
+                    self.queue
+                        .record_failure(item, &failure, self.args.run_id)?
                 }
                 ItemOutcome::Failed(_) if signals::stop_signalled() => {
                     // Stopped from outside: rolled back, not counted.
@@ -421,7 +430,8 @@ impl Worker {
                     break;
                 }
                 ItemOutcome::Failed(failure) => {
-                    self.queue.record_failure(item, &failure, self.args.run_id)
+                    self.queue
+                        .record_failure(item, &failure, self.args.run_id)?
                 }
             };
             attempts.push(attempt);
@@ -434,64 +444,59 @@ impl Worker {
         if !items.is_empty() {
             citus::commit_remote_work_with_2pc();
         }
-        (items, attempts, flushed)
+        Ok((items, attempts, flushed))
     }
 
     /// Whether the batch should end before its next item: SIGTERM or the launcher's
     /// cancel at once, pause() or cancel() looked up at most every `STOP_CHECK_INTERVAL`.
-    fn stop_between_items(&mut self, last_check: &mut Instant) -> bool {
+    fn stop_between_items(&mut self, last_check: &mut Instant) -> Bookkeeping<bool> {
         if self.should_stop() {
             self.stopped_early = true;
-            return true;
+            return Ok(true);
         }
         if last_check.elapsed() >= STOP_CHECK_INTERVAL {
             *last_check = Instant::now();
-            self.stop_requested = self.queue.stop_requested(self.task.id, self.args.run_id);
+            self.stop_requested = self.queue.stop_requested(self.task.id, self.args.run_id)?;
         }
-        self.stop_requested
+        Ok(self.stop_requested)
     }
 
     /// Adds what the worker counted since its last report to the run's row, in the
     /// batch's transaction, at most every `TALLY_FLUSH_INTERVAL`: the figures of a
     /// worker that dies are then at most that old. Returns the figures the row holds
     /// once this transaction commits.
-    fn flush_tally_if_due(&mut self) -> Tally {
+    fn flush_tally_if_due(&mut self) -> Bookkeeping<Tally> {
         if self.flushed_at.elapsed() < TALLY_FLUSH_INTERVAL || self.tally == self.flushed {
-            return self.flushed;
+            return Ok(self.flushed);
         }
         self.flushed_at = Instant::now();
         self.queue
-            .add_to_run(self.args.run_id, &self.tally.since(&self.flushed));
-        self.tally
+            .add_to_run(self.args.run_id, &self.tally.since(&self.flushed))?;
+        Ok(self.tally)
     }
 
     /// After an empty claim: whether due work remains that others hold; the worker then
     /// says so in pg_stat_activity while it naps before claiming again.
-    fn due_work_held_elsewhere(&self) -> bool {
-        let task_id = self.task.id;
-        let remains =
-            BackgroundWorker::transaction(AssertUnwindSafe(|| self.queue.work_remains(task_id)));
+    fn due_work_held_elsewhere(&self) -> Bookkeeping<bool> {
+        let remains = transaction(|| self.queue.work_remains(self.task.id))?;
         if remains {
             report_waiting(&format!(
                 "task {}: waiting for due items other transactions hold; {} items done",
                 self.task.name, self.tally.processed
             ));
         }
-        remains
+        Ok(remains)
     }
 
     /// Nothing is claimable: waits for the next retry if it falls due within
     /// `chunkwise.retry_wait_max`. Returns false when the worker should exit.
-    fn wait_for_retry(&mut self) -> bool {
+    fn wait_for_retry(&mut self) -> Bookkeeping<bool> {
         let task_id = self.task.id;
-        let next_due = BackgroundWorker::transaction(AssertUnwindSafe(|| {
-            self.queue.seconds_to_next_retry(task_id)
-        }));
-        let Some(seconds) = next_due else {
-            return false;
+        let Some(seconds) = transaction(|| self.queue.seconds_to_next_retry(task_id))? else {
+            return Ok(false);
         };
         if seconds > f64::from(gucs::retry_wait_max_secs()) {
-            return false;
+            return Ok(false);
         }
         let deadline = Instant::now() + Duration::from_secs_f64(seconds.max(0.0));
         while Instant::now() < deadline {
@@ -500,22 +505,22 @@ impl Worker {
                 .min(RETRY_POLL);
             if !BackgroundWorker::wait_latch(Some(nap.max(Duration::from_millis(1))))
                 || self.should_stop()
-                || BackgroundWorker::transaction(AssertUnwindSafe(|| {
-                    self.queue.stop_requested(task_id, self.args.run_id)
-                }))
+                || transaction(|| self.queue.stop_requested(task_id, self.args.run_id))?
             {
                 self.stopped_early = true;
-                return false;
+                return Ok(false);
             }
         }
-        true
+        Ok(true)
     }
 
     /// Adds this worker's figures to the run's row; the last worker out announces the
-    /// end of the run.
+    /// end of the run. If that fails, the worker says so and leaves uncounted: the run
+    /// then shows as interrupted, as after any worker lost.
     fn finish(self) {
         let Worker {
             args,
+            task,
             shared,
             queue,
             tally,
@@ -524,77 +529,54 @@ impl Worker {
             gave_up,
             ..
         } = self;
-        BackgroundWorker::transaction(AssertUnwindSafe(|| {
-            queue.unregister_worker(&args, &tally.since(&flushed), stopped_early, gave_up);
+        let left = transaction(|| {
+            queue.unregister_worker(&args, &tally.since(&flushed), stopped_early, gave_up)?;
             if shared.state().worker_exited(gave_up) {
-                notify::run_finished(args.run_id);
-                retention::apply(args.task_id);
+                let announce = || -> Result<(), Cause> {
+                    notify::run_finished(args.run_id)?;
+                    retention::apply(args.task_id)?;
+                    Ok(())
+                };
+                announce()
+                    .map_err(|cause| BookkeepingError::new("announce the run's end", cause))?;
             }
-        }));
-    }
-}
-
-/// Runs `body` in a transaction of its own and commits it, as
-/// `BackgroundWorker::transaction` does, except that an ERROR raised by the commit (by a
-/// pre-commit callback: Citus's PREPARE on worker nodes) rolls the transaction back and
-/// is returned with the body's result instead of ending the worker. An ERROR in the body
-/// itself still ends the worker, as before.
-fn transaction_surviving_commit_errors<R>(body: impl FnOnce() -> R) -> Result<R, (R, ItemFailure)> {
-    // SAFETY: the start of a transaction as pgrx's BackgroundWorker::transaction does it;
-    // the memory context is remembered to return to after a failed commit.
-    let memory = unsafe {
-        let memory = pg_sys::CurrentMemoryContext;
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        memory
-    };
-    let result = body();
-    // SAFETY: pops the snapshot pushed above.
-    unsafe { pg_sys::PopActiveSnapshot() };
-    // SAFETY: commits the transaction started above.
-    let committed = aborting_on_error(memory, || unsafe { pg_sys::CommitTransactionCommand() });
-    match committed {
-        Ok(()) => Ok(result),
-        Err(failure) => {
+            Ok(())
+        });
+        if let Err(error) = left {
             warning!(
-                "pg_chunkwise: commit failed [SQLSTATE {}]: {}; the batch's items are retried",
-                failure.sqlstate,
-                failure.message
+                "pg_chunkwise worker of task \"{}\", run {}: it could not leave its run cleanly [SQLSTATE {}]: {error}",
+                task.name,
+                args.run_id,
+                error.sqlstate()
             );
-            Err((result, failure))
         }
     }
 }
 
-/// Runs `f`; an ERROR in it aborts the transaction it ran in (and any subtransaction),
-/// returns to `memory` (a context outside that transaction) and comes back as the
-/// failure, with its SQLSTATE as raised. What PostgresMain does after an ERROR, for the
-/// worker's own statements.
-fn aborting_on_error<R>(
-    memory: pg_sys::MemoryContext,
-    f: impl FnOnce() -> R,
-) -> Result<R, ItemFailure> {
-    let watch = RaisedCodeWatch::push();
-    let outcome = PgTryBuilder::new(AssertUnwindSafe(|| Ok(f())))
-        .catch_others(|caught| {
-            // SAFETY: leaves the failed transaction's memory, aborts it, and returns to
-            // the caller's context, which outlives it.
-            unsafe {
-                pg_sys::MemoryContextSwitchTo(memory);
-                pg_sys::AbortCurrentTransaction();
-                pg_sys::MemoryContextSwitchTo(memory);
-            }
-            Err(ItemFailure::caught(caught, watch.last_raised()))
-        })
-        .execute();
-    drop(watch);
-    outcome
+/// The nap after the `errors_in_a_row`-th bookkeeping error in a row: `BOOKKEEPING_NAP`,
+/// doubled for each error before it.
+fn bookkeeping_nap(errors_in_a_row: u32) -> Duration {
+    BOOKKEEPING_NAP * 2u32.pow(errors_in_a_row.saturating_sub(1).min(16))
 }
 
-fn set_session_option(name: &str, value: &str) {
-    let name = CString::new(name).expect("option names have no NUL");
-    let value = CString::new(value).expect("task names have no NUL");
+/// Runs `body` in a transaction of its own: committed when it returns `Ok`, rolled back
+/// when it returns an error, which comes back, as does an ERROR raised by the commit.
+fn transaction<R>(body: impl FnOnce() -> Bookkeeping<R>) -> Bookkeeping<R> {
+    match in_transaction(body) {
+        Ended::Committed(result) => Ok(result),
+        Ended::RolledBack(error) => Err(error),
+        Ended::CommitFailed(_, raised) => {
+            Err(BookkeepingError::new("commit", Cause::Raised(raised)))
+        }
+    }
+}
+
+/// Sets a session setting of the worker; a value PostgreSQL cannot hold (a NUL inside)
+/// is left unset.
+fn set_session_option(name: &CStr, value: &str) {
+    let Ok(value) = CString::new(value) else {
+        return;
+    };
     // SAFETY: both strings are NUL-terminated and outlive the call, which copies them.
     unsafe {
         pg_sys::SetConfigOption(
@@ -623,4 +605,23 @@ fn report_waiting(text: &str) {
 fn report_idle() {
     // SAFETY: a NULL text keeps the last query shown, as PostgreSQL does for idle backends.
     unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bookkeeping_naps_double_from_the_first() {
+        let naps: Vec<u128> = (1..=BOOKKEEPING_RETRIES)
+            .map(|n| bookkeeping_nap(n).as_millis())
+            .collect();
+        assert_eq!(naps, [200, 400, 800, 1600]);
+        let total: Duration = (1..=BOOKKEEPING_RETRIES).map(bookkeeping_nap).sum();
+        assert_eq!(
+            total,
+            Duration::from_millis(3000),
+            "a worker gives up after 3 s of naps"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! The worker's bookkeeping on the queue tables: claim, mark done, record a failure,
 //! and the run's row. All of it runs as the extension owner, with plans prepared once.
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use pgrx::JsonB;
@@ -9,12 +10,16 @@ use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiTupleTable};
 
-use super::WorkerArgs;
+use super::args::WorkerArgs;
+use super::error::{Bookkeeping, BookkeepingError, Cause};
 use super::inflight;
-use super::item::ItemFailure;
 use crate::catalog::Task;
+use crate::columns::Columns;
+use crate::item_status::item_status;
 use crate::locks;
 use crate::notify;
+use crate::open_groups::close_items_of_groups;
+use crate::raised::RaisedError;
 use crate::run_state::{Attempt, Tally};
 use crate::security::as_extension_owner_with;
 
@@ -62,11 +67,13 @@ pub struct ClaimCursor {
 /// claims would slow down as a run goes on (see `ClaimCursor`).
 fn plain_claim_sql(after_cursor: bool) -> String {
     format!(
-        "SELECT item_id, key, hi, payload, attempts, NULL::text, priority, xmin::text FROM chunkwise.items \
-          WHERE task_id = $1 AND status = 'pending' AND not_before <= now() {cursor} \
+        "SELECT item_id, key, hi, payload, attempts, NULL::text AS group_key, priority, \
+                xmin::text AS version FROM chunkwise.items \
+          WHERE task_id = $1 AND status = {pending} AND not_before <= now() {cursor} \
             AND EXISTS (SELECT FROM chunkwise.tasks t \
                          WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
           ORDER BY priority, item_id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        pending = item_status!(pending),
         cursor = if after_cursor {
             "AND (priority, item_id) > ($4, $5)"
         } else {
@@ -81,13 +88,20 @@ fn plain_claim_sql(after_cursor: bool) -> String {
 /// clause and the start of its WHERE.
 macro_rules! groups_with_due_heads {
     () => {
-        "chunkwise.groups g \
-         CROSS JOIN LATERAL ( \
-           SELECT i.item_id, i.status, i.not_before FROM chunkwise.items i \
-            WHERE i.task_id = g.task_id AND i.group_key = g.group_key \
-              AND i.status IN ('pending', 'dead') \
-            ORDER BY i.priority, i.item_id LIMIT 1) head \
-         WHERE g.task_id = $1 AND g.open > 0 AND head.status = 'pending' AND head.not_before <= now()"
+        concat!(
+            "chunkwise.groups g \
+             CROSS JOIN LATERAL ( \
+               SELECT i.item_id, i.status, i.not_before FROM chunkwise.items i \
+                WHERE i.task_id = g.task_id AND i.group_key = g.group_key \
+                  AND i.status IN (",
+            item_status!(pending),
+            ", ",
+            item_status!(dead),
+            ") ORDER BY i.priority, i.item_id LIMIT 1) head \
+             WHERE g.task_id = $1 AND g.open > 0 AND head.status = ",
+            item_status!(pending),
+            " AND head.not_before <= now()"
+        )
     };
 }
 
@@ -109,11 +123,13 @@ fn groups_claim_sql(after_cursor: bool) -> String {
                            WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
             ORDER BY g.group_key LIMIT 1 \
             FOR UPDATE OF g SKIP LOCKED) \
-         SELECT i.item_id, i.key, i.hi, i.payload, i.attempts, turn.group_key, i.priority, i.xmin::text \
+         SELECT i.item_id, i.key, i.hi, i.payload, i.attempts, turn.group_key, i.priority, \
+                i.xmin::text AS version \
            FROM chunkwise.items i JOIN turn USING (item_id) \
-          WHERE i.status = 'pending' AND i.not_before <= now() \
+          WHERE i.status = {pending} AND i.not_before <= now() \
             FOR UPDATE OF i",
         heads = groups_with_due_heads!(),
+        pending = item_status!(pending),
         cursor = if after_cursor {
             "AND g.group_key > $4"
         } else {
@@ -127,43 +143,63 @@ fn groups_claim_sql(after_cursor: bool) -> String {
 /// only when this says no: a claim also comes back empty when the items or groups left
 /// are locked by other workers (or other transactions), or when a group's head was
 /// finished by the worker that held it between the claim's read and its lock.
-const PLAIN_WORK_REMAINS: &str = "SELECT EXISTS (SELECT FROM chunkwise.items \
-       WHERE task_id = $1 AND status = 'pending' AND not_before <= now())";
+const PLAIN_WORK_REMAINS: &str = concat!(
+    "SELECT EXISTS (SELECT FROM chunkwise.items WHERE task_id = $1 AND status = ",
+    item_status!(pending),
+    " AND not_before <= now()) AS answer"
+);
 
 /// The same for a task with sequential groups: a group with work whose head is due.
-const GROUP_WORK_REMAINS: &str =
-    concat!("SELECT EXISTS (SELECT FROM ", groups_with_due_heads!(), ")");
-
-/// Done, in a task with sequential groups: the group has one open item fewer (the same
-/// version check as MARK_DONE: an item enqueued again stays open).
-const MARK_DONE_IN_GROUP: &str = "WITH done AS ( \
-       UPDATE chunkwise.items SET status = 'done', finished_at = clock_timestamp(), run_id = $2 \
-        WHERE item_id = $1 AND xmin = $3::xid RETURNING task_id, group_key) \
-     UPDATE chunkwise.groups g SET open = g.open - 1 FROM done \
-      WHERE g.task_id = done.task_id AND g.group_key = done.group_key";
-
-/// Whether the run ($2) must stop: its task was paused, cancelled up to it, or dropped.
-const STOP_REQUESTED: &str = "SELECT coalesce((SELECT paused OR cancelled_through >= $2 \
-       FROM chunkwise.tasks WHERE task_id = $1), true)";
+const GROUP_WORK_REMAINS: &str = concat!(
+    "SELECT EXISTS (SELECT FROM ",
+    groups_with_due_heads!(),
+    ") AS answer"
+);
 
 /// Done, unless the row is no longer the version claimed ($3): the item's own target
 /// enqueued its key again, which updated the pending row in the item's transaction. Then
 /// the item stays pending with what the enqueue set, and runs again: marking it done
 /// would lose the follow-up the target asked for.
-const MARK_DONE: &str = "UPDATE chunkwise.items \
-     SET status = 'done', finished_at = clock_timestamp(), run_id = $2 \
-     WHERE item_id = $1 AND xmin = $3::xid";
+macro_rules! mark_done_sql {
+    ($returning:literal) => {
+        concat!(
+            "UPDATE chunkwise.items SET status = ",
+            item_status!(done),
+            ", finished_at = clock_timestamp(), run_id = $2 \
+             WHERE item_id = $1 AND xmin = $3::xid",
+            $returning
+        )
+    };
+}
+const MARK_DONE: &str = mark_done_sql!("");
+
+/// Done, in a task with sequential groups: the group has one open item fewer (the same
+/// version check as MARK_DONE: an item enqueued again stays open).
+const MARK_DONE_IN_GROUP: &str = concat!(
+    "WITH done AS (",
+    mark_done_sql!(" RETURNING task_id, group_key"),
+    ") ",
+    close_items_of_groups!("done")
+);
+
+/// Whether the run ($2) must stop: its task was paused, cancelled up to it, or dropped.
+const STOP_REQUESTED: &str = "SELECT coalesce((SELECT paused OR cancelled_through >= $2 \
+       FROM chunkwise.tasks WHERE task_id = $1), true) AS answer";
 
 /// A failed attempt: attempts + 1; dead after max_attempts, else due again after an
 /// exponential backoff (retry_backoff * 2^(attempts-1), capped at retry_backoff_max).
 /// `$condition` narrows which item rows it applies to. The RETURNING columns are read by
 /// `Queue::count_failed_attempt`.
 macro_rules! failed_attempt_sql {
-    ($condition:literal) => {
+    ($($condition:tt)*) => {
         concat!(
             "UPDATE chunkwise.items i \
              SET attempts = i.attempts + 1, \
-                 status = CASE WHEN i.attempts + 1 >= t.max_attempts THEN 'dead' ELSE 'pending' END, \
+                 status = CASE WHEN i.attempts + 1 >= t.max_attempts THEN ",
+            item_status!(dead),
+            " ELSE ",
+            item_status!(pending),
+            " END, \
                  not_before = CASE WHEN i.attempts + 1 >= t.max_attempts THEN i.not_before \
                               ELSE clock_timestamp() + least(t.retry_backoff * power(2, least(i.attempts, 30)), \
                                                              t.retry_backoff_max) END, \
@@ -171,9 +207,11 @@ macro_rules! failed_attempt_sql {
                  last_sqlstate = $2, last_error = $3, last_failed_at = clock_timestamp(), run_id = $4 \
              FROM chunkwise.tasks t \
              WHERE i.item_id = $1 AND t.task_id = i.task_id",
-            $condition,
-            " RETURNING i.status = 'dead', i.attempts, t.max_attempts, t.task, i.key, \
-                        to_char(i.not_before, 'YYYY-MM-DD HH24:MI:SS.MS TZ')"
+            $($condition)*,
+            " RETURNING i.status = ",
+            item_status!(dead),
+            " AS dead, i.attempts, t.max_attempts, t.task, i.key, \
+                        to_char(i.not_before, 'YYYY-MM-DD HH24:MI:SS.MS TZ') AS retry_at"
         )
     };
 }
@@ -183,7 +221,11 @@ const RECORD_FAILURE: &str = failed_attempt_sql!("");
 
 /// An attempt that crashed the server: counted only if no attempt was counted since the
 /// crashed one was claimed with `$5` attempts (and the item was not done or dropped).
-const RECORD_CRASH: &str = failed_attempt_sql!(" AND i.status = 'pending' AND i.attempts = $5");
+const RECORD_CRASH: &str = failed_attempt_sql!(concat!(
+    " AND i.status = ",
+    item_status!(pending),
+    " AND i.attempts = $5"
+));
 
 /// What recording a failed attempt found.
 struct CountedAttempt {
@@ -200,34 +242,35 @@ const CRASH_SQLSTATE: &str = "XX000";
 
 impl CountedAttempt {
     /// The RETURNING row of a failed-attempt update; `None` when no row was updated.
-    fn read(table: SpiTupleTable) -> Result<Option<CountedAttempt>, pgrx::spi::SpiError> {
+    fn read(table: SpiTupleTable) -> Result<Option<CountedAttempt>, Cause> {
         let Some(row) = table.into_iter().next() else {
             return Ok(None);
         };
         Ok(Some(CountedAttempt {
-            dead: row.get(1)?.unwrap_or(false),
-            attempts: row.get(2)?.unwrap_or_default(),
-            max_attempts: row.get(3)?.unwrap_or_default(),
-            task: row.get(4)?.unwrap_or_default(),
-            key: row.get(5)?.unwrap_or_default(),
-            retry_at: row.get(6)?.unwrap_or_default(),
+            dead: row.required("dead")?,
+            attempts: row.required("attempts")?,
+            max_attempts: row.required("max_attempts")?,
+            task: row.required("task")?,
+            key: row.required("key")?,
+            retry_at: row.required("retry_at")?,
         }))
     }
 
     /// Logs the attempt (with the task's limit as it is now, not as the worker started)
     /// and announces a death. `cause` follows "failed on attempt n of m".
-    fn report(&self, run_id: i64, item_id: i64, cause: &str) -> Attempt {
+    fn report(&self, run_id: i64, item_id: i64, cause: &str) -> Bookkeeping<Attempt> {
         let said = format!(
             "pg_chunkwise task \"{}\" key {} failed on attempt {} of {}{cause}",
             self.task, self.key, self.attempts, self.max_attempts
         );
         if self.dead {
-            notify::item_dead(run_id, item_id);
+            notify::item_dead(run_id, item_id)
+                .map_err(|e| BookkeepingError::new("announce a dead item", e))?;
             warning!("{said}; the item is dead (chunkwise.retry() makes it pending again)");
-            Attempt::Died
+            Ok(Attempt::Died)
         } else {
             warning!("{said}; retry at {}", self.retry_at);
-            Attempt::Failed
+            Ok(Attempt::Failed)
         }
     }
 }
@@ -239,6 +282,9 @@ pub struct Queue {
     work_remains: OwnedPreparedStatement,
     mark_done: OwnedPreparedStatement,
     record_failure: OwnedPreparedStatement,
+    /// The bookkeeping statement under way: an ERROR it raises unwinds past the queue,
+    /// and the worker's log line names the statement from here.
+    running: Cell<Option<&'static str>>,
 }
 
 fn int8() -> PgOid {
@@ -254,7 +300,8 @@ fn int4() -> PgOid {
 }
 
 /// Runs the worker's own bookkeeping statements: as the extension owner, with the pinned
-/// search_path (whatever the owner's role settings say), with generic plans.
+/// search_path (whatever the owner's role settings say), with generic plans; an error
+/// comes back naming `statement`.
 ///
 /// Why generic plans: the claim's and mark-done's parameters change with every item, and
 /// the plan cache, judging a custom plan cheaper, planned them afresh for every item: a
@@ -262,8 +309,9 @@ fn int4() -> PgOid {
 /// plans took 4 workers from about 8,500 to 13,600 items/s. Their best plan does not
 /// depend on the values (the claim index, the primary key). The task's own target keeps
 /// the session's plan_cache_mode.
-fn bookkeeping<R>(f: impl FnOnce() -> R) -> R {
+fn bookkeeping<R>(statement: &'static str, f: impl FnOnce() -> Result<R, Cause>) -> Bookkeeping<R> {
     as_extension_owner_with(&[(c"plan_cache_mode", c"force_generic_plan")], f)
+        .map_err(|cause| BookkeepingError::new(statement, cause))
 }
 
 /// The statements that differ between plain tasks and tasks with sequential groups.
@@ -277,7 +325,7 @@ struct QueueSql {
 
 impl Queue {
     /// Prepares the hot-path statements for `task`; call inside a transaction.
-    pub fn prepare(task: &Task) -> Queue {
+    pub fn prepare(task: &Task) -> Bookkeeping<Queue> {
         let grouped = task.sequential_groups;
         let QueueSql {
             claim_sql,
@@ -299,8 +347,8 @@ impl Queue {
                 work_remains: PLAIN_WORK_REMAINS,
             }
         };
-        bookkeeping(|| {
-            Spi::connect(|client| -> Result<Queue, pgrx::spi::SpiError> {
+        bookkeeping("prepare", || {
+            Spi::connect(|client| {
                 Ok(Queue {
                     claim: Claim {
                         from_start: client.prepare_mut(&claim_sql(false), &claim_args)?.keep(),
@@ -317,10 +365,29 @@ impl Queue {
                     record_failure: client
                         .prepare_mut(RECORD_FAILURE, &[int8(), text(), text(), int8()])?
                         .keep(),
+                    running: Cell::new(None),
                 })
             })
         })
-        .expect("pg_chunkwise bookkeeping statements prepare")
+    }
+
+    /// Runs one bookkeeping statement (see [`bookkeeping`]), remembering which one is
+    /// under way until it returns.
+    fn run<R>(
+        &self,
+        statement: &'static str,
+        f: impl FnOnce() -> Result<R, Cause>,
+    ) -> Bookkeeping<R> {
+        self.running.set(Some(statement));
+        let result = bookkeeping(statement, f);
+        self.running.set(None);
+        result
+    }
+
+    /// The statement that an ERROR interrupted, if it was one of the queue's: the next
+    /// call forgets it.
+    pub fn interrupted_statement(&self) -> Option<&'static str> {
+        self.running.take()
     }
 
     /// Claims up to `limit` due items (one, from the next group, for sequential groups)
@@ -332,7 +399,7 @@ impl Queue {
         run_id: i64,
         limit: i64,
         cursor: &mut ClaimCursor,
-    ) -> Vec<ClaimedItem> {
+    ) -> Bookkeeping<Vec<ClaimedItem>> {
         let args = |after: bool| -> Vec<DatumWithOid<'static>> {
             let mut args: Vec<DatumWithOid<'static>> =
                 vec![task_id.into(), limit.into(), run_id.into()];
@@ -349,94 +416,99 @@ impl Queue {
             .is_some_and(|at| at.elapsed() < RESCAN_INTERVAL);
         let has_cursor = cursor.after_item.is_some() || cursor.after_group.is_some();
         let mut items = if fresh && has_cursor {
-            Self::claim_with(&self.claim.after, &args(true))
+            self.claim_with(&self.claim.after, &args(true))?
         } else {
             Vec::new()
         };
         if items.is_empty() {
-            items = Self::claim_with(&self.claim.from_start, &args(false));
+            items = self.claim_with(&self.claim.from_start, &args(false))?;
             cursor.rescanned_at = Some(Instant::now());
         }
         if let Some(last) = items.last() {
             cursor.after_item = Some((last.priority, last.id));
             cursor.after_group.clone_from(&last.group_key);
         }
-        items
+        Ok(items)
     }
 
     fn claim_with(
+        &self,
         statement: &OwnedPreparedStatement,
         args: &[DatumWithOid<'_>],
-    ) -> Vec<ClaimedItem> {
-        bookkeeping(|| {
-            Spi::connect_mut(|client| -> Result<Vec<ClaimedItem>, pgrx::spi::SpiError> {
+    ) -> Bookkeeping<Vec<ClaimedItem>> {
+        self.run("claim", || {
+            Spi::connect_mut(|client| {
                 let table = client.update(statement, None, args)?;
                 table
                     .into_iter()
                     .map(|row| {
                         Ok(ClaimedItem {
-                            id: row.get(1)?.unwrap_or_default(),
-                            key: row.get(2)?.unwrap_or_default(),
-                            hi: row.get(3)?,
-                            payload: row.get(4)?,
-                            attempts: row.get(5)?.unwrap_or_default(),
-                            group_key: row.get(6)?,
-                            priority: row.get(7)?.unwrap_or_default(),
-                            version: row.get(8)?.unwrap_or_default(),
+                            id: row.required("item_id")?,
+                            key: row.required("key")?,
+                            hi: row.optional("hi")?,
+                            payload: row.optional("payload")?,
+                            attempts: row.required("attempts")?,
+                            group_key: row.optional("group_key")?,
+                            priority: row.required("priority")?,
+                            version: row.required("version")?,
                         })
                     })
                     .collect()
             })
         })
-        .expect("claim query returns its declared columns")
     }
 
     /// Whether due work remains for this task's claims (see `PLAIN_WORK_REMAINS`).
-    pub fn work_remains(&self, task_id: i32) -> bool {
-        Self::ask(&self.work_remains, &[task_id.into()]).unwrap_or(false)
+    pub fn work_remains(&self, task_id: i32) -> Bookkeeping<bool> {
+        self.ask("work check", &self.work_remains, &[task_id.into()])
     }
 
     /// Whether `chunkwise.pause()` or `chunkwise.cancel()` asked this run to stop.
-    pub fn stop_requested(&self, task_id: i32, run_id: i64) -> bool {
-        Self::ask(&self.stop_requested, &[task_id.into(), run_id.into()]).unwrap_or(true)
+    pub fn stop_requested(&self, task_id: i32, run_id: i64) -> Bookkeeping<bool> {
+        self.ask(
+            "stop check",
+            &self.stop_requested,
+            &[task_id.into(), run_id.into()],
+        )
     }
 
-    /// The one boolean a yes/no bookkeeping statement returns.
-    fn ask(statement: &OwnedPreparedStatement, args: &[DatumWithOid<'_>]) -> Option<bool> {
-        bookkeeping(|| {
+    /// The `answer` of a yes/no bookkeeping statement.
+    fn ask(
+        &self,
+        name: &'static str,
+        statement: &OwnedPreparedStatement,
+        args: &[DatumWithOid<'_>],
+    ) -> Bookkeeping<bool> {
+        self.run(name, || {
             Spi::connect_mut(|client| {
-                client
-                    .update(statement, None, args)?
-                    .first()
-                    .get_one::<bool>()
+                let table = client.update(statement, None, args)?;
+                let row = table.into_iter().next().ok_or(Cause::NoRow)?;
+                Ok(row.required("answer")?)
             })
         })
-        .expect("a yes/no bookkeeping statement returns a boolean")
     }
 
-    pub fn mark_done(&self, item: &ClaimedItem, run_id: i64) {
-        bookkeeping(|| {
+    pub fn mark_done(&self, item: &ClaimedItem, run_id: i64) -> Bookkeeping<()> {
+        self.run("mark done", || {
             Spi::connect_mut(|client| {
-                client
-                    .update(
-                        &self.mark_done,
-                        None,
-                        &[item.id.into(), run_id.into(), item.version.as_str().into()],
-                    )
-                    .map(|_| ())
+                client.update(
+                    &self.mark_done,
+                    None,
+                    &[item.id.into(), run_id.into(), item.version.as_str().into()],
+                )?;
+                Ok(())
             })
         })
-        .expect("mark done");
     }
 
     /// Records a failed attempt and logs it; the attempt is `Died` when the item is now dead.
     pub fn record_failure(
         &self,
         item: &ClaimedItem,
-        failure: &ItemFailure,
+        failure: &RaisedError,
         run_id: i64,
-    ) -> Attempt {
-        let counted = bookkeeping(|| {
+    ) -> Bookkeeping<Attempt> {
+        let counted = self.run("record failure", || {
             Spi::connect_mut(|client| {
                 let table = client.update(
                     &self.record_failure,
@@ -448,11 +520,9 @@ impl Queue {
                         run_id.into(),
                     ],
                 )?;
-                CountedAttempt::read(table)
+                CountedAttempt::read(table)?.ok_or(Cause::NoRow)
             })
-        })
-        .expect("record failure")
-        .expect("the claimed item is still there");
+        })?;
         counted.report(
             run_id,
             item.id,
@@ -462,14 +532,14 @@ impl Queue {
 
     /// Counts the attempts that were in flight when the server crashed (see
     /// `worker::inflight`) as failed, before this worker's first claim.
-    pub fn count_crashed_attempts(&self, database: pg_sys::Oid) {
+    pub fn count_crashed_attempts(&self, database: pg_sys::Oid) -> Bookkeeping<()> {
         locks::lock_crash_recovery();
         for crashed in inflight::take_crashed(database) {
             let message = format!(
                 "the server crashed while this item ran: its worker (pid {}, run {}) was killed by a signal",
                 crashed.pid, crashed.run_id
             );
-            let counted = bookkeeping(|| {
+            let counted = self.run("record crash", || {
                 Spi::connect_mut(|client| {
                     let table = client.update(
                         RECORD_CRASH,
@@ -484,8 +554,7 @@ impl Queue {
                     )?;
                     CountedAttempt::read(table)
                 })
-            })
-            .expect("record crash");
+            })?;
             if let Some(counted) = counted {
                 counted.report(
                     crashed.run_id,
@@ -494,28 +563,27 @@ impl Queue {
                         ": the server crashed while it ran (its worker, pid {} of run {}, died by a signal)",
                         crashed.pid, crashed.run_id
                     ),
-                );
+                )?;
             }
         }
+        Ok(())
     }
 
     /// Seconds until the earliest retry of the task falls due, if any is scheduled.
-    pub fn seconds_to_next_retry(&self, task_id: i32) -> Option<f64> {
-        bookkeeping(|| {
-            Spi::get_one_with_args::<f64>(
-                "SELECT extract(epoch FROM min(not_before) - clock_timestamp())::float8 \
-                   FROM chunkwise.items WHERE task_id = $1 AND status = 'pending' AND not_before > now()",
-                &[task_id.into()],
-            )
+    pub fn seconds_to_next_retry(&self, task_id: i32) -> Bookkeeping<Option<f64>> {
+        self.run("retry lookup", || {
+            Spi::connect(|client| {
+                let table = client.select(NEXT_RETRY, None, &[task_id.into()])?;
+                let row = table.into_iter().next().ok_or(Cause::NoRow)?;
+                Ok(row.optional("seconds")?)
+            })
         })
-        .ok()
-        .flatten()
     }
 
     /// Counts the worker into its run and records its session (which makes it live in
     /// the views), forgetting sessions that are gone.
-    pub fn register_worker(&self, args: &WorkerArgs) {
-        bookkeeping(|| {
+    pub fn register_worker(&self, args: &WorkerArgs) -> Bookkeeping<()> {
+        self.run("register worker", || {
             Spi::run_with_args(
                 "INSERT INTO chunkwise.run_history (run_id, task_id, started_at, workers_requested, workers_started) \
                  VALUES ($1, $2, now(), $3, 1) \
@@ -531,15 +599,14 @@ impl Queue {
                  SELECT pid, $1, backend_start FROM pg_catalog.pg_stat_activity \
                   WHERE pid = pg_catalog.pg_backend_pid()",
                 &[args.run_id.into()],
-            )
+            )?;
+            Ok(())
         })
-        .expect("register worker");
     }
 
     /// Adds a worker's figures to its run's row.
-    pub fn add_to_run(&self, run_id: i64, tally: &Tally) {
-        bookkeeping(|| Self::update_run(run_id, tally, None))
-            .expect("add the worker's figures to its run");
+    pub fn add_to_run(&self, run_id: i64, tally: &Tally) -> Bookkeeping<()> {
+        self.run("add figures", || Self::update_run(run_id, tally, None))
     }
 
     /// Adds the worker's last figures to the run's row and forgets its session. A worker
@@ -550,26 +617,22 @@ impl Queue {
         tally: &Tally,
         stopped_early: bool,
         gave_up: bool,
-    ) {
+    ) -> Bookkeeping<()> {
         let leaving = Leaving {
             counted: !gave_up,
             stopped_early,
         };
-        bookkeeping(|| {
+        self.run("unregister worker", || {
             Self::update_run(args.run_id, tally, Some(leaving))?;
             Spi::run(
                 "DELETE FROM chunkwise.worker_sessions WHERE pid = pg_catalog.pg_backend_pid()",
-            )
+            )?;
+            Ok(())
         })
-        .expect("unregister worker");
     }
 
     /// One update of the run's row: the worker's figures, and its exit when it leaves.
-    fn update_run(
-        run_id: i64,
-        tally: &Tally,
-        leaving: Option<Leaving>,
-    ) -> Result<(), pgrx::spi::SpiError> {
+    fn update_run(run_id: i64, tally: &Tally, leaving: Option<Leaving>) -> Result<(), Cause> {
         Spi::run_with_args(
             "UPDATE chunkwise.run_history \
                 SET processed = processed + $2, failed = failed + $3, dead = dead + $4, \
@@ -586,9 +649,18 @@ impl Queue {
                 leaving.is_some().into(),
                 leaving.is_some_and(|l| l.stopped_early).into(),
             ],
-        )
+        )?;
+        Ok(())
     }
 }
+
+/// Seconds until the task's ($1) earliest scheduled retry; NULL when none is.
+const NEXT_RETRY: &str = concat!(
+    "SELECT extract(epoch FROM min(not_before) - clock_timestamp())::float8 AS seconds \
+       FROM chunkwise.items WHERE task_id = $1 AND status = ",
+    item_status!(pending),
+    " AND not_before > now()"
+);
 
 /// How a worker leaves its run.
 #[derive(Clone, Copy)]

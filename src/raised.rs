@@ -1,4 +1,4 @@
-//! The SQLSTATE an error was raised with, exactly as raised.
+//! An ERROR as it was raised: its SQLSTATE exactly as raised, and its message.
 //!
 //! pgrx turns a caught PostgreSQL error into a `PgSqlErrorCode`, an enum of the codes
 //! PostgreSQL itself defines: a user-defined code (`RAISE ... USING ERRCODE = 'P0042'`)
@@ -10,10 +10,68 @@
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use pgrx::pg_sys;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+
+use crate::error::{SqlError, excerpt_of, sqlstate, sqlstate_of};
+
+/// Characters of an error message kept in the queue and the log.
+const MESSAGE_CHARS: usize = 2000;
+
+/// An ERROR as PostgreSQL raised it: why an item's attempt failed, as it is recorded and
+/// logged, or what interrupted the worker's own statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaisedError {
+    pub sqlstate: String,
+    pub message: String,
+}
+
+impl RaisedError {
+    pub fn new(sqlstate: &str, message: impl Into<String>) -> Self {
+        RaisedError {
+            sqlstate: sqlstate.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The error of a caught ERROR. `raised` is the code a [`RaisedCodeWatch`] saw: the
+    /// report's own code, unless pgrx could not name it (a user-defined SQLSTATE, which it
+    /// turns into XX000).
+    pub fn caught(caught: CaughtError, raised: i32) -> Self {
+        match caught {
+            CaughtError::PostgresError(report)
+            | CaughtError::ErrorReport(report)
+            | CaughtError::RustPanic {
+                ereport: report, ..
+            } => {
+                let code = report.sql_error_code();
+                let sqlstate = if raised != 0 && PgSqlErrorCode::from(raised) == code {
+                    sqlstate_of(raised)
+                } else {
+                    sqlstate(code)
+                };
+                RaisedError {
+                    sqlstate,
+                    message: excerpt_of(report.message(), MESSAGE_CHARS).into_owned(),
+                }
+            }
+        }
+    }
+}
 
 /// The code of the last report made while a watch was pushed; 0 = none.
 static LAST_RAISED: AtomicI32 = AtomicI32::new(0);
+
+/// What the extension's own checks refused while running an item (a target that
+/// tried to control the transaction, say), recorded as an ERROR of that code would be.
+impl From<SqlError> for RaisedError {
+    fn from(refused: SqlError) -> Self {
+        RaisedError::new(
+            &refused.sqlstate(),
+            excerpt_of(refused.message(), MESSAGE_CHARS),
+        )
+    }
+}
 
 /// An error-context callback on PostgreSQL's stack while it lives. Boxed: PostgreSQL
 /// keeps a pointer to it, so it must not move.
