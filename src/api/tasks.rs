@@ -486,12 +486,14 @@ fn drop_task(task: Option<&str>) {
             )
             .hint("Wait for its run to finish, or chunkwise.cancel() it, then drop the task."));
         }
-        // Its items, groups and runs go with it (foreign keys ON DELETE CASCADE).
+        // Its groups and runs go with it (foreign keys ON DELETE CASCADE); its items,
+        // which have no key (see bootstrap.sql), are deleted here.
         let pending = as_extension_owner(|| {
             Spi::get_one_with_args::<i64>(
                 concat!(
-                    "WITH dropped AS (DELETE FROM chunkwise.tasks WHERE task_id = $1) \
-                     SELECT count(*) FROM chunkwise.items WHERE task_id = $1 AND status = ",
+                    "WITH dropped AS (DELETE FROM chunkwise.tasks WHERE task_id = $1), \
+                          items AS (DELETE FROM chunkwise.items WHERE task_id = $1 RETURNING status) \
+                     SELECT count(*) FROM items WHERE status = ",
                     item_status!(pending)
                 ),
                 &[task.id.into()],

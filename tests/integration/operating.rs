@@ -501,3 +501,69 @@ fn the_readmes_alter_system_works_in_a_fresh_session() {
         (setting() == "24").then_some(())
     });
 }
+
+/// drop_task takes the task's items, groups and runs with it (and only the task's): the
+/// groups and runs by their foreign keys, the items by its own delete.
+#[test]
+fn drop_task_removes_the_tasks_items_groups_and_runs_and_nothing_else() {
+    let mut db = test_db("drop_task_rows");
+    db.batch_execute(
+        "CREATE TABLE done_keys (k bigint);
+         CREATE PROCEDURE note(k bigint) LANGUAGE sql AS 'INSERT INTO done_keys VALUES (k)';
+         SELECT chunkwise.create_task('gone', call => 'note', sequential_groups => true);
+         SELECT chunkwise.create_task('kept', call => 'note', sequential_groups => true);",
+    )
+    .unwrap();
+    for task in ["gone", "kept"] {
+        let planned: i64 = one(
+            &mut db,
+            &format!(
+                "SELECT chunkwise.plan('{task}', 'SELECT k AS key, (k % 3)::text AS group_key \
+                   FROM generate_series(1, 30) k')"
+            ),
+        );
+        assert_eq!(planned, 30);
+        // Half of each run: done items, pending items and a run row all exist.
+        let processed: i64 = one(
+            &mut db,
+            &format!("SELECT processed FROM chunkwise.run('{task}', 2, max_items => 15)"),
+        );
+        assert_eq!(processed, 15);
+    }
+    let rows_of = |db: &mut Client, task: &str| -> (i64, i64, i64) {
+        let row = db
+            .query_one(
+                "SELECT (SELECT count(*) FROM chunkwise.items i WHERE i.task_id = t.task_id), \
+                        (SELECT count(*) FROM chunkwise.groups g WHERE g.task_id = t.task_id), \
+                        (SELECT count(*) FROM chunkwise.run_history r WHERE r.task_id = t.task_id) \
+                   FROM chunkwise.tasks t WHERE t.task = $1",
+                &[&task],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(rows_of(&mut db, "gone"), (30, 3, 1));
+    let gone_id: i32 = one(
+        &mut db,
+        "SELECT task_id FROM chunkwise.tasks WHERE task = 'gone'",
+    );
+    db.batch_execute("SELECT chunkwise.drop_task('gone')")
+        .unwrap();
+    let left: (i64, i64, i64) = {
+        let row = db
+            .query_one(
+                "SELECT (SELECT count(*) FROM chunkwise.items WHERE task_id = $1), \
+                        (SELECT count(*) FROM chunkwise.groups WHERE task_id = $1), \
+                        (SELECT count(*) FROM chunkwise.run_history WHERE task_id = $1)",
+                &[&gone_id],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(left, (0, 0, 0), "nothing of the dropped task is left");
+    assert_eq!(
+        rows_of(&mut db, "kept"),
+        (30, 3, 1),
+        "the other task is untouched"
+    );
+}
