@@ -71,7 +71,8 @@ struct RunRow {
     processed: i64,
     failed: i64,
     dead: i64,
-    seconds: f64,
+    /// NULL in the view for an interrupted run: nobody recorded its end.
+    seconds: Option<f64>,
 }
 
 /// The run as it is now: a fresh snapshot (a read-write SPI statement takes one in READ
@@ -101,7 +102,7 @@ fn read_run(run_id: i64) -> SqlResult<Option<RunRow>> {
                     processed: row.required("processed")?,
                     failed: row.required("failed")?,
                     dead: row.required("dead")?,
-                    seconds: row.required("seconds")?,
+                    seconds: row.optional("seconds")?,
                 }))
             })
         })
@@ -175,6 +176,13 @@ fn wait(
             wait_on_latch(WAIT_POLL);
             row = read_run(run_id)?.ok_or_else(|| unknown_run(run_id))?;
         }
+        if row.state == "interrupted" {
+            // A leaving worker commits the run's row before its process goes, but one
+            // read can take its snapshot before that commit and look at pg_stat_activity
+            // after the exit: the run then looks interrupted. A read with a snapshot
+            // taken after this one saw the worker gone tells.
+            row = read_run(run_id)?.ok_or_else(|| unknown_run(run_id))?;
+        }
         Ok((run_id, row))
     })()
     .or_raise();
@@ -185,6 +193,6 @@ fn wait(
         row.processed,
         row.failed,
         row.dead,
-        row.seconds,
+        row.seconds.unwrap_or(0.0),
     ))
 }
