@@ -22,6 +22,13 @@ thread_local! {
 /// comes last, where it is searched for relations only (never for functions or operators).
 const PINNED_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
 
+/// A GUC nest level of its own with the pinned search_path, undone when it is dropped.
+fn pinned_scope() -> GucScope {
+    let scope = GucScope::new();
+    scope.set(c"search_path", PINNED_SEARCH_PATH);
+    scope
+}
+
 /// The role that owns the extension (and so its tables). Refuses to go on when the
 /// extension's objects in this database are of another version than this library: after
 /// a package upgrade, until `ALTER EXTENSION pg_chunkwise UPDATE`, the library would work
@@ -62,8 +69,7 @@ pub fn extension_owner() -> pg_sys::Oid {
 /// Runs the extension's own fixed SQL with the pinned search_path, as whoever is the
 /// current user (catalog reads, privilege checks).
 pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
-    let scope = GucScope::new();
-    scope.set(c"search_path", PINNED_SEARCH_PATH);
+    let scope = pinned_scope();
     let result = f();
     drop(scope);
     result
@@ -81,8 +87,7 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 pub fn as_extension_owner_with<R>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> R) -> R {
     let _identity =
         SavedIdentity::switch_to(extension_owner(), pg_sys::SECURITY_LOCAL_USERID_CHANGE);
-    let scope = GucScope::new();
-    scope.set(c"search_path", PINNED_SEARCH_PATH);
+    let scope = pinned_scope();
     for (name, value) in settings {
         scope.set(name, value);
     }
