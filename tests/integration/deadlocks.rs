@@ -18,8 +18,15 @@ fn planning_into_running_groups_does_not_deadlock_with_claims() {
         "CREATE FUNCTION waiting(who text, what text) RETURNS boolean LANGUAGE sql AS $$
            SELECT EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = who
                              AND wait_event_type = 'Lock' AND query LIKE what) $$;
+         -- The heads first hold until the test has seen both run (however slowly the
+         -- workers start on a busy machine), then give plan() its window.
+         CREATE TABLE seen (at timestamptz);
          CREATE PROCEDURE step(k bigint) LANGUAGE plpgsql AS $$
          BEGIN
+           FOR i IN 1..6000 LOOP  -- at most 60 seconds
+             EXIT WHEN k NOT IN (1, 4) OR EXISTS (SELECT FROM seen);
+             PERFORM pg_sleep(0.01);
+           END LOOP;
            FOR i IN 1..300 LOOP  -- at most 3 seconds
              EXIT WHEN k = 1 AND waiting('chunkwise worker', '%');
              EXIT WHEN k = 4 AND waiting('client backend', '%chunkwise.plan%');
@@ -42,6 +49,7 @@ fn planning_into_running_groups_does_not_deadlock_with_claims() {
         );
         (n == 2).then_some(())
     });
+    db.batch_execute("INSERT INTO seen VALUES (now())").unwrap();
     // Re-plans key 2 (group b), then key 1 (running in group a), and adds key 5 to b.
     // Before the fix this plan() or the claim of a worker failed with 40P01.
     let planned = db.query_one(
