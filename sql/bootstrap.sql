@@ -39,6 +39,12 @@ CREATE TABLE chunkwise.tasks (
     -- at the end of the task's runs, a bounded batch at a time.
     retain_done         interval NOT NULL DEFAULT '7 days',
     retain_runs         interval NOT NULL DEFAULT '30 days',
+    -- Always-on (needs the preloaded library): a pool of min_workers to workers resident
+    -- workers, woken at the commit of an enqueue; a member idle for idle_timeout leaves
+    -- while the pool is above min_workers.
+    always_on           boolean NOT NULL DEFAULT false,
+    min_workers         int NOT NULL DEFAULT 1,
+    idle_timeout        interval NOT NULL DEFAULT '5 minutes',
     CHECK ((call IS NULL) <> (statement IS NULL))
 );
 
@@ -188,7 +194,10 @@ SELECT t.task,
        END AS estimated_time_left,
        -- What retention keeps: done and skipped items, finished runs.
        c.done + c.skipped AS kept_items,
-       (SELECT count(*) FROM chunkwise.run_history h WHERE h.task_id = t.task_id) AS kept_runs
+       (SELECT count(*) FROM chunkwise.run_history h WHERE h.task_id = t.task_id) AS kept_runs,
+       t.always_on,
+       -- Workers of an always-on pool asleep until items come.
+       coalesce(w.workers - w.running, 0) AS idle_workers
   FROM chunkwise.tasks t
  CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE i.status = 'pending' AND i.not_before <= now()) AS pending,
@@ -276,7 +285,8 @@ SELECT lw.pid,
        CASE WHEN lw.state = 'active' THEN substring(lw.query FROM '\(item ([0-9]+)\)')::bigint END AS current_item,
        CASE WHEN lw.state = 'active' THEN lw.query_start END AS since,
        coalesce(substring(lw.query FROM '; ([0-9]+) items done')::bigint, 0) AS items_done,
-       lw.backend_start AS started_at
+       lw.backend_start AS started_at,
+       CASE WHEN lw.state = 'active' THEN 'busy' ELSE 'idle' END AS state
   FROM chunkwise._live_workers lw
   JOIN chunkwise.run_history r USING (run_id)
   JOIN chunkwise.tasks t USING (task_id)

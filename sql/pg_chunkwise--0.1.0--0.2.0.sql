@@ -56,7 +56,14 @@ ALTER TABLE chunkwise.tasks
 CREATE INDEX items_skipped_idx ON chunkwise.items (task_id, finished_at)
     WHERE status = 'skipped';
 
--- create_task and alter_task take retain_done and retain_runs.
+-- Always-on tasks (issue 19): pools of resident workers, woken at the commit of an enqueue.
+ALTER TABLE chunkwise.tasks
+    ADD COLUMN always_on boolean NOT NULL DEFAULT false,
+    ADD COLUMN min_workers int NOT NULL DEFAULT 1,
+    ADD COLUMN idle_timeout interval NOT NULL DEFAULT '5 minutes';
+
+-- create_task and alter_task take retain_done, retain_runs, always_on, min_workers and
+-- idle_timeout.
 DROP FUNCTION chunkwise.create_task(text, regproc, text, text, text, int, bigint, int, interval,
                                     interval, interval, int, bool, bool, bool);
 DROP FUNCTION chunkwise.alter_task(text, regproc, text, text, text, int, bigint, int, interval,
@@ -78,7 +85,10 @@ CREATE FUNCTION chunkwise.create_task(
 	"sequential_groups" bool DEFAULT false, /* Option < bool > */
 	"rank_by_activity" bool DEFAULT false, /* Option < bool > */
 	"retain_done" interval DEFAULT '7 days', /* Option < Interval > */
-	"retain_runs" interval DEFAULT '30 days' /* Option < Interval > */
+	"retain_runs" interval DEFAULT '30 days', /* Option < Interval > */
+	"always_on" bool DEFAULT false, /* Option < bool > */
+	"min_workers" INT DEFAULT 1, /* Option < i32 > */
+	"idle_timeout" interval DEFAULT '5 minutes' /* Option < Interval > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -101,7 +111,10 @@ CREATE FUNCTION chunkwise.alter_task(
 	"sequential_groups" bool DEFAULT NULL, /* Option < bool > */
 	"rank_by_activity" bool DEFAULT NULL, /* Option < bool > */
 	"retain_done" interval DEFAULT NULL, /* Option < Interval > */
-	"retain_runs" interval DEFAULT NULL /* Option < Interval > */
+	"retain_runs" interval DEFAULT NULL, /* Option < Interval > */
+	"always_on" bool DEFAULT NULL, /* Option < bool > */
+	"min_workers" INT DEFAULT NULL, /* Option < i32 > */
+	"idle_timeout" interval DEFAULT NULL /* Option < Interval > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -129,7 +142,10 @@ SELECT t.task,
        END AS estimated_time_left,
        -- What retention keeps: done and skipped items, finished runs.
        c.done + c.skipped AS kept_items,
-       (SELECT count(*) FROM chunkwise.run_history h WHERE h.task_id = t.task_id) AS kept_runs
+       (SELECT count(*) FROM chunkwise.run_history h WHERE h.task_id = t.task_id) AS kept_runs,
+       t.always_on,
+       -- Workers of an always-on pool asleep until items come.
+       coalesce(w.workers - w.running, 0) AS idle_workers
   FROM chunkwise.tasks t
  CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE i.status = 'pending' AND i.not_before <= now()) AS pending,
@@ -212,7 +228,8 @@ SELECT lw.pid,
        CASE WHEN lw.state = 'active' THEN substring(lw.query FROM '\(item ([0-9]+)\)')::bigint END AS current_item,
        CASE WHEN lw.state = 'active' THEN lw.query_start END AS since,
        coalesce(substring(lw.query FROM '; ([0-9]+) items done')::bigint, 0) AS items_done,
-       lw.backend_start AS started_at
+       lw.backend_start AS started_at,
+       CASE WHEN lw.state = 'active' THEN 'busy' ELSE 'idle' END AS state
   FROM chunkwise._live_workers lw
   JOIN chunkwise.run_history r USING (run_id)
   JOIN chunkwise.tasks t USING (task_id)

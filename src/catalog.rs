@@ -28,6 +28,11 @@ pub struct Task {
     /// One item per group in flight, groups in turn (see `chunkwise.groups`).
     pub sequential_groups: bool,
     pub paused: bool,
+    /// Kept running by an always-on pool (see `always_on`).
+    pub always_on: bool,
+    /// `idle_timeout` in milliseconds: how long a pool member above `min_workers` waits
+    /// for work before it leaves.
+    pub idle_timeout_ms: i64,
 }
 
 /// The columns `Task::from_row` reads, by name. (max_attempts and the backoff are read by
@@ -35,7 +40,7 @@ pub struct Task {
 const TASK_COLUMNS: &str = "task_id, task, chunkwise._owner(anchor, owner) AS owner, call::oid AS call, \
      statement, after, workers, (extract(epoch FROM item_timeout) * 1000)::bigint AS item_timeout_ms, \
      items_per_commit, synchronous_commit, paused, source, rank_by_activity, max_items_per_cycle, \
-     sequential_groups";
+     sequential_groups, always_on, (extract(epoch FROM idle_timeout) * 1000)::bigint AS idle_timeout_ms";
 
 impl Task {
     fn from_row(row: &SpiHeapTupleData) -> SqlResult<Task> {
@@ -55,6 +60,8 @@ impl Task {
             rank_by_activity: row.required("rank_by_activity")?,
             max_items_per_cycle: row.optional("max_items_per_cycle")?,
             sequential_groups: row.required("sequential_groups")?,
+            always_on: row.required("always_on")?,
+            idle_timeout_ms: row.required("idle_timeout_ms")?,
         })
     }
 

@@ -48,7 +48,7 @@ const POLL: Duration = Duration::from_millis(200);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 const STARTUP_POLL: Duration = Duration::from_millis(5);
 /// Workers a run gets when neither run() nor the task says.
-const DEFAULT_WORKERS: i32 = 2;
+pub const DEFAULT_WORKERS: i32 = 2;
 
 /// A run whose workers have been launched.
 struct LaunchedRun {
@@ -300,17 +300,7 @@ fn pending_backlog(task: &Task) -> SqlResult<i64> {
 /// `chunkwise.max_workers_per_role` (for the task's owner) leave room for. Call it with
 /// the launch lock held.
 fn free_worker_slots(owner: pg_sys::Oid, wanted: i32) -> SqlResult<i32> {
-    // SAFETY: drops this transaction's cached copy of the backend status array, so the
-    // count below sees the workers launched since it was taken.
-    unsafe { pg_sys::pgstat_clear_snapshot() };
-    let (busy, busy_for_owner) = as_extension_owner(|| {
-        Spi::get_two_with_args::<i64, i64>(
-            "SELECT count(*), count(*) FILTER (WHERE usesysid = $1) \
-               FROM pg_catalog.pg_stat_activity WHERE backend_type = 'chunkwise worker'",
-            &[owner.into()],
-        )
-    })?;
-    let (busy, busy_for_owner) = (busy.unwrap_or(0), busy_for_owner.unwrap_or(0));
+    let (busy, busy_for_owner) = busy_workers(owner)?;
     let max = gucs::max_workers();
     let mut free = (i64::from(max) - busy).max(0) as i32;
     if free == 0 {
@@ -348,7 +338,33 @@ fn free_worker_slots(owner: pg_sys::Oid, wanted: i32) -> SqlResult<i32> {
     Ok(free.min(wanted))
 }
 
-fn next_run_id() -> SqlResult<i64> {
+/// Workers running in the whole cluster, and those of them running as `owner`.
+fn busy_workers(owner: pg_sys::Oid) -> SqlResult<(i64, i64)> {
+    // SAFETY: drops this transaction's cached copy of the backend status array, so the
+    // count below sees the workers launched since it was taken.
+    unsafe { pg_sys::pgstat_clear_snapshot() };
+    let (busy, busy_for_owner) = as_extension_owner(|| {
+        Spi::get_two_with_args::<i64, i64>(
+            "SELECT count(*), count(*) FILTER (WHERE usesysid = $1) \
+               FROM pg_catalog.pg_stat_activity WHERE backend_type = 'chunkwise worker'",
+            &[owner.into()],
+        )
+    })?;
+    Ok((busy.unwrap_or(0), busy_for_owner.unwrap_or(0)))
+}
+
+/// How many more workers `chunkwise.max_workers` and `chunkwise.max_workers_per_role`
+/// leave room for, quietly (an always-on pool grows when room frees up).
+pub fn room_for_workers(owner: pg_sys::Oid) -> SqlResult<i32> {
+    let (busy, busy_for_owner) = busy_workers(owner)?;
+    let mut room = i64::from(gucs::max_workers()) - busy;
+    if let Some(share) = gucs::max_workers_per_role() {
+        room = room.min(i64::from(share) - busy_for_owner);
+    }
+    Ok(room.clamp(0, i64::from(i32::MAX)) as i32)
+}
+
+pub fn next_run_id() -> SqlResult<i64> {
     let id = as_extension_owner(|| Spi::get_one::<i64>("SELECT nextval('chunkwise.run_id_seq')"))?;
     id.ok_or_else(|| {
         SqlError::new(
@@ -370,24 +386,13 @@ fn launch_workers(
         task_id: task.id,
         run_id,
         workers: count,
+        seat: None,
     };
     let mut handles = Vec::new();
     for _ in 0..count {
-        let launched =
-            BackgroundWorkerBuilder::new(&format!("chunkwise worker {} #{run_id}", task.name))
-                .set_type("chunkwise worker")
-                .set_library("pg_chunkwise")
-                .set_function("chunkwise_worker_main")
-                .enable_spi_access()
-                .set_restart_time(None)
-                .set_argument(Some(pg_sys::Datum::from(shared.handle())))
-                .set_extra(&args.encode())
-                // SAFETY: reads this backend's pid.
-                .set_notify_pid(unsafe { pg_sys::MyProcPid })
-                .load_dynamic();
-        match launched {
-            Ok(handle) => handles.push(handle),
-            Err(_) => break,
+        match launch_worker(&task.name, &args, shared.handle()) {
+            Some(handle) => handles.push(handle),
+            None => break,
         }
     }
     if handles.is_empty() {
@@ -408,12 +413,35 @@ fn launch_workers(
     Ok(handles)
 }
 
+/// Launches one worker of task `task_name` with `args`, attached to the run segment
+/// `segment` (0 for a pool member); this process hears when it stops (bgw_notify_pid).
+/// `None` when no background worker slot is free.
+pub fn launch_worker(
+    task_name: &str,
+    args: &WorkerArgs,
+    segment: u32,
+) -> Option<DynamicBackgroundWorker> {
+    BackgroundWorkerBuilder::new(&format!("chunkwise worker {task_name} #{}", args.run_id))
+        .set_type("chunkwise worker")
+        .set_library("pg_chunkwise")
+        .set_function("chunkwise_worker_main")
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_argument(Some(pg_sys::Datum::from(segment)))
+        .set_extra(&args.encode())
+        // SAFETY: reads this process's pid.
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic()
+        .ok()
+}
+
 fn max_worker_processes() -> i32 {
     // SAFETY: reads a GUC variable of this backend.
     unsafe { pg_sys::max_worker_processes }
 }
 
-fn is_stopped(handle: &DynamicBackgroundWorker) -> bool {
+/// Whether a launched worker has stopped (or the postmaster is gone).
+pub fn is_stopped(handle: &DynamicBackgroundWorker) -> bool {
     matches!(
         handle.pid(),
         Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)

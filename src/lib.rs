@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod always_on;
 mod api;
 mod catalog;
 mod columns;
@@ -34,4 +35,5 @@ extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    always_on::init();
 }

@@ -67,6 +67,22 @@ pub struct RunState {
 }
 
 impl RunState {
+    fn new(max_items: Option<i64>) -> RunState {
+        RunState {
+            max_items: max_items.unwrap_or(0),
+            claimed: AtomicI64::new(0),
+            processed: AtomicI64::new(0),
+            failed: AtomicI64::new(0),
+            dead: AtomicI64::new(0),
+            workers_attached: AtomicI32::new(0),
+            workers_launched: AtomicI32::new(i32::MAX),
+            workers_exited: AtomicI32::new(0),
+            workers_gave_up: AtomicI32::new(0),
+            finish_announced: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
+        }
+    }
+
     /// Reserves up to `wanted` claims within the run's limit; returns how many it got.
     pub fn reserve(&self, wanted: i64) -> i64 {
         if self.max_items <= 0 {
@@ -153,8 +169,9 @@ impl RunState {
 
 /// A mapping of a run's shared segment in this process; dropping it unmaps the segment,
 /// which PostgreSQL frees when the last process lets go.
-pub struct SharedRun {
-    segment: *mut pg_sys::dsm_segment,
+pub enum SharedRun {
+    Segment(*mut pg_sys::dsm_segment),
+    Private(Box<RunState>),
 }
 
 impl SharedRun {
@@ -162,52 +179,57 @@ impl SharedRun {
     pub fn create(max_items: Option<i64>) -> SharedRun {
         // SAFETY: dsm_create returns a mapped segment of the requested size or raises.
         let segment = unsafe { pg_sys::dsm_create(std::mem::size_of::<RunState>(), 0) };
-        let state = RunState {
-            max_items: max_items.unwrap_or(0),
-            claimed: AtomicI64::new(0),
-            processed: AtomicI64::new(0),
-            failed: AtomicI64::new(0),
-            dead: AtomicI64::new(0),
-            workers_attached: AtomicI32::new(0),
-            workers_launched: AtomicI32::new(i32::MAX),
-            workers_exited: AtomicI32::new(0),
-            workers_gave_up: AtomicI32::new(0),
-            finish_announced: AtomicBool::new(false),
-            cancel: AtomicBool::new(false),
-        };
         // SAFETY: the segment is at least size_of::<RunState>() bytes, suitably aligned
         // (DSM mappings are page aligned), and nobody else maps it yet.
         unsafe {
             std::ptr::write(
                 pg_sys::dsm_segment_address(segment).cast::<RunState>(),
-                state,
+                RunState::new(max_items),
             )
         };
-        SharedRun { segment }
+        SharedRun::Segment(segment)
+    }
+
+    /// The state of a worker of an always-on pool: nobody else reads it (the pool's
+    /// members are counted in the pool registry, which decides who announces a run's
+    /// end), so it lives in the worker's own memory.
+    pub fn private() -> SharedRun {
+        SharedRun::Private(Box::new(RunState::new(None)))
     }
 
     /// Maps an existing run's segment (worker); `None` when the run is already gone.
     pub fn attach(handle: u32) -> Option<SharedRun> {
         // SAFETY: dsm_attach returns NULL when no segment with this handle exists.
         let segment = unsafe { pg_sys::dsm_attach(handle) };
-        (!segment.is_null()).then_some(SharedRun { segment })
+        (!segment.is_null()).then_some(SharedRun::Segment(segment))
     }
 
+    /// The segment's handle, which workers attach with; 0 for a private state.
     pub fn handle(&self) -> u32 {
-        // SAFETY: `segment` is a live mapping owned by this value.
-        unsafe { pg_sys::dsm_segment_handle(self.segment) }
+        match self {
+            // SAFETY: `segment` is a live mapping owned by this value.
+            SharedRun::Segment(segment) => unsafe { pg_sys::dsm_segment_handle(*segment) },
+            SharedRun::Private(_) => 0,
+        }
     }
 
     pub fn state(&self) -> &RunState {
-        // SAFETY: the segment was initialised with a RunState by `create` and stays mapped
-        // while `self` lives; all shared fields are atomics.
-        unsafe { &*pg_sys::dsm_segment_address(self.segment).cast::<RunState>() }
+        match self {
+            // SAFETY: the segment was initialised with a RunState by `create` and stays
+            // mapped while `self` lives; all shared fields are atomics.
+            SharedRun::Segment(segment) => unsafe {
+                &*pg_sys::dsm_segment_address(*segment).cast::<RunState>()
+            },
+            SharedRun::Private(state) => state,
+        }
     }
 }
 
 impl Drop for SharedRun {
     fn drop(&mut self) {
-        // SAFETY: `segment` is this value's own live mapping and is not used afterwards.
-        unsafe { pg_sys::dsm_detach(self.segment) };
+        if let SharedRun::Segment(segment) = self {
+            // SAFETY: `segment` is this value's own live mapping and is not used afterwards.
+            unsafe { pg_sys::dsm_detach(*segment) };
+        }
     }
 }

@@ -6,9 +6,11 @@ use std::fmt::Write;
 
 use pgrx::prelude::*;
 
+use crate::always_on::{self, LATENCY_BUCKETS, PoolFigures};
+use crate::catalog::Task;
 use crate::columns::Columns;
 use crate::error::{OrRaise, SqlResult};
-use crate::security::with_pinned_search_path;
+use crate::security::{may_see, with_pinned_search_path};
 
 /// One metric family: name, type, help, and the SQL expression giving its value per task
 /// over `task_status s` joined with the task's run totals `r`.
@@ -117,9 +119,88 @@ fn metrics() -> String {
                 .map(|row| Ok((row.required("task")?, row.required("figures")?)))
                 .collect::<SqlResult<_>>()
         })?;
-        Ok(exposition(&rows))
+        let mut text = exposition(&rows);
+        text.push_str(&pool_exposition(&visible_pools()?));
+        Ok(text)
     };
     with_pinned_search_path(run).or_raise()
+}
+
+/// The always-on pools of this database whose tasks the caller may see, by task name.
+fn visible_pools() -> SqlResult<Vec<(String, PoolFigures)>> {
+    // SAFETY: reads this backend's database.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    let mut pools = Vec::new();
+    for figures in always_on::pool_figures(database) {
+        if let Some(task) = Task::by_id(figures.task_id)?
+            && may_see(task.owner)
+        {
+            pools.push((task.name, figures));
+        }
+    }
+    pools.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(pools)
+}
+
+/// A pool gauge: name, help, and its value from a pool's figures.
+type PoolGauge = (&'static str, &'static str, fn(&PoolFigures) -> i32);
+
+/// The always-on pools' families: their size, idle members, and the enqueue-to-start
+/// latency histogram. Nothing without pools (the library is not preloaded, or no task is
+/// always-on).
+fn pool_exposition(pools: &[(String, PoolFigures)]) -> String {
+    let mut out = String::new();
+    if pools.is_empty() {
+        return out;
+    }
+    let gauges: [PoolGauge; 2] = [
+        (
+            "chunkwise_pool_workers",
+            "Workers of the task's always-on pool.",
+            |p| p.active,
+        ),
+        (
+            "chunkwise_pool_workers_idle",
+            "Workers of the task's always-on pool sleeping until items come.",
+            |p| p.idle,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (task, figures) in pools {
+            let _ = writeln!(
+                out,
+                "{name}{{task=\"{}\"}} {}",
+                label_value(task),
+                value(figures)
+            );
+        }
+    }
+    let name = "chunkwise_enqueue_to_start_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Seconds from an item's enqueue (or its retry time) to its start by an always-on pool.\n\
+         # TYPE {name} histogram"
+    );
+    for (task, figures) in pools {
+        let task = label_value(task);
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&figures.latency_buckets) {
+            cumulative += count;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{task=\"{task}\",le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{task=\"{task}\",le=\"+Inf\"}} {}\n\
+             {name}_sum{{task=\"{task}\"}} {}\n\
+             {name}_count{{task=\"{task}\"}} {}",
+            figures.latency_count, figures.latency_sum, figures.latency_count
+        );
+    }
+    out
 }
 
 /// The text exposition of the families' figures: `rows` holds each task with one figure
@@ -145,6 +226,45 @@ fn exposition(rows: &[(String, Vec<f64>)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pools_give_size_gauges_and_a_cumulative_latency_histogram() {
+        assert_eq!(pool_exposition(&[]), "");
+        let mut buckets = [0; LATENCY_BUCKETS.len() + 1];
+        buckets[0] = 3; // <= 1 ms
+        buckets[2] = 1; // <= 5 ms
+        buckets[LATENCY_BUCKETS.len()] = 1; // over a minute
+        let figures = PoolFigures {
+            task_id: 1,
+            active: 4,
+            idle: 3,
+            latency_buckets: buckets,
+            latency_sum: 90.5,
+            latency_count: 5,
+        };
+        let text = pool_exposition(&[("files".to_string(), figures)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.contains(&"chunkwise_pool_workers{task=\"files\"} 4"));
+        assert!(lines.contains(&"chunkwise_pool_workers_idle{task=\"files\"} 3"));
+        assert!(lines.contains(&"# TYPE chunkwise_enqueue_to_start_seconds histogram"));
+        let bucket = |le: &str| {
+            lines
+                .iter()
+                .find_map(|l| {
+                    l.strip_prefix(&format!(
+                        "chunkwise_enqueue_to_start_seconds_bucket{{task=\"files\",le=\"{le}\"}} "
+                    ))
+                })
+                .map(|v| v.parse::<u64>().unwrap())
+        };
+        assert_eq!(bucket("0.001"), Some(3));
+        assert_eq!(bucket("0.002"), Some(3));
+        assert_eq!(bucket("0.005"), Some(4));
+        assert_eq!(bucket("60"), Some(4));
+        assert_eq!(bucket("+Inf"), Some(5));
+        assert!(lines.contains(&"chunkwise_enqueue_to_start_seconds_sum{task=\"files\"} 90.5"));
+        assert!(lines.contains(&"chunkwise_enqueue_to_start_seconds_count{task=\"files\"} 5"));
+    }
 
     #[test]
     fn label_values_are_escaped() {

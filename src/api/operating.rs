@@ -7,6 +7,7 @@
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
 
+use crate::always_on;
 use crate::catalog::{self, Task};
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::item_status::item_status;
@@ -31,6 +32,7 @@ fn set_paused(task: Option<&str>, paused: bool) -> SqlResult<()> {
             &[task.id.into(), paused.into()],
         )
     })?;
+    always_on::restart_at_commit(task.id, task.always_on);
     let workers = catalog::live_workers(task.id)?;
     if paused && workers > 0 {
         notice!(
@@ -68,6 +70,7 @@ fn cancel(task: Option<&str>) -> i64 {
                 &[task.id.into(), through.into()],
             )
         })?;
+        always_on::restart_at_commit(task.id, task.always_on);
         let workers = catalog::live_workers(task.id)?;
         if workers == 0 {
             notice!("task \"{}\" has no running workers", task.name);
@@ -84,7 +87,7 @@ fn cancel(task: Option<&str>) -> i64 {
 fn retry(task: Option<&str>) -> i64 {
     let run = || -> SqlResult<i64> {
         let task = Task::for_caller(task, "retry")?;
-        count_as_owner(
+        let revived = count_as_owner(
             concat!(
                 "WITH revived AS ( \
                    UPDATE chunkwise.items i \
@@ -101,7 +104,9 @@ fn retry(task: Option<&str>) -> i64 {
             ),
             &task,
             None,
-        )
+        )?;
+        always_on::wake_at_commit(&task, revived);
+        Ok(revived)
     };
     run().or_raise()
 }
@@ -138,7 +143,11 @@ fn skip(task: Option<&str>, key: Option<i64>) -> i64 {
             )
         });
         match skipped {
-            Ok(Some(id)) => Ok(id),
+            Ok(Some(id)) => {
+                // The group it blocked goes on.
+                always_on::wake_at_commit(&task, 1);
+                Ok(id)
+            }
             _ => Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
                 format!("task \"{}\" has no dead item with key {key}", task.name),

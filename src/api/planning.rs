@@ -11,6 +11,7 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiCursor, SpiHeapTupleData, SpiTupleTable};
 
+use crate::always_on;
 use crate::catalog::Task;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::item_status::item_status;
@@ -162,7 +163,9 @@ impl ItemBatch {
                 ],
             )
         })?;
-        Ok(added.unwrap_or(0))
+        let added = added.unwrap_or(0);
+        always_on::wake_at_commit(task, added);
+        Ok(added)
     }
 }
 

@@ -3,11 +3,13 @@
 use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::prelude::*;
 
+use crate::always_on;
 use crate::catalog::{self, Task, required_task_name};
 use crate::columns::Columns;
 use crate::error::{OrRaise, SqlError, SqlResult, excerpt};
 use crate::gucs;
 use crate::item_status::item_status;
+use crate::launcher::DEFAULT_WORKERS;
 use crate::oid_args::RegProc;
 use crate::ownership::{anchor_task, drop_anchor};
 use crate::security::{
@@ -43,6 +45,10 @@ struct TaskOptions {
     /// How long done and skipped items, and finished runs, are kept.
     retain_done: Interval,
     retain_runs: Interval,
+    /// Kept running by a pool of resident workers (needs the preloaded library).
+    always_on: bool,
+    min_workers: i32,
+    idle_timeout: Interval,
 }
 
 fn required<T>(value: Option<T>, name: &str) -> SqlResult<T> {
@@ -162,6 +168,18 @@ impl TaskOptions {
             )
             .hint("Leave items_per_commit out, or drop sequential_groups."));
         }
+        if self.always_on {
+            always_on::ensure_available()?;
+        }
+        let workers = self.workers.unwrap_or(DEFAULT_WORKERS);
+        if self.min_workers < 0 || self.min_workers > workers {
+            return Err(SqlError::invalid_parameter(format!(
+                "min_workers must be between 0 and workers ({workers}), not {}",
+                self.min_workers
+            ))
+            .hint("An always-on pool keeps min_workers workers up and grows to workers; raise workers or lower min_workers."));
+        }
+        ensure_positive_interval(&self.idle_timeout, "idle_timeout")?;
         ensure_not_negative(&self.retain_done, "retain_done")?;
         ensure_not_negative(&self.retain_runs, "retain_runs")?;
         if self.rank_by_activity && self.source.is_none() {
@@ -193,11 +211,14 @@ impl TaskOptions {
             ("rank_by_activity", self.rank_by_activity.into()),
             ("retain_done", self.retain_done.into()),
             ("retain_runs", self.retain_runs.into()),
+            ("always_on", self.always_on.into()),
+            ("min_workers", self.min_workers.into()),
+            ("idle_timeout", self.idle_timeout.into()),
         ]
     }
 
-    /// Inserts the task and anchors it to its owner (see `ownership`).
-    fn insert(&self) -> SqlResult<()> {
+    /// Inserts the task and anchors it to its owner (see `ownership`); returns its id.
+    fn insert(&self) -> SqlResult<i32> {
         let (columns, placeholders, options) = option_parameters(self.stored(), 3);
         let mut args: Vec<DatumWithOid> = vec![self.name.as_str().into(), self.owner.into()];
         args.extend(options);
@@ -220,7 +241,8 @@ impl TaskOptions {
             })
         })?;
         if let Some(task_id) = inserted {
-            return anchor_task(task_id, &self.name, self.owner);
+            anchor_task(task_id, &self.name, self.owner)?;
+            return Ok(task_id);
         }
         Err(SqlError::new(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
@@ -299,6 +321,9 @@ impl TaskOptions {
                     rank_by_activity: row.required("rank_by_activity")?,
                     retain_done: row.required("retain_done")?,
                     retain_runs: row.required("retain_runs")?,
+                    always_on: row.required("always_on")?,
+                    min_workers: row.required("min_workers")?,
+                    idle_timeout: row.required("idle_timeout")?,
                 })
             })
         })?;
@@ -383,6 +408,9 @@ fn create_task(
     rank_by_activity: default!(Option<bool>, false),
     retain_done: default!(Option<Interval>, "'7 days'"),
     retain_runs: default!(Option<Interval>, "'30 days'"),
+    always_on: default!(Option<bool>, false),
+    min_workers: default!(Option<i32>, 1),
+    idle_timeout: default!(Option<Interval>, "'5 minutes'"),
 ) {
     let run = || -> SqlResult<()> {
         let options = TaskOptions {
@@ -404,10 +432,14 @@ fn create_task(
             rank_by_activity: required(rank_by_activity, "rank_by_activity")?,
             retain_done: required(retain_done, "retain_done")?,
             retain_runs: required(retain_runs, "retain_runs")?,
+            always_on: required(always_on, "always_on")?,
+            min_workers: required(min_workers, "min_workers")?,
+            idle_timeout: required(idle_timeout, "idle_timeout")?,
         };
         options.validate()?;
         ensure_owner_can_run(&options.name, current_user())?;
-        options.insert()?;
+        let task_id = options.insert()?;
+        always_on::restart_at_commit(task_id, options.always_on);
         Ok(())
     };
     run().or_raise()
@@ -416,7 +448,8 @@ fn create_task(
 /// Changes a task's options. An option left out (NULL) keeps its value; '' clears
 /// `after` and `source`, 0 clears `workers`, `max_items_per_cycle` and `item_timeout`.
 /// Giving `call` replaces a `statement` and the other way round. Runs under way keep the
-/// options they started with; the next run uses the new ones.
+/// options they started with; the next run uses the new ones. An always-on pool's
+/// members leave after their current item and the pool restarts with the new options.
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::too_many_arguments)]
 fn alter_task(
@@ -437,6 +470,9 @@ fn alter_task(
     rank_by_activity: default!(Option<bool>, "NULL"),
     retain_done: default!(Option<Interval>, "NULL"),
     retain_runs: default!(Option<Interval>, "NULL"),
+    always_on: default!(Option<bool>, "NULL"),
+    min_workers: default!(Option<i32>, "NULL"),
+    idle_timeout: default!(Option<Interval>, "NULL"),
 ) {
     let run = || -> SqlResult<()> {
         let current = Task::for_caller(task, "alter")?;
@@ -468,8 +504,14 @@ fn alter_task(
         alter_required(&mut options.rank_by_activity, rank_by_activity);
         alter_required(&mut options.retain_done, retain_done);
         alter_required(&mut options.retain_runs, retain_runs);
+        alter_required(&mut options.always_on, always_on);
+        alter_required(&mut options.min_workers, min_workers);
+        alter_required(&mut options.idle_timeout, idle_timeout);
         options.validate()?;
-        options.update(current.id)
+        options.update(current.id)?;
+        // A pool restarts with the task as it now is; one no longer always-on leaves.
+        always_on::restart_at_commit(current.id, current.always_on || options.always_on);
+        Ok(())
     };
     run().or_raise()
 }
@@ -480,12 +522,19 @@ fn drop_task(task: Option<&str>) {
     let run = || -> SqlResult<()> {
         let task = Task::for_caller(task, "drop")?;
         if catalog::live_workers(task.id)? > 0 {
+            let hint = if task.always_on {
+                "Turn its pool off first with chunkwise.alter_task(task, always_on => false); \
+                 its workers leave after their current item."
+            } else {
+                "Wait for its run to finish, or chunkwise.cancel() it, then drop the task."
+            };
             return Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
                 format!("task \"{}\" has running workers", task.name),
             )
-            .hint("Wait for its run to finish, or chunkwise.cancel() it, then drop the task."));
+            .hint(hint));
         }
+        always_on::restart_at_commit(task.id, task.always_on);
         // Its groups and runs go with it (foreign keys ON DELETE CASCADE); its items,
         // which have no key (see bootstrap.sql), are deleted here.
         let pending = as_extension_owner(|| {

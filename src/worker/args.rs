@@ -2,7 +2,10 @@
 
 use pgrx::pg_sys;
 
-/// The database, role, task and run a worker is started for.
+use crate::always_on::Seat;
+
+/// The database, role, task and run a worker is started for, and its seat when it is a
+/// member of an always-on pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerArgs {
     pub database: pg_sys::Oid,
@@ -10,12 +13,16 @@ pub struct WorkerArgs {
     pub task_id: i32,
     pub run_id: i64,
     pub workers: i32,
+    pub seat: Option<Seat>,
 }
 
 impl WorkerArgs {
     pub fn encode(&self) -> String {
+        let (pool, member) = self
+            .seat
+            .map_or((-1, -1), |seat| (seat.pool as i64, seat.member as i64));
         format!(
-            "{} {} {} {} {}",
+            "{} {} {} {} {} {pool} {member}",
             self.database.to_u32(),
             self.owner.to_u32(),
             self.task_id,
@@ -33,6 +40,16 @@ impl WorkerArgs {
             task_id: parts.next()?.parse().ok()?,
             run_id: parts.next()?.parse().ok()?,
             workers: parts.next()?.parse().ok()?,
+            seat: match (
+                parts.next()?.parse::<i64>().ok()?,
+                parts.next()?.parse::<i64>().ok()?,
+            ) {
+                (-1, -1) => None,
+                (pool, member) => Some(Seat::new(
+                    usize::try_from(pool).ok()?,
+                    usize::try_from(member).ok()?,
+                )?),
+            },
         };
         parts.next().is_none().then_some(args)
     }
@@ -50,13 +67,27 @@ mod tests {
             task_id: 7,
             run_id: 9_000_000_000,
             workers: 4,
+            seat: None,
         };
         assert_eq!(WorkerArgs::decode(&args.encode()), Some(args));
+        let member = WorkerArgs {
+            seat: Seat::new(3, 11),
+            ..args
+        };
+        assert_eq!(WorkerArgs::decode(&member.encode()), Some(member));
     }
 
     #[test]
     fn decode_refuses_other_text() {
-        for extra in ["", "1 2 3 4", "1 2 3 4 5 6", "1 2 x 4 5", "-1 2 3 4 5"] {
+        for extra in [
+            "",
+            "1 2 3 4 5",
+            "1 2 3 4 5 -1 -1 8",
+            "1 2 x 4 5 -1 -1",
+            "-1 2 3 4 5 -1 -1",
+            "1 2 3 4 5 -2 4",
+            "1 2 3 4 5 4000 1",
+        ] {
             assert_eq!(WorkerArgs::decode(extra), None, "{extra:?}");
         }
     }

@@ -23,6 +23,7 @@ use inflight::InFlightSlot;
 use item::{ItemOutcome, Targets};
 use queue::{ClaimCursor, ClaimedItem, Queue};
 
+use crate::always_on::{self, Seat};
 use crate::catalog::Task;
 use crate::gucs;
 use crate::notify;
@@ -60,14 +61,34 @@ pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
         log!("pg_chunkwise worker started with malformed arguments; exiting");
         return;
     };
-    // The segment goes away when the launcher and every other worker are gone: then the
-    // run was cancelled before this worker got going.
-    let Some(shared) = SharedRun::attach(arg.value() as u32) else {
-        log!(
-            "pg_chunkwise run {} ended before its worker started",
-            args.run_id
-        );
-        return;
+    let shared = match args.seat {
+        // A pool member: its seat in the always-on registry says whether it is still
+        // wanted, and it counts itself out when it leaves, however it leaves.
+        Some(seat) => {
+            if !always_on::join(seat, args.task_id, args.run_id) {
+                return;
+            }
+            // SAFETY: registers a callback with a plain integer argument, run once at exit.
+            unsafe {
+                pg_sys::before_shmem_exit(
+                    Some(leave_pool_at_exit),
+                    pg_sys::Datum::from(seat.encode()),
+                )
+            };
+            SharedRun::private()
+        }
+        // The segment goes away when the launcher and every other worker are gone: then
+        // the run was cancelled before this worker got going.
+        None => match SharedRun::attach(arg.value() as u32) {
+            Some(shared) => shared,
+            None => {
+                log!(
+                    "pg_chunkwise run {} ended before its worker started",
+                    args.run_id
+                );
+                return;
+            }
+        },
     };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(args.database), Some(args.owner));
 
@@ -86,6 +107,15 @@ pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
     };
     worker.run();
     worker.finish();
+}
+
+/// A pool member's exit callback: however the process ends, its seat is freed (a clean
+/// exit has freed it already; then this does nothing).
+#[pg_guard]
+unsafe extern "C-unwind" fn leave_pool_at_exit(_code: i32, seat: pg_sys::Datum) {
+    if let Some(seat) = Seat::decode(seat.value() as u64) {
+        always_on::leave(seat);
+    }
 }
 
 struct Worker {
@@ -114,6 +144,8 @@ struct Worker {
     flushed_at: Instant,
     /// Left after too many bookkeeping errors (not counted as a clean exit).
     gave_up: bool,
+    /// A pool member: since when it has found nothing to do.
+    idle_since: Option<Instant>,
 }
 
 impl Worker {
@@ -174,6 +206,7 @@ impl Worker {
             flushed: Tally::default(),
             flushed_at: Instant::now(),
             gave_up: false,
+            idle_since: None,
         }))
     }
 
@@ -281,6 +314,11 @@ impl Worker {
             self.stopped_early = true;
             return Ok(Step::Exit);
         }
+        if self.args.seat.is_some_and(always_on::must_leave) {
+            // Its task changed or is no longer always-on: the supervisor starts members
+            // with the task as it is now.
+            return Ok(Step::Exit);
+        }
         Self::reload_config_if_asked();
         let wanted = if self.one_per_transaction > 0 {
             1
@@ -295,6 +333,9 @@ impl Worker {
         let handled = self.run_batch(granted)?;
         self.give_back_reserved(handled);
         report_idle();
+        if handled > 0 {
+            self.idle_since = None;
+        }
         if handled == 0 && !self.stop_requested && !self.should_stop() {
             // An empty claim ends the run only when no due work is left: what other
             // workers (or transactions) hold now is claimable once they let go.
@@ -304,7 +345,11 @@ impl Worker {
                 }
                 return Ok(Step::Continue);
             }
-            if !self.wait_for_retry()? {
+            let go_on = match self.args.seat {
+                Some(seat) => self.idle_in_pool(seat)?,
+                None => self.wait_for_retry()?,
+            };
+            if !go_on {
                 return Ok(Step::Exit);
             }
         }
@@ -404,6 +449,9 @@ impl Worker {
                 break;
             }
             self.item_in_flight = Some(item.id);
+            if let Some(seat) = self.args.seat {
+                always_on::record_latency(seat, item.waited);
+            }
             if let Some(slot) = &self.slot {
                 slot.in_flight(self.args.run_id, item.id, item.attempts);
             }
@@ -514,6 +562,50 @@ impl Worker {
         Ok(true)
     }
 
+    /// A pool member with nothing claimable sleeps on its latch until a committed
+    /// enqueue wakes it, the next retry falls due, or `idle_timeout` passes (then it
+    /// leaves if the pool is above `min_workers`). Returns false when it should leave.
+    ///
+    /// It marks itself idle before it looks at the queue: an enqueue that commits after
+    /// the look finds the mark and sets the latch, one that committed before is seen by
+    /// the look, so no wake-up is lost between the two.
+    fn idle_in_pool(&mut self, seat: Seat) -> Bookkeeping<bool> {
+        always_on::set_idle(seat, true);
+        let task_id = self.task.id;
+        let next_due = transaction(|| self.queue.seconds_to_next_retry(task_id))?;
+        if next_due.is_some_and(|seconds| seconds <= 0.0) {
+            always_on::set_idle(seat, false);
+            return Ok(true);
+        }
+        let idle_since = *self.idle_since.get_or_insert_with(Instant::now);
+        let idle_timeout = Duration::from_millis(self.task.idle_timeout_ms.max(1) as u64);
+        let idle_left = idle_timeout.saturating_sub(idle_since.elapsed());
+        let nap = next_due.map_or(idle_left, |seconds| {
+            idle_left.min(Duration::from_secs_f64(seconds))
+        });
+        report_waiting(&format!(
+            "task {}: idle, waiting for items; {} items done",
+            self.task.name, self.tally.processed
+        ));
+        let alive = BackgroundWorker::wait_latch(Some(nap.max(Duration::from_millis(1))));
+        let woken = always_on::was_woken(seat);
+        always_on::set_idle(seat, false);
+        if !alive || self.should_stop() {
+            self.stopped_early = true;
+            return Ok(false);
+        }
+        if always_on::must_leave(seat) {
+            return Ok(false);
+        }
+        if !woken && idle_since.elapsed() >= idle_timeout {
+            if always_on::retire_if_above_minimum(seat) {
+                return Ok(false);
+            }
+            self.idle_since = Some(Instant::now());
+        }
+        Ok(true)
+    }
+
     /// Adds this worker's figures to the run's row; the last worker out announces the
     /// end of the run. If that fails, the worker says so and leaves uncounted: the run
     /// then shows as interrupted, as after any worker lost.
@@ -531,7 +623,11 @@ impl Worker {
         } = self;
         let left = transaction(|| {
             queue.unregister_worker(&args, &tally.since(&flushed), stopped_early, gave_up)?;
-            if shared.state().worker_exited(gave_up) {
+            let last_out = match args.seat {
+                Some(seat) => always_on::leave(seat),
+                None => shared.state().worker_exited(gave_up),
+            };
+            if last_out {
                 let announce = || -> Result<(), Cause> {
                     notify::run_finished(args.run_id)?;
                     retention::apply(args.task_id)?;

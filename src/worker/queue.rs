@@ -36,6 +36,8 @@ pub struct ClaimedItem {
     /// The row version claimed (its xmin): a target that enqueues its own key again
     /// updates the row, and the item then stays pending for the follow-up (see MARK_DONE).
     pub version: String,
+    /// Seconds from its enqueue (or its retry time, if later) to its claim.
+    pub waited: f64,
 }
 
 /// A claim from the start of the queue and one from after the worker's cursor.
@@ -58,6 +60,11 @@ pub struct ClaimCursor {
     rescanned_at: Option<Instant>,
 }
 
+/// A claimed item's wait from its enqueue (or its retry time, if later) to now, in
+/// seconds: the enqueue-to-start latency of always-on pools.
+const WAITED: &str =
+    "extract(epoch FROM clock_timestamp() - greatest(enqueued_at, not_before))::float8";
+
 /// The next due pending items in (priority, item_id) order. SKIP LOCKED lets workers
 /// pass each other's items without waiting; the partial index keeps it cheap. Nothing is
 /// claimed while the task is paused or this run ($3) is cancelled (an init plan: one
@@ -68,12 +75,13 @@ pub struct ClaimCursor {
 fn plain_claim_sql(after_cursor: bool) -> String {
     format!(
         "SELECT item_id, key, hi, payload, attempts, NULL::text AS group_key, priority, \
-                xmin::text AS version FROM chunkwise.items \
+                xmin::text AS version, {waited} AS waited FROM chunkwise.items \
           WHERE task_id = $1 AND status = {pending} AND not_before <= now() {cursor} \
             AND EXISTS (SELECT FROM chunkwise.tasks t \
                          WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
           ORDER BY priority, item_id LIMIT $2 FOR UPDATE SKIP LOCKED",
         pending = item_status!(pending),
+        waited = WAITED,
         cursor = if after_cursor {
             "AND (priority, item_id) > ($4, $5)"
         } else {
@@ -124,12 +132,13 @@ fn groups_claim_sql(after_cursor: bool) -> String {
             ORDER BY g.group_key LIMIT 1 \
             FOR UPDATE OF g SKIP LOCKED) \
          SELECT i.item_id, i.key, i.hi, i.payload, i.attempts, turn.group_key, i.priority, \
-                i.xmin::text AS version \
+                i.xmin::text AS version, {waited} AS waited \
            FROM chunkwise.items i JOIN turn USING (item_id) \
           WHERE i.status = {pending} AND i.not_before <= now() \
             FOR UPDATE OF i",
         heads = groups_with_due_heads!(),
         pending = item_status!(pending),
+        waited = WAITED,
         cursor = if after_cursor {
             "AND g.group_key > $4"
         } else {
@@ -451,6 +460,7 @@ impl Queue {
                             group_key: row.optional("group_key")?,
                             priority: row.required("priority")?,
                             version: row.required("version")?,
+                            waited: row.required("waited")?,
                         })
                     })
                     .collect()

@@ -304,3 +304,28 @@ fn run_refuses_repeatable_read_and_a_task_created_in_the_same_transaction() {
     let (code, _, _) = sql_error(tx.query("SELECT chunkwise.run('fresh')", &[]));
     assert_eq!(code, "25000");
 }
+
+/// This cluster does not preload pg_chunkwise: nothing would start an always-on pool or
+/// wake it, so always_on is refused (create and alter) with the setting named, and the
+/// task stays as it was. Everything else works without the preload (the other tests).
+#[test]
+fn always_on_without_the_preloaded_library_is_refused_and_changes_nothing() {
+    let mut db = test_db("always_on_unloaded");
+    db.batch_execute(
+        "CREATE PROCEDURE good(k bigint) LANGUAGE sql AS 'SELECT 1';
+         SELECT chunkwise.create_task('plain', call => 'good');
+         SELECT chunkwise.enqueue('plain', 1);",
+    )
+    .unwrap();
+    let before = queue_snapshot(&mut db);
+    for call in [
+        "SELECT chunkwise.create_task('resident', call => 'good', always_on => true)",
+        "SELECT chunkwise.alter_task('plain', always_on => true)",
+    ] {
+        let (sqlstate, message, hint) = sql_error(db.execute(call, &[]));
+        assert_eq!(sqlstate, "55000", "{call}: {message}");
+        assert!(message.contains("shared_preload_libraries"), "{message}");
+        assert!(hint.contains("shared_preload_libraries"), "{hint}");
+    }
+    assert_eq!(queue_snapshot(&mut db), before);
+}
