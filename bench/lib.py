@@ -16,7 +16,7 @@ RESULTS = ROOT / "bench" / "results"
 
 # The same server settings for every contender: enough WAL that no checkpoint lands in
 # the middle of one run and not another, durable commits (fsync and synchronous_commit
-# stay on), room for the workers.
+# stay on), room for the workers, the library preloaded for always-on pools.
 SERVER_SETTINGS = (
     "shared_buffers = 1GB",
     "max_wal_size = 16GB",
@@ -25,6 +25,8 @@ SERVER_SETTINGS = (
     "max_worker_processes = 32",
     "max_connections = 100",
     "chunkwise.max_workers = 16",
+    # The always-on launcher (bench/always_on.py); it sits idle for the others.
+    "shared_preload_libraries = 'pg_chunkwise'",
 )
 
 

@@ -4,6 +4,7 @@ writes bench/results/<name>.json. `bench/run.sh --help` for the options."""
 import argparse
 import sys
 
+import always_on
 import backlog_memory
 import chunked_upsert
 import citus_upsert
@@ -22,6 +23,7 @@ SCENARIOS = {
     "datamart": datamart,
     "citus_upsert": citus_upsert,
     "retention": retention,
+    "always_on": always_on,
 }
 
 

@@ -598,8 +598,11 @@ pub fn retire_pool(database: pg_sys::Oid, task_id: i32) {
 
 // ----- views
 
-/// The figures of this database's pools.
+/// The figures of this database's pools (none where the library is not preloaded).
 pub fn pool_figures(database: pg_sys::Oid) -> Vec<PoolFigures> {
+    if !available() {
+        return Vec::new();
+    }
     let registry = REGISTRY.share();
     registry
         .pools
