@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, after .ci/setup.sh: the module-circle check and the unit tests,
 # client tests against a real cluster
-# (tests/integration), which the test harness starts and stops itself, the upgrade
+# (tests/integration), the always-on pools on a cluster that preloads the library
+# (tests/always_on), which the test harness starts and stops itself, the upgrade
 # path from 0.1.0 (tests/upgrade), the Citus
 # scale-out tests (tests/citus), the fault-injection suite (tests/faults), one round of
 # both suites under CPU contention (.ci/stress.sh), the Debian
@@ -14,6 +15,8 @@ python3 .ci/module_cycles.py
 # Unit tests of the pure parts (no server; milliseconds).
 cargo test --release --lib
 cargo test --release --test integration
+# Always-on pools (their own cluster, with pg_chunkwise preloaded).
+cargo test --release --test always_on -- --nocapture
 # The upgrade path from the first release (built from git history) to this build.
 cargo test --release --test upgrade
 # Scale-out over a local 3-node Citus cluster (skips where Citus is not installed).
