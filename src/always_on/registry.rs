@@ -404,10 +404,10 @@ pub fn pool_size(pool: usize) -> PoolSize {
 
 /// The run new members of the pool join, starting a new one with `new_run_id()` when
 /// the pool has none.
-pub fn pool_run(pool: usize, new_run_id: impl FnOnce() -> Option<i64>) -> Option<i64> {
+pub fn pool_run<E>(pool: usize, new_run_id: impl FnOnce() -> Result<i64, E>) -> Result<i64, E> {
     let current = REGISTRY.share().pools[pool].run_id;
     if current != 0 {
-        return Some(current);
+        return Ok(current);
     }
     let fresh = new_run_id()?;
     let mut registry = REGISTRY.exclusive();
@@ -415,7 +415,7 @@ pub fn pool_run(pool: usize, new_run_id: impl FnOnce() -> Option<i64>) -> Option
     if slot.run_id == 0 {
         slot.run_id = fresh;
     }
-    Some(slot.run_id)
+    Ok(slot.run_id)
 }
 
 /// Reserves a member seat for a worker about to be launched into `run_id`.
@@ -485,20 +485,26 @@ pub fn join(seat: Seat, task_id: i32, run_id: i64) -> bool {
     true
 }
 
-/// Marks the member idle (asleep until woken) or busy.
-pub fn set_idle(seat: Seat, idle: bool) {
+/// Marks the member idle: asleep until a waker takes the mark.
+pub fn start_idling(seat: Seat) {
     let mut registry = REGISTRY.exclusive();
     let member = &mut registry.pools[seat.pool].members[seat.member];
     if member.process.is_me() {
-        member.idle = idle;
+        member.idle = true;
     }
 }
 
-/// Whether the member was woken for items (its idle mark was taken by the waker).
-pub fn was_woken(seat: Seat) -> bool {
-    let registry = REGISTRY.share();
-    let member = &registry.pools[seat.pool].members[seat.member];
-    member.process.is_me() && !member.idle
+/// Marks the member busy again; true when a committed enqueue had woken it (the waker
+/// took the idle mark), false when it woke by time or was never asleep.
+pub fn stop_idling(seat: Seat) -> bool {
+    let mut registry = REGISTRY.exclusive();
+    let member = &mut registry.pools[seat.pool].members[seat.member];
+    if !member.process.is_me() {
+        return false;
+    }
+    let woken = !member.idle;
+    member.idle = false;
+    woken
 }
 
 /// Whether the member must leave: told to retire, or its seat is no longer its own.

@@ -51,6 +51,16 @@ const HAS_ALWAYS_ON: &str = "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute 
      WHERE attrelid = pg_catalog.to_regclass('chunkwise.tasks') AND attname = 'always_on' \
        AND NOT attisdropped) AS answer";
 
+/// When the supervisor looks again.
+enum NextLook {
+    /// When its latch is set (a request, a member leaving).
+    WhenWoken,
+    /// After this long at the latest (a backoff, an empty pool's next retry).
+    After(Duration),
+    /// Never: its database has no always-on task and no worker it started is left.
+    Leave,
+}
+
 struct AlwaysOnTask {
     id: i32,
     name: String,
@@ -100,9 +110,11 @@ pub extern "C-unwind" fn chunkwise_supervisor_main(arg: pg_sys::Datum) {
     loop {
         let seen = registry::supervisor_requests(database);
         let timeout = match supervisor.look_in_transaction() {
-            Ok(Some(timeout)) => timeout,
-            Ok(None) if registry::supervisor_leaves(database, seen) => return,
-            Ok(None) => Some(Duration::ZERO),
+            Ok(NextLook::WhenWoken) => None,
+            Ok(NextLook::After(wait)) => Some(wait),
+            Ok(NextLook::Leave) if registry::supervisor_leaves(database, seen) => return,
+            // A request came in while it looked: look again at once.
+            Ok(NextLook::Leave) => Some(Duration::ZERO),
             Err((sqlstate, message)) => {
                 warning!(
                     "pg_chunkwise supervisor: its look at the always-on tasks failed [SQLSTATE {sqlstate}]: {message}; \
@@ -127,7 +139,7 @@ unsafe extern "C-unwind" fn supervisor_gone(_code: i32, database: pg_sys::Datum)
 impl Supervisor {
     /// `look` in a transaction of its own, with the pinned search_path; an ERROR in it is
     /// rolled back and returned as (SQLSTATE, message).
-    fn look_in_transaction(&mut self) -> Result<Option<Option<Duration>>, (String, String)> {
+    fn look_in_transaction(&mut self) -> Result<NextLook, (String, String)> {
         // SAFETY: reads the memory context the loop runs in, to return to after an ERROR.
         let memory = unsafe { pg_sys::CurrentMemoryContext };
         let ended = aborting_on_error(memory, || {
@@ -143,10 +155,8 @@ impl Supervisor {
     }
 
     /// One look at the always-on tasks: retires the pools of tasks that are no longer
-    /// always-on and starts what the others need. Returns how long to wait before the
-    /// next look unless woken (`Some(None)`: until woken), or `None` when the database has
-    /// no always-on task.
-    fn look(&mut self) -> SqlResult<Option<Option<Duration>>> {
+    /// always-on and starts what the others need. Returns when to look again.
+    fn look(&mut self) -> SqlResult<NextLook> {
         self.forget_stopped_workers();
         let tasks = if Spi::get_one::<bool>(HAS_ALWAYS_ON)?.unwrap_or(false) {
             always_on_tasks()?
@@ -157,9 +167,9 @@ impl Supervisor {
         registry::keep_only_pools(self.database, &ids);
         if tasks.is_empty() {
             return Ok(if self.launched.is_empty() {
-                None
+                NextLook::Leave
             } else {
-                Some(None)
+                NextLook::WhenWoken
             });
         }
         let mut next_look: Option<Duration> = None;
@@ -192,7 +202,7 @@ impl Supervisor {
                 sooner(Duration::from_secs_f64(seconds.max(0.001)));
             }
         }
-        Ok(Some(next_look))
+        Ok(next_look.map_or(NextLook::WhenWoken, NextLook::After))
     }
 
     /// Frees the seats of launched workers that stopped without joining, and backs off
@@ -225,9 +235,7 @@ impl Supervisor {
         if count <= 0 {
             return Ok(());
         }
-        let Some(run_id) = registry::pool_run(pool, || next_run_id().ok()) else {
-            return Ok(());
-        };
+        let run_id = registry::pool_run(pool, next_run_id)?;
         for _ in 0..count {
             let Some(seat) = registry::reserve_member(pool, run_id) else {
                 break;

@@ -4,7 +4,7 @@
 //! database's supervisor, which starts it again as the task now is. Before the commit
 //! nothing is visible to the workers, so nothing is woken; after a rollback nothing is.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use pgrx::pg_sys;
 
@@ -20,7 +20,7 @@ thread_local! {
     /// What this backend's transaction has to wake at commit.
     static PENDING: RefCell<Vec<Wake>> = const { RefCell::new(Vec::new()) };
     /// The transaction callback is registered once per backend.
-    static REGISTERED: RefCell<bool> = const { RefCell::new(false) };
+    static REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// `count` items of always-on task `task_id` were added in this transaction.
@@ -53,14 +53,11 @@ fn remember(add: impl FnOnce(&mut Vec<Wake>)) {
     if !registry::available() {
         return;
     }
-    REGISTERED.with(|registered| {
-        if !*registered.borrow() {
-            // SAFETY: registers a callback with a 'static function and no argument; it
-            // stays registered for the backend's life.
-            unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
-            *registered.borrow_mut() = true;
-        }
-    });
+    if !REGISTERED.replace(true) {
+        // SAFETY: registers a callback with a 'static function and no argument; it stays
+        // registered for the backend's life.
+        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
+    }
     PENDING.with(|pending| add(&mut pending.borrow_mut()));
 }
 

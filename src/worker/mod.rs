@@ -570,11 +570,11 @@ impl Worker {
     /// the look finds the mark and sets the latch, one that committed before is seen by
     /// the look, so no wake-up is lost between the two.
     fn idle_in_pool(&mut self, seat: Seat) -> Bookkeeping<bool> {
-        always_on::set_idle(seat, true);
+        always_on::start_idling(seat);
         let task_id = self.task.id;
         let next_due = transaction(|| self.queue.seconds_to_next_retry(task_id))?;
         if next_due.is_some_and(|seconds| seconds <= 0.0) {
-            always_on::set_idle(seat, false);
+            always_on::stop_idling(seat);
             return Ok(true);
         }
         let idle_since = *self.idle_since.get_or_insert_with(Instant::now);
@@ -588,13 +588,10 @@ impl Worker {
             self.task.name, self.tally.processed
         ));
         let alive = BackgroundWorker::wait_latch(Some(nap.max(Duration::from_millis(1))));
-        let woken = always_on::was_woken(seat);
-        always_on::set_idle(seat, false);
+        // (Whether it must leave, the next step looks first.)
+        let woken = always_on::stop_idling(seat);
         if !alive || self.should_stop() {
             self.stopped_early = true;
-            return Ok(false);
-        }
-        if always_on::must_leave(seat) {
             return Ok(false);
         }
         if !woken && idle_since.elapsed() >= idle_timeout {
