@@ -45,6 +45,18 @@ CREATE TABLE chunkwise.tasks (
     always_on           boolean NOT NULL DEFAULT false,
     min_workers         int NOT NULL DEFAULT 1,
     idle_timeout        interval NOT NULL DEFAULT '5 minutes',
+    -- Governance, read by running workers every second (alter_task changes a run under
+    -- way): items per second across the task's workers; gates checked between items
+    -- (the most replication lag of any standby, the 1-minute load average per core, the
+    -- owner's predicate); lock_timeout inside each item; a timed-out [lo, hi) item
+    -- splits in two halves, down to split_min_width.
+    max_rate            float8,
+    max_replication_lag interval,
+    max_load            float8,
+    pause_when          text,
+    lock_timeout        interval,
+    split_on_timeout    boolean NOT NULL DEFAULT false,
+    split_min_width     bigint NOT NULL DEFAULT 1,
     CHECK ((call IS NULL) <> (statement IS NULL))
 );
 
@@ -177,6 +189,15 @@ SELECT a.pid,
  WHERE a.backend_type = 'chunkwise worker';
 REVOKE ALL ON chunkwise._live_workers FROM PUBLIC;
 
+-- Why a worker waits instead of claiming: workers publish
+-- 'task <name>: throttled by <reason>; <n> items done' as their query while a gate is
+-- closed or max_rate holds them back. NULL for a worker that is not throttled.
+CREATE FUNCTION chunkwise._throttle_reason(state text, query text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN state IS DISTINCT FROM 'active'
+                THEN substring(query FROM ': throttled by (.*); [0-9]+ items done$') END
+$$;
+
 CREATE VIEW chunkwise.task_status WITH (security_barrier) AS
 SELECT t.task,
        chunkwise._owner(t.anchor, t.owner)::regrole AS owner,
@@ -197,7 +218,9 @@ SELECT t.task,
        (SELECT count(*) FROM chunkwise.run_history h WHERE h.task_id = t.task_id) AS kept_runs,
        t.always_on,
        -- Workers of an always-on pool asleep until items come.
-       coalesce(w.workers - w.running, 0) AS idle_workers
+       coalesce(w.workers - w.running - w.throttled_workers, 0) AS idle_workers,
+       -- Why its workers wait instead of claiming (max_rate, a load gate, pause_when).
+       w.throttled
   FROM chunkwise.tasks t
  CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE i.status = 'pending' AND i.not_before <= now()) AS pending,
@@ -221,8 +244,11 @@ SELECT t.task,
            AND i.finished_at > now() - interval '1 minute') r
   LEFT JOIN LATERAL (
         SELECT count(*) AS workers,
-               count(*) FILTER (WHERE lw.state = 'active') AS running
+               count(*) FILTER (WHERE lw.state = 'active') AS running,
+               count(lt.reason) AS throttled_workers,
+               string_agg(DISTINCT lt.reason, '; ') AS throttled
           FROM chunkwise._live_workers lw
+         CROSS JOIN LATERAL chunkwise._throttle_reason(lw.state, lw.query) lt(reason)
           JOIN chunkwise.run_history ru USING (run_id)
          WHERE ru.task_id = t.task_id) w ON true
  WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
@@ -286,8 +312,12 @@ SELECT lw.pid,
        CASE WHEN lw.state = 'active' THEN lw.query_start END AS since,
        coalesce(substring(lw.query FROM '; ([0-9]+) items done')::bigint, 0) AS items_done,
        lw.backend_start AS started_at,
-       CASE WHEN lw.state = 'active' THEN 'busy' ELSE 'idle' END AS state
+       CASE WHEN lw.state = 'active' THEN 'busy'
+            WHEN lt.reason IS NOT NULL THEN 'throttled'
+            ELSE 'idle' END AS state,
+       lt.reason AS throttled
   FROM chunkwise._live_workers lw
+ CROSS JOIN LATERAL chunkwise._throttle_reason(lw.state, lw.query) lt(reason)
   JOIN chunkwise.run_history r USING (run_id)
   JOIN chunkwise.tasks t USING (task_id)
  WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));

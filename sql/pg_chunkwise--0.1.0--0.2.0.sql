@@ -62,8 +62,18 @@ ALTER TABLE chunkwise.tasks
     ADD COLUMN min_workers int NOT NULL DEFAULT 1,
     ADD COLUMN idle_timeout interval NOT NULL DEFAULT '5 minutes';
 
--- create_task and alter_task take retain_done, retain_runs, always_on, min_workers and
--- idle_timeout.
+-- Resource governance (issue 20): a rate limit, load gates, lock manners, splitting ranges.
+ALTER TABLE chunkwise.tasks
+    ADD COLUMN max_rate float8,
+    ADD COLUMN max_replication_lag interval,
+    ADD COLUMN max_load float8,
+    ADD COLUMN pause_when text,
+    ADD COLUMN lock_timeout interval,
+    ADD COLUMN split_on_timeout boolean NOT NULL DEFAULT false,
+    ADD COLUMN split_min_width bigint NOT NULL DEFAULT 1;
+
+-- create_task and alter_task take retain_done, retain_runs, always_on, min_workers,
+-- idle_timeout and the governance options.
 DROP FUNCTION chunkwise.create_task(text, regproc, text, text, text, int, bigint, int, interval,
                                     interval, interval, int, bool, bool, bool);
 DROP FUNCTION chunkwise.alter_task(text, regproc, text, text, text, int, bigint, int, interval,
@@ -88,7 +98,14 @@ CREATE FUNCTION chunkwise.create_task(
 	"retain_runs" interval DEFAULT '30 days', /* Option < Interval > */
 	"always_on" bool DEFAULT false, /* Option < bool > */
 	"min_workers" INT DEFAULT 1, /* Option < i32 > */
-	"idle_timeout" interval DEFAULT '5 minutes' /* Option < Interval > */
+	"idle_timeout" interval DEFAULT '5 minutes', /* Option < Interval > */
+	"max_rate" double precision DEFAULT NULL, /* Option < f64 > */
+	"max_replication_lag" interval DEFAULT NULL, /* Option < Interval > */
+	"max_load" double precision DEFAULT NULL, /* Option < f64 > */
+	"pause_when" TEXT DEFAULT NULL, /* Option < & str > */
+	"lock_timeout" interval DEFAULT NULL, /* Option < Interval > */
+	"split_on_timeout" bool DEFAULT false, /* Option < bool > */
+	"split_min_width" bigint DEFAULT 1 /* Option < i64 > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -114,7 +131,14 @@ CREATE FUNCTION chunkwise.alter_task(
 	"retain_runs" interval DEFAULT NULL, /* Option < Interval > */
 	"always_on" bool DEFAULT NULL, /* Option < bool > */
 	"min_workers" INT DEFAULT NULL, /* Option < i32 > */
-	"idle_timeout" interval DEFAULT NULL /* Option < Interval > */
+	"idle_timeout" interval DEFAULT NULL, /* Option < Interval > */
+	"max_rate" double precision DEFAULT NULL, /* Option < f64 > */
+	"max_replication_lag" interval DEFAULT NULL, /* Option < Interval > */
+	"max_load" double precision DEFAULT NULL, /* Option < f64 > */
+	"pause_when" TEXT DEFAULT NULL, /* Option < & str > */
+	"lock_timeout" interval DEFAULT NULL, /* Option < Interval > */
+	"split_on_timeout" bool DEFAULT NULL, /* Option < bool > */
+	"split_min_width" bigint DEFAULT NULL /* Option < i64 > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -123,6 +147,15 @@ AS 'MODULE_PATHNAME', 'alter_task_wrapper';
 CREATE FUNCTION chunkwise._owner(anchor regtype, creator oid) RETURNS oid
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce((SELECT d.typowner FROM pg_catalog.pg_type d WHERE d.oid = anchor), creator)
+$$;
+
+-- Why a worker waits instead of claiming: workers publish
+-- 'task <name>: throttled by <reason>; <n> items done' as their query while a gate is
+-- closed or max_rate holds them back. NULL for a worker that is not throttled.
+CREATE FUNCTION chunkwise._throttle_reason(state text, query text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN state IS DISTINCT FROM 'active'
+                THEN substring(query FROM ': throttled by (.*); [0-9]+ items done$') END
 $$;
 
 CREATE OR REPLACE VIEW chunkwise.task_status WITH (security_barrier) AS
@@ -145,7 +178,9 @@ SELECT t.task,
        (SELECT count(*) FROM chunkwise.run_history h WHERE h.task_id = t.task_id) AS kept_runs,
        t.always_on,
        -- Workers of an always-on pool asleep until items come.
-       coalesce(w.workers - w.running, 0) AS idle_workers
+       coalesce(w.workers - w.running - w.throttled_workers, 0) AS idle_workers,
+       -- Why its workers wait instead of claiming (max_rate, a load gate, pause_when).
+       w.throttled
   FROM chunkwise.tasks t
  CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE i.status = 'pending' AND i.not_before <= now()) AS pending,
@@ -169,8 +204,11 @@ SELECT t.task,
            AND i.finished_at > now() - interval '1 minute') r
   LEFT JOIN LATERAL (
         SELECT count(*) AS workers,
-               count(*) FILTER (WHERE lw.state = 'active') AS running
+               count(*) FILTER (WHERE lw.state = 'active') AS running,
+               count(lt.reason) AS throttled_workers,
+               string_agg(DISTINCT lt.reason, '; ') AS throttled
           FROM chunkwise._live_workers lw
+         CROSS JOIN LATERAL chunkwise._throttle_reason(lw.state, lw.query) lt(reason)
           JOIN chunkwise.run_history ru USING (run_id)
          WHERE ru.task_id = t.task_id) w ON true
  WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
@@ -229,8 +267,12 @@ SELECT lw.pid,
        CASE WHEN lw.state = 'active' THEN lw.query_start END AS since,
        coalesce(substring(lw.query FROM '; ([0-9]+) items done')::bigint, 0) AS items_done,
        lw.backend_start AS started_at,
-       CASE WHEN lw.state = 'active' THEN 'busy' ELSE 'idle' END AS state
+       CASE WHEN lw.state = 'active' THEN 'busy'
+            WHEN lt.reason IS NOT NULL THEN 'throttled'
+            ELSE 'idle' END AS state,
+       lt.reason AS throttled
   FROM chunkwise._live_workers lw
+ CROSS JOIN LATERAL chunkwise._throttle_reason(lw.state, lw.query) lt(reason)
   JOIN chunkwise.run_history r USING (run_id)
   JOIN chunkwise.tasks t USING (task_id)
  WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));

@@ -118,10 +118,36 @@ pub fn sqlstate_of(packed: i32) -> String {
         .collect()
 }
 
+/// The packed error code of a five-character SQLSTATE (the reverse of [`sqlstate_of`]).
+pub fn packed_sqlstate(sqlstate: &str) -> i32 {
+    sqlstate
+        .bytes()
+        .take(5)
+        .enumerate()
+        .map(|(i, c)| (i32::from(c.wrapping_sub(b'0')) & 0x3f) << (6 * i))
+        .sum()
+}
+
 /// pgrx's own SPI errors (type mismatches, bad ordinals) are bugs on our side, not the
 /// caller's: PostgreSQL errors inside SPI are raised directly.
 impl From<pgrx::spi::SpiError> for SqlError {
     fn from(e: pgrx::spi::SpiError) -> Self {
         SqlError::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("SPI: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_pack_and_unpack() {
+        for state in ["57014", "55P03", "P0042", "42501", "XX000"] {
+            assert_eq!(sqlstate_of(packed_sqlstate(state)), state);
+        }
+        assert_eq!(
+            packed_sqlstate("55P03"),
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE as i32
+        );
     }
 }

@@ -11,6 +11,8 @@ static PROGRESS_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(10);
 static RETRY_WAIT_MAX: GucSetting<i32> = GucSetting::<i32>::new(30);
 static RECENCY_WINDOWS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"7,30,90"));
+static LOADAVG_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"/proc/loadavg"));
 static ACTIVITY_THRESHOLDS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"100,10"));
 
@@ -71,6 +73,14 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"chunkwise.loadavg_file",
+        c"Where max_load reads the machine's load average (default '/proc/loadavg').",
+        c"A file whose first field is the 1-minute load average, as /proc/loadavg; point it at a container's own view (LXCFS) where that is the one that counts.",
+        &LOADAVG_FILE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
 }
 
 pub fn max_workers() -> i32 {
@@ -97,6 +107,10 @@ pub fn recency_windows() -> String {
 
 pub fn activity_thresholds() -> String {
     guc_string(&ACTIVITY_THRESHOLDS)
+}
+
+pub fn loadavg_file() -> String {
+    guc_string(&LOADAVG_FILE)
 }
 
 fn guc_string(setting: &GucSetting<Option<CString>>) -> String {

@@ -11,6 +11,7 @@ mod api;
 mod catalog;
 mod columns;
 mod error;
+mod governance;
 mod gucs;
 mod item_status;
 mod launcher;

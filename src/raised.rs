@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 
-use crate::error::{SqlError, excerpt_of, sqlstate, sqlstate_of};
+use crate::error::{SqlError, excerpt_of, packed_sqlstate, sqlstate, sqlstate_of};
 
 /// Characters of an error message kept in the queue and the log.
 const MESSAGE_CHARS: usize = 2000;
@@ -32,6 +32,11 @@ impl RaisedError {
             sqlstate: sqlstate.to_string(),
             message: message.into(),
         }
+    }
+
+    /// Its code as pgrx names it (XX000 for a code PostgreSQL does not define).
+    pub fn code(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::from(packed_sqlstate(&self.sqlstate))
     }
 
     /// The error of a caught ERROR. `raised` is the code a [`RaisedCodeWatch`] saw: the

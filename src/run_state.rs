@@ -7,12 +7,16 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 
 use pgrx::pg_sys;
 
+use crate::governance::SharedRateSchedule;
+
 /// What happened to one attempt at an item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attempt {
     Done,
     /// Failed, with a retry scheduled.
     Failed,
+    /// Timed out and split in two (`split_on_timeout`): no attempt charged.
+    Split,
     /// Failed for the last time: the item is dead.
     Died,
 }
@@ -43,6 +47,7 @@ impl Tally {
                 self.failed += 1;
                 self.dead += 1;
             }
+            Attempt::Split => {}
         }
     }
 }
@@ -64,6 +69,8 @@ pub struct RunState {
     /// Set by whoever announces the end of the run (NOTIFY), so that it is announced once.
     finish_announced: AtomicBool,
     cancel: AtomicBool,
+    /// When the run's next item may start under `max_rate`.
+    pub rate: SharedRateSchedule,
 }
 
 impl RunState {
@@ -80,6 +87,7 @@ impl RunState {
             workers_gave_up: AtomicI32::new(0),
             finish_announced: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
+            rate: SharedRateSchedule::default(),
         }
     }
 
@@ -119,6 +127,7 @@ impl RunState {
                 self.dead.fetch_add(1, Ordering::SeqCst);
                 &self.failed
             }
+            Attempt::Split => return,
         };
         counter.fetch_add(1, Ordering::SeqCst);
     }

@@ -16,6 +16,7 @@ use std::panic::AssertUnwindSafe;
 
 use pgrx::prelude::*;
 
+use crate::error::SqlError;
 use crate::raised::{RaisedCodeWatch, RaisedError};
 
 mod timeout_ids {
@@ -107,6 +108,54 @@ pub fn without_keeping_locks<R>(read: impl FnOnce() -> R) -> R {
     // SAFETY: as above; `read` returned normally.
     unsafe { subtransaction.roll_back() };
     result
+}
+
+/// What [`in_subtransaction`] does with the subtransaction when its body succeeds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum OnSuccess {
+    /// Commit it into the caller's transaction (an item's effects).
+    Keep,
+    /// Roll it back (a predicate evaluated for its answer only).
+    RollBack,
+}
+
+/// Runs `f` as PL/pgSQL runs an EXCEPTION block: in a subtransaction of its own, with the
+/// identity and settings as they were restored afterwards (`f` may set more in the
+/// [`GucScope`] it is given; SET, SET ROLE and `set_config` inside are undone too). An
+/// ERROR in it, or an error it returns, rolls the subtransaction back and comes back with
+/// its SQLSTATE as raised; success keeps or rolls back the subtransaction as `on_success`
+/// says.
+pub fn in_subtransaction<R>(
+    on_success: OnSuccess,
+    f: impl FnOnce(&GucScope) -> Result<R, SqlError>,
+) -> Result<R, RaisedError> {
+    let subtransaction = Subtransaction::begin();
+    let watch = RaisedCodeWatch::push();
+    let raised = &watch;
+    let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
+        let identity = SavedIdentity::current();
+        let settings = GucScope::new();
+        let ran = f(&settings);
+        // Undone as at the end of a function: the settings made inside, a role set.
+        drop(settings);
+        drop(identity);
+        match (&ran, on_success) {
+            // SAFETY: the subtransaction begun above is the current one, in good state.
+            (Ok(_), OnSuccess::Keep) => unsafe { subtransaction.release() },
+            // SAFETY: as above.
+            _ => unsafe { subtransaction.roll_back() },
+        }
+        ran.map_err(RaisedError::from)
+    }))
+    .catch_others(move |caught| {
+        // SAFETY: as in PL/pgSQL: roll the subtransaction back, which also restores
+        // settings and identity.
+        unsafe { subtransaction.roll_back() };
+        Err(RaisedError::caught(caught, raised.last_raised()))
+    })
+    .execute();
+    drop(watch);
+    outcome
 }
 
 /// A GUC nest level of its own, as a function with `SET` clauses gets: settings made

@@ -20,8 +20,8 @@ use crate::error::{SqlError, SqlResult};
 
 pub use registry::{LATENCY_BUCKETS, PoolFigures, Seat};
 pub use registry::{
-    join, leave, must_leave, pool_figures, record_latency, retire_if_above_minimum, start_idling,
-    stop_idling,
+    give_back_rate, join, leave, must_leave, pool_figures, record_latency, retire_if_above_minimum,
+    start_idling, stop_idling, take_rate,
 };
 use wakeup::{items_added, task_changed};
 

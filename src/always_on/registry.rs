@@ -8,8 +8,12 @@
 //! database's supervisor, a database without one wakes the launcher. No process polls.
 //! Nothing here allocates or raises: the commit callback calls it after the commit.
 
+use std::time::Duration;
+
 use pgrx::pg_sys;
 use pgrx::{PGRXSharedMemory, PgLwLock, pg_guard, pg_shmem_init};
+
+use crate::governance::RateSchedule;
 
 /// Databases served at once, always-on tasks at once, and workers in one pool.
 const MAX_DATABASES: usize = 32;
@@ -112,6 +116,8 @@ struct PoolSlot {
     latency_buckets: [u64; LATENCY_BUCKETS.len() + 1],
     latency_sum: f64,
     latency_count: u64,
+    /// When the pool's next item may start under `max_rate`.
+    rate: RateSchedule,
 }
 
 impl PoolSlot {
@@ -131,6 +137,7 @@ impl PoolSlot {
         latency_buckets: [0; LATENCY_BUCKETS.len() + 1],
         latency_sum: 0.0,
         latency_count: 0,
+        rate: RateSchedule::ZERO,
     };
 
     /// Members that count toward the pool's size: present and not retiring.
@@ -563,6 +570,18 @@ pub fn record_latency(seat: Seat, seconds: f64) {
     slot.latency_buckets[bucket] += 1;
     slot.latency_sum += seconds.max(0.0);
     slot.latency_count += 1;
+}
+
+/// Takes `items` slots of the pool's `max_rate` schedule (see `governance`).
+pub fn take_rate(seat: Seat, now: i64, items: i64, rate: f64) -> Result<(), Duration> {
+    REGISTRY.exclusive().pools[seat.pool]
+        .rate
+        .take(now, items, rate)
+}
+
+/// Gives back slots taken for items a claim did not find.
+pub fn give_back_rate(seat: Seat, items: i64) {
+    REGISTRY.exclusive().pools[seat.pool].rate.give_back(items);
 }
 
 // ----- committing backends

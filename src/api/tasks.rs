@@ -7,6 +7,7 @@ use crate::always_on;
 use crate::catalog::{self, Task, required_task_name};
 use crate::columns::Columns;
 use crate::error::{OrRaise, SqlError, SqlResult, excerpt};
+use crate::governance::pause_when;
 use crate::gucs;
 use crate::item_status::item_status;
 use crate::launcher::DEFAULT_WORKERS;
@@ -15,7 +16,7 @@ use crate::ownership::{anchor_task, drop_anchor};
 use crate::security::{
     as_extension_owner, current_user, ensure_owner_can_run, ensure_owner_may_execute,
 };
-use crate::target::{Target, ensure_single_statement};
+use crate::target::{ItemShape, Target, ensure_single_statement};
 
 /// Longest task name: it must fit in `application_name` beside the run id.
 const MAX_TASK_NAME: usize = 40;
@@ -49,6 +50,14 @@ struct TaskOptions {
     always_on: bool,
     min_workers: i32,
     idle_timeout: Interval,
+    /// Governance (see `crate::governance`).
+    max_rate: Option<f64>,
+    max_replication_lag: Option<Interval>,
+    max_load: Option<f64>,
+    pause_when: Option<String>,
+    lock_timeout: Option<Interval>,
+    split_on_timeout: bool,
+    split_min_width: i64,
 }
 
 fn required<T>(value: Option<T>, name: &str) -> SqlResult<T> {
@@ -80,6 +89,22 @@ fn ensure_positive_interval(value: &Interval, name: &str) -> SqlResult<()> {
         SqlError::invalid_parameter(format!("{name} must be a positive interval"))
             .hint(format!("For example {name} => '10 seconds'.")),
     )
+}
+
+fn ensure_positive_number(value: f64, name: &str, what: &str) -> SqlResult<()> {
+    if value.is_finite() && value > 0.0 {
+        return Ok(());
+    }
+    Err(
+        SqlError::invalid_parameter(format!("{name} must be a positive number, not {value}"))
+            .hint(format!("{name} is {what}; leave it out for no limit.")),
+    )
+}
+
+/// Whether a statement uses `$2` (the `hi` of a `[lo, hi)` item).
+fn uses_second_parameter(sql: &str) -> bool {
+    sql.match_indices("$2")
+        .any(|(at, _)| !sql[at + 2..].starts_with(|c: char| c.is_ascii_digit()))
 }
 
 fn ensure_not_negative(value: &Interval, name: &str) -> SqlResult<()> {
@@ -180,6 +205,7 @@ impl TaskOptions {
             .hint("An always-on pool keeps min_workers workers up and grows to workers; raise workers or lower min_workers."));
         }
         ensure_positive_interval(&self.idle_timeout, "idle_timeout")?;
+        self.validate_governance()?;
         ensure_not_negative(&self.retain_done, "retain_done")?;
         ensure_not_negative(&self.retain_runs, "retain_runs")?;
         if self.rank_by_activity && self.source.is_none() {
@@ -187,6 +213,66 @@ impl TaskOptions {
                 SqlError::invalid_parameter("rank_by_activity needs a source query")
                     .hint("Give source => a query returning key, last_activity and actions."),
             );
+        }
+        Ok(())
+    }
+
+    fn validate_governance(&self) -> SqlResult<()> {
+        if let Some(rate) = self.max_rate {
+            ensure_positive_number(
+                rate,
+                "max_rate",
+                "items per second across the task's workers, e.g. max_rate => 200",
+            )?;
+        }
+        if let Some(load) = self.max_load {
+            ensure_positive_number(
+                load,
+                "max_load",
+                "the 1-minute load average per core above which workers wait, e.g. max_load => 1.5",
+            )?;
+        }
+        if let Some(lag) = &self.max_replication_lag {
+            ensure_positive_interval(lag, "max_replication_lag")?;
+        }
+        if let Some(timeout) = &self.lock_timeout {
+            ensure_positive_interval(timeout, "lock_timeout")?;
+        }
+        if let Some(expression) = self.pause_when.as_deref() {
+            pause_when::ensure_valid(expression, self.owner)?;
+        }
+        ensure_range(self.split_min_width, 1, i64::MAX, "split_min_width")?;
+        if self.split_on_timeout {
+            self.ensure_splittable()?;
+        }
+        Ok(())
+    }
+
+    /// `split_on_timeout` needs `[lo, hi)` items to halve, a timeout to split on, and
+    /// items that are not counted per group.
+    fn ensure_splittable(&self) -> SqlResult<()> {
+        let takes_ranges = match (self.call, self.statement.as_deref()) {
+            (Some(proc), _) => Target::for_call(proc)?.shape == Some(ItemShape::Range),
+            (None, Some(sql)) => uses_second_parameter(sql),
+            (None, None) => false,
+        };
+        if !takes_ranges {
+            return Err(SqlError::invalid_parameter(
+                "split_on_timeout needs a task of [lo, hi) range items",
+            )
+            .hint("Its call must take (bigint, bigint), or its statement use $1 and $2 as lo and hi; plan items with chunkwise.plan_ranges()."));
+        }
+        if self.item_timeout.is_none() {
+            return Err(
+                SqlError::invalid_parameter("split_on_timeout needs an item_timeout")
+                    .hint("Set item_timeout => the longest an item may run, e.g. '30 seconds'."),
+            );
+        }
+        if self.sequential_groups {
+            return Err(SqlError::invalid_parameter(
+                "split_on_timeout cannot split the items of sequential groups",
+            )
+            .hint("Drop sequential_groups, or split_on_timeout."));
         }
         Ok(())
     }
@@ -214,6 +300,13 @@ impl TaskOptions {
             ("always_on", self.always_on.into()),
             ("min_workers", self.min_workers.into()),
             ("idle_timeout", self.idle_timeout.into()),
+            ("max_rate", self.max_rate.into()),
+            ("max_replication_lag", self.max_replication_lag.into()),
+            ("max_load", self.max_load.into()),
+            ("pause_when", self.pause_when.as_deref().into()),
+            ("lock_timeout", self.lock_timeout.into()),
+            ("split_on_timeout", self.split_on_timeout.into()),
+            ("split_min_width", self.split_min_width.into()),
         ]
     }
 
@@ -324,6 +417,13 @@ impl TaskOptions {
                     always_on: row.required("always_on")?,
                     min_workers: row.required("min_workers")?,
                     idle_timeout: row.required("idle_timeout")?,
+                    max_rate: row.optional("max_rate")?,
+                    max_replication_lag: row.optional("max_replication_lag")?,
+                    max_load: row.optional("max_load")?,
+                    pause_when: row.optional("pause_when")?,
+                    lock_timeout: row.optional("lock_timeout")?,
+                    split_on_timeout: row.required("split_on_timeout")?,
+                    split_min_width: row.required("split_min_width")?,
                 })
             })
         })?;
@@ -380,6 +480,10 @@ fn alter_optional<T>(stored: &mut Option<T>, given: Option<T>, is_zero: impl Fn(
     }
 }
 
+fn is_zero_interval(interval: &Interval) -> bool {
+    interval.as_micros() == 0 && interval.months() == 0 && interval.days() == 0
+}
+
 /// Applies a required setting given to `alter_task`: NULL keeps the stored value.
 fn alter_required<T>(stored: &mut T, given: Option<T>) {
     if let Some(value) = given {
@@ -411,6 +515,13 @@ fn create_task(
     always_on: default!(Option<bool>, false),
     min_workers: default!(Option<i32>, 1),
     idle_timeout: default!(Option<Interval>, "'5 minutes'"),
+    max_rate: default!(Option<f64>, "NULL"),
+    max_replication_lag: default!(Option<Interval>, "NULL"),
+    max_load: default!(Option<f64>, "NULL"),
+    pause_when: default!(Option<&str>, "NULL"),
+    lock_timeout: default!(Option<Interval>, "NULL"),
+    split_on_timeout: default!(Option<bool>, false),
+    split_min_width: default!(Option<i64>, 1),
 ) {
     let run = || -> SqlResult<()> {
         let options = TaskOptions {
@@ -435,6 +546,13 @@ fn create_task(
             always_on: required(always_on, "always_on")?,
             min_workers: required(min_workers, "min_workers")?,
             idle_timeout: required(idle_timeout, "idle_timeout")?,
+            max_rate,
+            max_replication_lag,
+            max_load,
+            pause_when: pause_when.map(str::to_string),
+            lock_timeout,
+            split_on_timeout: required(split_on_timeout, "split_on_timeout")?,
+            split_min_width: required(split_min_width, "split_min_width")?,
         };
         options.validate()?;
         ensure_owner_can_run(&options.name, current_user())?;
@@ -446,7 +564,9 @@ fn create_task(
 }
 
 /// Changes a task's options. An option left out (NULL) keeps its value; '' clears
-/// `after` and `source`, 0 clears `workers`, `max_items_per_cycle` and `item_timeout`.
+/// `after`, `source` and `pause_when`; 0 clears `workers`, `max_items_per_cycle`,
+/// `item_timeout`, `max_rate`, `max_load`, `max_replication_lag` and `lock_timeout`.
+/// Running workers pick up the governance options within a second.
 /// Giving `call` replaces a `statement` and the other way round. Runs under way keep the
 /// options they started with; the next run uses the new ones. An always-on pool's
 /// members leave after their current item and the pool restarts with the new options.
@@ -473,6 +593,13 @@ fn alter_task(
     always_on: default!(Option<bool>, "NULL"),
     min_workers: default!(Option<i32>, "NULL"),
     idle_timeout: default!(Option<Interval>, "NULL"),
+    max_rate: default!(Option<f64>, "NULL"),
+    max_replication_lag: default!(Option<Interval>, "NULL"),
+    max_load: default!(Option<f64>, "NULL"),
+    pause_when: default!(Option<&str>, "NULL"),
+    lock_timeout: default!(Option<Interval>, "NULL"),
+    split_on_timeout: default!(Option<bool>, "NULL"),
+    split_min_width: default!(Option<i64>, "NULL"),
 ) {
     let run = || -> SqlResult<()> {
         let current = Task::for_caller(task, "alter")?;
@@ -489,9 +616,18 @@ fn alter_task(
             max_items_per_cycle,
             |&m| m == 0,
         );
-        alter_optional(&mut options.item_timeout, item_timeout, |t| {
-            t.as_micros() == 0 && t.months() == 0 && t.days() == 0
-        });
+        alter_optional(&mut options.item_timeout, item_timeout, is_zero_interval);
+        alter_optional(&mut options.max_rate, max_rate, |&r| r == 0.0);
+        alter_optional(
+            &mut options.max_replication_lag,
+            max_replication_lag,
+            is_zero_interval,
+        );
+        alter_optional(&mut options.max_load, max_load, |&l| l == 0.0);
+        alter_text(&mut options.pause_when, pause_when);
+        alter_optional(&mut options.lock_timeout, lock_timeout, is_zero_interval);
+        alter_required(&mut options.split_on_timeout, split_on_timeout);
+        alter_required(&mut options.split_min_width, split_min_width);
         alter_required(&mut options.max_attempts, max_attempts);
         alter_required(&mut options.retry_backoff, retry_backoff);
         alter_required(&mut options.retry_backoff_max, retry_backoff_max);

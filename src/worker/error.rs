@@ -3,6 +3,7 @@
 use pgrx::spi::SpiError;
 
 use crate::columns::ColumnError;
+use crate::error::SqlError;
 use crate::raised::RaisedError;
 
 /// Why one of the worker's own statements on the queue tables failed.
@@ -20,6 +21,14 @@ pub enum Cause {
     /// The statement found no row where one must be (the claimed item, say).
     #[error("it found no row")]
     NoRow,
+}
+
+/// What the extension's own checks refused while reading bookkeeping (a stored option
+/// that no longer parses, say), as an ERROR of that code would be.
+impl From<SqlError> for Cause {
+    fn from(refused: SqlError) -> Self {
+        Cause::Raised(RaisedError::from(refused))
+    }
 }
 
 /// An error in the worker's bookkeeping: which statement, and why.

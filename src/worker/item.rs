@@ -1,7 +1,8 @@
 //! Running one item's target (and `after`) in a subtransaction of the worker's
 //! transaction: a failure rolls back that item alone and the worker goes on.
 
-use std::panic::AssertUnwindSafe;
+use std::ffi::CStr;
+use std::time::Instant;
 
 use pgrx::JsonB;
 use pgrx::prelude::*;
@@ -10,14 +11,19 @@ use super::discarding_plan::DiscardingPlan;
 use super::queue::ClaimedItem;
 use super::signals;
 use crate::error::SqlError;
-use crate::raised::{RaisedCodeWatch, RaisedError};
+use crate::raised::RaisedError;
 use crate::target::Target;
-use crate::transaction::{GucScope, SavedIdentity, StatementTimer, Subtransaction};
+use crate::transaction::{OnSuccess, StatementTimer, in_subtransaction};
 
 pub enum ItemOutcome {
     Done,
     Failed(RaisedError),
+    /// Cancelled by `item_timeout`.
+    TimedOut(RaisedError),
 }
+
+/// The SQLSTATE of a cancelled statement (a timeout, or pg_cancel_backend).
+const QUERY_CANCELED: &str = "57014";
 
 /// A target with its plan, prepared on first use and kept for the worker's life.
 struct PreparedTarget {
@@ -66,46 +72,20 @@ impl Targets {
         }
     }
 
-    /// Runs the item in a subtransaction. Whatever the target changes in the session
-    /// (SET, SET ROLE, search_path, session advisory locks, temporary tables, prepared
-    /// statements) is undone before the next item.
-    pub fn execute(&mut self, item: &ClaimedItem) -> ItemOutcome {
-        let subtransaction = Subtransaction::begin();
+    /// Runs the item in a subtransaction, under `lock_timeout` when given. Whatever the
+    /// target changes in the session (SET, SET ROLE, search_path, session advisory locks,
+    /// temporary tables, prepared statements) is undone before the next item.
+    pub fn execute(&mut self, item: &ClaimedItem, lock_timeout: Option<&CStr>) -> ItemOutcome {
         let timeout_ms = self.timeout_ms;
-        let watch = RaisedCodeWatch::push();
-        let raised = &watch;
-        let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
-            let identity = SavedIdentity::current();
-            let settings = GucScope::new();
-            let timer = StatementTimer::arm(timeout_ms);
-            let ran = self.run_targets(item);
-            // Undone as at the end of a function: the timer, the settings the target
-            // made, a role it set.
-            drop(timer);
-            drop(settings);
-            drop(identity);
-            match ran {
-                Ok(()) => {
-                    // SAFETY: the item's subtransaction is the current one, in good state.
-                    unsafe { subtransaction.release() };
-                    ItemOutcome::Done
-                }
-                Err(refused) => {
-                    // SAFETY: as above.
-                    unsafe { subtransaction.roll_back() };
-                    ItemOutcome::Failed(RaisedError::from(refused))
-                }
+        let started = Instant::now();
+        let outcome = in_subtransaction(OnSuccess::Keep, |settings| {
+            if let Some(lock_timeout) = lock_timeout {
+                settings.set(c"lock_timeout", lock_timeout);
             }
-        }))
-        .catch_others(move |caught| {
-            // SAFETY: as in PL/pgSQL: roll the item's subtransaction back, which also
-            // restores settings and identity.
-            unsafe { subtransaction.roll_back() };
-            ItemOutcome::Failed(RaisedError::caught(caught, raised.last_raised()))
-        })
-        .execute();
+            let _timer = StatementTimer::arm(timeout_ms);
+            self.run_targets(item)
+        });
         signals::forget_cancel();
-        drop(watch);
         // A session-level advisory lock outlives the subtransaction: one a target took and
         // kept would block every later item that wants it. Let them all go, as
         // pg_advisory_unlock_all() does. (The worker takes none of its own.)
@@ -121,7 +101,18 @@ impl Targets {
             pg_sys::DropAllPreparedStatements();
             pg_sys::ResetTempTableNamespace();
         }
-        outcome
+        match outcome {
+            Ok(()) => ItemOutcome::Done,
+            // A cancel once item_timeout has passed is the timer's (a user's cancel at
+            // that moment would be taken for it, which only makes it split or retry).
+            Err(failure)
+                if failure.sqlstate == QUERY_CANCELED
+                    && timeout_ms.is_some_and(|ms| started.elapsed().as_millis() >= ms as u128) =>
+            {
+                ItemOutcome::TimedOut(failure)
+            }
+            Err(failure) => ItemOutcome::Failed(failure),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ mod inflight;
 mod item;
 mod queue;
 mod signals;
+mod throttle;
 
 use std::ffi::{CStr, CString};
 use std::time::{Duration, Instant};
@@ -22,9 +23,11 @@ use error::{Bookkeeping, BookkeepingError, Cause};
 use inflight::InFlightSlot;
 use item::{ItemOutcome, Targets};
 use queue::{ClaimCursor, ClaimedItem, Queue};
+use throttle::{GATE_RECHECK, Throttle};
 
 use crate::always_on::{self, Seat};
 use crate::catalog::Task;
+use crate::governance::{now_micros, split_point};
 use crate::gucs;
 use crate::notify;
 use crate::raised::RaisedError;
@@ -146,6 +149,8 @@ struct Worker {
     gave_up: bool,
     /// A pool member: since when it has found nothing to do.
     idle_since: Option<Instant>,
+    /// The task's governance: gates, rate limit, lock_timeout, splitting.
+    throttle: Throttle,
 }
 
 impl Worker {
@@ -207,6 +212,7 @@ impl Worker {
             flushed_at: Instant::now(),
             gave_up: false,
             idle_since: None,
+            throttle: Throttle::new(),
         }))
     }
 
@@ -330,8 +336,15 @@ impl Worker {
             return Ok(Step::Exit); // the run's max_items is used up
         }
         self.reserved = granted;
+        if !self.pass_governance(granted)? {
+            self.give_back_reserved(0);
+            return Ok(Step::Exit);
+        }
         let handled = self.run_batch(granted)?;
         self.give_back_reserved(handled);
+        if handled < granted {
+            self.give_back_rate(granted - handled);
+        }
         report_idle();
         if handled > 0 {
             self.idle_since = None;
@@ -460,23 +473,25 @@ impl Worker {
                 "task {}: key {} (item {}); {} items done",
                 self.task.name, item.key, item.id, self.tally.processed
             ));
-            let attempt = match self.targets.execute(item) {
+            let lock_timeout = self.throttle.governance().lock_timeout.as_deref();
+            let attempt = match self.targets.execute(item, lock_timeout) {
                 ItemOutcome::Done => {
                     self.queue.mark_done(item, self.args.run_id)?;
                     Attempt::Done
                 }
-                ItemOutcome::Failed(_) if signals::self_terminated() => {
+                ItemOutcome::Failed(_) | ItemOutcome::TimedOut(_) if signals::self_terminated() => {
                     // The item's own target sent the SIGTERM: its attempt failed.
                     let failure =
                         RaisedError::new("57P01", "the item's target terminated its own worker");
                     self.queue
                         .record_failure(item, &failure, self.args.run_id)?
                 }
-                ItemOutcome::Failed(_) if signals::stop_signalled() => {
+                ItemOutcome::Failed(_) | ItemOutcome::TimedOut(_) if signals::stop_signalled() => {
                     // Stopped from outside: rolled back, not counted.
                     self.stopped_early = true;
                     break;
                 }
+                ItemOutcome::TimedOut(failure) => self.split_or_fail(item, &failure)?,
                 ItemOutcome::Failed(failure) => {
                     self.queue
                         .record_failure(item, &failure, self.args.run_id)?
@@ -493,6 +508,95 @@ impl Worker {
             citus::commit_remote_work_with_2pc();
         }
         Ok((items, attempts, flushed))
+    }
+
+    /// A `[lo, hi)` item that ran past `item_timeout`: with `split_on_timeout`, and if
+    /// it is wide enough, it becomes two halves in this transaction (no attempt charged,
+    /// and its rolled-back work is done by the halves); otherwise a failed attempt.
+    fn split_or_fail(&self, item: &ClaimedItem, failure: &RaisedError) -> Bookkeeping<Attempt> {
+        let governance = self.throttle.governance();
+        let at = item
+            .hi
+            .filter(|_| governance.split_on_timeout)
+            .and_then(|hi| {
+                split_point(item.key, hi, governance.split_min_width).map(|at| (at, hi))
+            });
+        if let Some((at, hi)) = at
+            && let Some(child) = self.queue.split(item, at, self.args.run_id)?
+        {
+            log!(
+                "pg_chunkwise task \"{}\": item {} [{}, {hi}) ran past item_timeout; split into item {} [{}, {at}) and item {child} [{at}, {hi})",
+                self.task.name,
+                item.id,
+                item.key,
+                item.id,
+                item.key
+            );
+            return Ok(Attempt::Split);
+        }
+        self.queue.record_failure(item, failure, self.args.run_id)
+    }
+
+    /// Waits until the task's gates are open and `max_rate` lets `items` items start
+    /// (see `throttle`). Nothing is claimed meanwhile. Returns false when the worker
+    /// should leave instead: SIGTERM, pause or cancel, or its pool wants it gone. A
+    /// closed gate holds nothing back while no work is due.
+    fn pass_governance(&mut self, items: i64) -> Bookkeeping<bool> {
+        let task_id = self.task.id;
+        let mut last_stop_check = Instant::now();
+        loop {
+            let closed = transaction(|| {
+                self.throttle.reread_if_due(&self.queue, task_id)?;
+                match self.throttle.closed_gate(&self.queue, &self.task.name)? {
+                    Some(reason) if self.queue.work_remains(task_id)? => Ok(Some(reason)),
+                    _ => Ok(None),
+                }
+            })?;
+            let (reason, wait) = match closed {
+                Some(reason) => (reason, GATE_RECHECK),
+                None => match self.throttle.governance().max_rate {
+                    None => return Ok(true),
+                    Some(rate) => match self.take_rate(items, rate) {
+                        Ok(()) => return Ok(true),
+                        Err(wait) => (format!("max_rate ({rate}/s)"), wait.min(GATE_RECHECK)),
+                    },
+                },
+            };
+            report_waiting(&format!(
+                "task {}: throttled by {reason}; {} items done",
+                self.task.name, self.tally.processed
+            ));
+            if !BackgroundWorker::wait_latch(Some(wait.max(Duration::from_micros(100))))
+                || transaction(|| self.stop_between_items(&mut last_stop_check))?
+            {
+                self.stopped_early = true;
+                return Ok(false);
+            }
+            if self.args.seat.is_some_and(always_on::must_leave) {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Takes `items` slots of the `max_rate` schedule the worker shares: its run's, or
+    /// its pool's.
+    fn take_rate(&self, items: i64, rate: f64) -> Result<(), Duration> {
+        let now = now_micros();
+        match self.args.seat {
+            Some(seat) => always_on::take_rate(seat, now, items, rate),
+            None => self.shared.state().rate.take(now, items, rate),
+        }
+    }
+
+    /// Gives back `max_rate` slots a claim did not use.
+    fn give_back_rate(&self, items: i64) {
+        if self.throttle.governance().max_rate.is_none() {
+            return;
+        }
+        match self.args.seat {
+            Some(seat) => always_on::give_back_rate(seat, items),
+            None => self.shared.state().rate.give_back(items),
+        }
     }
 
     /// Whether the batch should end before its next item: SIGTERM or the launcher's

@@ -15,6 +15,7 @@ use super::error::{Bookkeeping, BookkeepingError, Cause};
 use super::inflight;
 use crate::catalog::Task;
 use crate::columns::Columns;
+use crate::governance::{GOVERNANCE_COLUMNS, Governance};
 use crate::item_status::item_status;
 use crate::locks;
 use crate::notify;
@@ -195,6 +196,25 @@ const MARK_DONE_IN_GROUP: &str = concat!(
 const STOP_REQUESTED: &str = "SELECT coalesce((SELECT paused OR cancelled_through >= $2 \
        FROM chunkwise.tasks WHERE task_id = $1), true) AS answer";
 
+/// The task's ($1) governance options, read again every second by running workers.
+fn governance_sql() -> String {
+    format!("SELECT {GOVERNANCE_COLUMNS} FROM chunkwise.tasks WHERE task_id = $1")
+}
+
+/// The most replication lag of any standby now, in seconds (0 without standbys, or
+/// while they are caught up and idle: the lags are then NULL).
+const REPLICATION_LAG: &str = "SELECT coalesce(extract(epoch FROM        max(greatest(write_lag, flush_lag, replay_lag))), 0)::float8 AS lag        FROM pg_catalog.pg_stat_replication";
+
+/// Splits the claimed `[lo, hi)` item $1 at $2: a new pending item `[$2, hi)` with its
+/// priority, group, payload and attempts, and the item itself shrunk to `[lo, $2)`; no
+/// attempt is charged. A pending item already at key $2 (overlapping plans) makes it
+/// split nothing: then `child` is NULL and the timeout counts as a failure.
+const SPLIT_ITEM: &str = concat!(
+    "WITH parent AS (SELECT task_id, hi, priority, group_key, payload, attempts                        FROM chunkwise.items WHERE item_id = $1),           child AS (INSERT INTO chunkwise.items (task_id, key, hi, priority, group_key, payload, attempts, run_id)                     SELECT task_id, $2, hi, priority, group_key, payload, attempts, $3 FROM parent                     ON CONFLICT (task_id, key) WHERE status = ",
+    item_status!(pending),
+    " DO NOTHING RETURNING item_id),           shrunk AS (UPDATE chunkwise.items SET hi = $2, run_id = $3                       WHERE item_id = $1 AND EXISTS (SELECT FROM child))      SELECT (SELECT item_id FROM child) AS child"
+);
+
 /// A failed attempt: attempts + 1; dead after max_attempts, else due again after an
 /// exponential backoff (retry_backoff * 2^(attempts-1), capped at retry_backoff_max).
 /// `$condition` narrows which item rows it applies to. The RETURNING columns are read by
@@ -291,6 +311,7 @@ pub struct Queue {
     work_remains: OwnedPreparedStatement,
     mark_done: OwnedPreparedStatement,
     record_failure: OwnedPreparedStatement,
+    governance: OwnedPreparedStatement,
     /// The bookkeeping statement under way: an ERROR it raises unwinds past the queue,
     /// and the worker's log line names the statement from here.
     running: Cell<Option<&'static str>>,
@@ -374,6 +395,7 @@ impl Queue {
                     record_failure: client
                         .prepare_mut(RECORD_FAILURE, &[int8(), text(), text(), int8()])?
                         .keep(),
+                    governance: client.prepare_mut(&governance_sql(), &[int4()])?.keep(),
                     running: Cell::new(None),
                 })
             })
@@ -577,6 +599,37 @@ impl Queue {
             }
         }
         Ok(())
+    }
+
+    /// The task's governance options as they are now; `None` when it was dropped.
+    pub fn governance(&self, task_id: i32) -> Bookkeeping<Option<Governance>> {
+        self.run("governance", || {
+            Spi::connect_mut(|client| {
+                let table = client.update(&self.governance, Some(1), &[task_id.into()])?;
+                match table.into_iter().next() {
+                    Some(row) => Ok(Some(Governance::from_row(&row)?)),
+                    None => Ok(None),
+                }
+            })
+        })
+    }
+
+    /// The most replication lag of any standby, in seconds.
+    pub fn replication_lag_secs(&self) -> Bookkeeping<f64> {
+        self.run("replication lag", || {
+            Ok(Spi::get_one::<f64>(REPLICATION_LAG)?.unwrap_or(0.0))
+        })
+    }
+
+    /// Splits a timed-out `[lo, hi)` item at `at` (see `SPLIT_ITEM`); returns the new
+    /// item's id, or `None` when it could not split.
+    pub fn split(&self, item: &ClaimedItem, at: i64, run_id: i64) -> Bookkeeping<Option<i64>> {
+        self.run("split item", || {
+            Ok(Spi::get_one_with_args::<i64>(
+                SPLIT_ITEM,
+                &[item.id.into(), at.into(), run_id.into()],
+            )?)
+        })
     }
 
     /// Seconds until the earliest retry of the task falls due, if any is scheduled.

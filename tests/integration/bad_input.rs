@@ -270,6 +270,71 @@ fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
         ("SELECT chunkwise.run('existing', workers => 0)", "22023"),
         ("SELECT chunkwise.run('existing', workers => 1000)", "22023"),
         ("SELECT chunkwise.run('existing', max_items => 0)", "22023"),
+        // Governance.
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', max_rate => 0)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.alter_task('existing', max_rate => -5)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', max_rate => 'NaN')",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', max_load => -1)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', lock_timeout => '-1 second')",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', max_replication_lag => '0')",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', pause_when => '42')",
+            "42804",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', pause_when => 'true) FROM t WHERE (true')",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', pause_when => 'true), (false')",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', pause_when => 'true) UNION SELECT (false')",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', pause_when => 'true; DROP TABLE t')",
+            "42601",
+        ),
+        (
+            "SELECT chunkwise.alter_task('existing', pause_when => '(SELECT no_such_column FROM t)')",
+            "42703",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', call => 'good', item_timeout => '1s', split_on_timeout => true)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.create_task('x', statement => 'SELECT $1', item_timeout => '1s', split_on_timeout => true)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.alter_task('ranges', split_on_timeout => true)",
+            "22023",
+        ),
+        (
+            "SELECT chunkwise.alter_task('ranges', item_timeout => '1s', split_on_timeout => true, split_min_width => 0)",
+            "22023",
+        ),
     ];
     for (sql, code) in cases {
         let (got, message, hint) = sql_error(db.query(*sql, &[]));

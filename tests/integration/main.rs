@@ -12,6 +12,7 @@ mod deadlocks;
 mod draining;
 mod engine;
 mod examples;
+mod governance;
 mod groups;
 mod hijack;
 mod interrupts;
