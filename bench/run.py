@@ -10,6 +10,7 @@ import chunked_upsert
 import citus_upsert
 import claim_groups
 import datamart
+import governance
 import per_item
 import readme
 import retention
@@ -24,6 +25,7 @@ SCENARIOS = {
     "citus_upsert": citus_upsert,
     "retention": retention,
     "always_on": always_on,
+    "governance": governance,
 }
 
 

@@ -545,13 +545,17 @@ impl Worker {
         let task_id = self.task.id;
         let mut last_stop_check = Instant::now();
         loop {
-            let closed = transaction(|| {
-                self.throttle.reread_if_due(&self.queue, task_id)?;
-                match self.throttle.closed_gate(&self.queue, &self.task.name)? {
-                    Some(reason) if self.queue.work_remains(task_id)? => Ok(Some(reason)),
-                    _ => Ok(None),
-                }
-            })?;
+            let closed = if self.throttle.due_for_a_look() {
+                transaction(|| {
+                    self.throttle.reread_if_due(&self.queue, task_id)?;
+                    match self.throttle.closed_gate(&self.queue, &self.task.name)? {
+                        Some(reason) if self.queue.work_remains(task_id)? => Ok(Some(reason)),
+                        _ => Ok(None),
+                    }
+                })?
+            } else {
+                None
+            };
             let (reason, wait) = match closed {
                 Some(reason) => (reason, GATE_RECHECK),
                 None => match self.throttle.governance().max_rate {

@@ -49,6 +49,16 @@ impl Throttle {
         &self.governance
     }
 
+    /// Whether the next [`reread_if_due`](Self::reread_if_due) or
+    /// [`closed_gate`](Self::closed_gate) would look at anything: most steps need
+    /// neither, and then no transaction is spent on them.
+    pub fn due_for_a_look(&self) -> bool {
+        let reread = self.read_at.is_none_or(|at| at.elapsed() >= REREAD_INTERVAL);
+        let gates = self.governance.has_gates()
+            && !matches!(&self.verdict, Some((at, None)) if at.elapsed() < GATE_RECHECK);
+        reread || gates
+    }
+
     /// Reads the task's options again when `REREAD_INTERVAL` has passed; call inside a
     /// transaction. A task dropped meanwhile keeps the options last read (the claim ends
     /// its run).
