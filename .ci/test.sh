@@ -2,7 +2,8 @@
 # The whole test suite, after .ci/setup.sh: the module-circle check and the unit tests,
 # client tests against a real cluster
 # (tests/integration), the always-on pools on a cluster that preloads the library
-# (tests/always_on), which the test harness starts and stops itself, the upgrade
+# (tests/always_on) and the replication-lag gate beside a standby (tests/replication),
+# clusters the test harness starts and stops itself, the upgrade
 # path from 0.1.0 (tests/upgrade), the Citus
 # scale-out tests (tests/citus), the fault-injection suite (tests/faults), one round of
 # both suites under CPU contention (.ci/stress.sh), the Debian
@@ -17,6 +18,8 @@ cargo test --release --lib
 cargo test --release --test integration
 # Always-on pools (their own cluster, with pg_chunkwise preloaded).
 cargo test --release --test always_on -- --nocapture
+# The replication-lag gate (a primary and a standby of their own).
+cargo test --release --test replication -- --nocapture
 # The upgrade path from the first release (built from git history) to this build.
 cargo test --release --test upgrade
 # Scale-out over a local 3-node Citus cluster (skips where Citus is not installed).

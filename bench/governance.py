@@ -2,7 +2,8 @@
 
 pgbench's tpcb-like transactions (2 clients at a fixed rate) run alone, then beside a
 chunked upsert of 2M stage rows into an 8M-row target (chunked_upsert's tables, plan_ranges
-chunks, 2 workers) run three ways: unthrottled, with max_rate, and with max_load. For each:
+chunks, 2 workers) run four ways: unthrottled, with max_rate, with max_rate in chunks a tenth
+the size (the same rows per second), and with max_load. For each:
 the OLTP latency p50/p95/p99 of the transactions that ran while the upsert did (pgbench's
 per-transaction log, by completion time), and how long the upsert took. The target: with
 a throttle, the OLTP p99 stays within 1.5x of alone while the upsert still finishes.
@@ -48,23 +49,24 @@ def latencies(log_prefix, window):
             "p99_ms": round(cut[98], 2)}
 
 
-def upsert(conn, args, options):
-    """Plans and runs the chunked upsert with `options` (SQL of create_task's); returns
-    its seconds and its epoch window."""
+def upsert(conn, chunk_rows, options):
+    """Plans and runs the chunked upsert in chunks of `chunk_rows` with `options` (SQL
+    of create_task's); returns its seconds and its epoch window."""
     conn.execute("SELECT chunkwise.drop_task(task) FROM chunkwise.tasks WHERE task = 'gov_upsert'")
     statement = chunked_upsert.UPSERT.format(target="gov_target", where=chunked_upsert.BY_KEY)
     conn.execute(f"SELECT chunkwise.create_task('gov_upsert', statement => %s, workers => 2{options})",
                  (statement,))
-    conn.execute("SELECT chunkwise.plan_ranges('gov_upsert', 'stage', 'id', %s)", (args.chunk_rows,))
+    conn.execute("SELECT chunkwise.plan_ranges('gov_upsert', 'stage', 'id', %s)", (chunk_rows,))
     start = time.time()
     conn.execute("SELECT * FROM chunkwise.run('gov_upsert')")
     end = time.time()
     return end - start, (start, end)
 
 
-def phase(cluster, conn, args, name, options, seconds):
-    """pgbench for `seconds`, with the upsert started after WARM_UP unless `options` is
-    None; the OLTP figures of the overlap, and the upsert's."""
+def phase(cluster, conn, args, name, options, seconds, chunk_rows=None):
+    """pgbench for `seconds`, with the upsert (in chunks of `chunk_rows`, by default
+    --chunk-rows) started after WARM_UP unless `options` is None; the OLTP figures of
+    the overlap, and the upsert's."""
     if options is not None:
         chunked_upsert.fresh_target(conn, "gov_target")
     with tempfile.TemporaryDirectory() as logs:
@@ -75,7 +77,7 @@ def phase(cluster, conn, args, name, options, seconds):
         if options is None:
             upsert_seconds, window = None, (bench_started + WARM_UP, bench_started + seconds)
         else:
-            upsert_seconds, window = upsert(conn, args, options)
+            upsert_seconds, window = upsert(conn, chunk_rows or args.chunk_rows, options)
         _, errors = oltp.communicate()
         if oltp.returncode != 0:
             raise RuntimeError(f"pgbench failed: {errors}")
@@ -109,6 +111,12 @@ def run(cluster, args):
     rate = round(chunks / unthrottled["upsert_s"] / 4, 1)
     results.append(phase(cluster, conn, args, f"beside the upsert, max_rate => {rate}",
                          f", max_rate => {rate}", seconds))
+    # The same rows per second in chunks a tenth the size: each chunk holds the CPU and
+    # the WAL a tenth as long.
+    small = max(args.chunk_rows // 10, 1)
+    results.append(phase(cluster, conn, args,
+                         f"beside the upsert, {small:,}-row chunks, max_rate => {rate * 10:g}",
+                         f", max_rate => {rate * 10:g}", seconds, chunk_rows=small))
     results.append(phase(cluster, conn, args, "beside the upsert, max_load => 0.5",
                          ", max_load => 0.5", seconds))
     alone = results[0]

@@ -189,6 +189,9 @@ impl Worker {
         let slot = InFlightSlot::create(args.database);
         queue.register_worker(&args)?;
         shared.state().attach_worker();
+        // Its gates are known before its first claim.
+        let mut throttle = Throttle::new();
+        throttle.reread_if_due(&queue, task.id)?;
         let targets = Targets::new(
             target,
             task.after.as_deref().map(Target::for_statement),
@@ -212,7 +215,7 @@ impl Worker {
             flushed_at: Instant::now(),
             gave_up: false,
             idle_since: None,
-            throttle: Throttle::new(),
+            throttle,
         }))
     }
 
@@ -446,6 +449,8 @@ impl Worker {
         limit: i64,
     ) -> Bookkeeping<(Vec<ClaimedItem>, Vec<Attempt>, Tally)> {
         let flushed = self.flush_tally_if_due()?;
+        // The task's options, read again here when it has no gates (see `throttle`).
+        self.throttle.reread_if_due(&self.queue, self.task.id)?;
         let mut items = self.queue.claim(
             self.task.id,
             self.args.run_id,

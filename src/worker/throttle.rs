@@ -52,9 +52,17 @@ impl Throttle {
     /// Whether the next [`reread_if_due`](Self::reread_if_due) or
     /// [`closed_gate`](Self::closed_gate) would look at anything: most steps need
     /// neither, and then no transaction is spent on them.
+    ///
+    /// A task without gates or rate limit spends nothing here: its options are read
+    /// again inside the batch's own transaction (see `reread_if_due`), so a gate set
+    /// by `alter_task` holds from the claim after next.
     pub fn due_for_a_look(&self) -> bool {
-        let reread = self.read_at.is_none_or(|at| at.elapsed() >= REREAD_INTERVAL);
-        let gates = self.governance.has_gates()
+        let g = &self.governance;
+        let reread = (g.has_gates() || g.max_rate.is_some())
+            && self
+                .read_at
+                .is_none_or(|at| at.elapsed() >= REREAD_INTERVAL);
+        let gates = g.has_gates()
             && !matches!(&self.verdict, Some((at, None)) if at.elapsed() < GATE_RECHECK);
         reread || gates
     }

@@ -80,6 +80,26 @@ extern "C" fn stop_clusters() {
     }
 }
 
+/// The directory of `spec`'s cluster, emptied (a server left running there by an
+/// earlier test run is stopped first) and owned by the user the server runs as.
+fn empty_directory(spec: &ClusterSpec) -> PathBuf {
+    let dir = std::env::temp_dir().join(spec.name);
+    let data = dir.join("data");
+    if data.join("postmaster.pid").exists() {
+        let _ = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if is_root() {
+        run(Command::new("chown").args(["postgres:postgres"]).arg(&dir));
+    }
+    dir
+}
+
 impl Cluster {
     /// This binary's shared cluster (`crate::CLUSTER`), started on first use.
     pub fn get() -> &'static Cluster {
@@ -88,23 +108,30 @@ impl Cluster {
 
     /// Starts a fresh cluster as `spec` says; it is stopped when the binary exits.
     pub fn start(spec: &ClusterSpec) -> Cluster {
-        let dir = std::env::temp_dir().join(spec.name);
-        let data = dir.join("data");
-        if data.join("postmaster.pid").exists() {
-            let _ = pg_command("pg_ctl")
-                .arg("-D")
-                .arg(&data)
-                .args(["-m", "immediate", "-w", "stop"])
-                .output();
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            run(Command::new("chown").args(["postgres:postgres"]).arg(&dir));
-        }
+        let dir = empty_directory(spec);
         run(pg_command("initdb")
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
-            .arg(&data));
+            .arg(dir.join("data")));
+        Cluster::configure_and_start(dir, spec)
+    }
+
+    /// Starts a streaming standby of this cluster as `spec` says (its own directory,
+    /// port and settings, added to the configuration it copies); stopped at exit too.
+    pub fn start_standby(&self, spec: &ClusterSpec) -> Cluster {
+        let dir = empty_directory(spec);
+        run(pg_command("pg_basebackup")
+            .arg("-h")
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-U", "postgres"])
+            .args(["-R", "-X", "stream", "--checkpoint=fast", "--no-sync", "-D"])
+            .arg(dir.join("data")));
+        Cluster::configure_and_start(dir, spec)
+    }
+
+    /// Adds `spec`'s socket, port and settings to the configuration in `dir` and starts
+    /// the server.
+    fn configure_and_start(dir: PathBuf, spec: &ClusterSpec) -> Cluster {
+        let data = dir.join("data");
         let conf = format!(
             "listen_addresses = ''\nunix_socket_directories = '{}'\nport = {}\n{}\n",
             dir.display(),
@@ -115,22 +142,18 @@ impl Cluster {
         let mut text = std::fs::read_to_string(&conf_path).unwrap();
         text.push_str(&conf);
         std::fs::write(&conf_path, text).unwrap();
-        run(pg_command("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.join("server.log"))
-            .args(["-w", "start"]));
+        let cluster = Cluster {
+            dir,
+            port: spec.port,
+        };
+        cluster.start_again();
         let mut started = STARTED.lock().unwrap();
         if started.is_empty() {
             // SAFETY: registers a plain extern "C" fn to run at process exit.
             unsafe { libc::atexit(stop_clusters) };
         }
         started.push(data);
-        Cluster {
-            dir,
-            port: spec.port,
-        }
+        cluster
     }
 
     /// Stops the server as a crash would (`pg_ctl stop -m immediate`: no checkpoint,
