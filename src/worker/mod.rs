@@ -449,8 +449,6 @@ impl Worker {
         limit: i64,
     ) -> Bookkeeping<(Vec<ClaimedItem>, Vec<Attempt>, Tally)> {
         let flushed = self.flush_tally_if_due()?;
-        // The task's options, read again here when it has no gates (see `throttle`).
-        self.throttle.reread_if_due(&self.queue, self.task.id)?;
         let mut items = self.queue.claim(
             self.task.id,
             self.args.run_id,
@@ -509,6 +507,9 @@ impl Worker {
             }
         }
         items.truncate(attempts.len());
+        // The task's options, read again here, after its items (not to delay a woken
+        // pool member's claim), when it has no gates (see `throttle`).
+        self.throttle.reread_if_due(&self.queue, self.task.id)?;
         if !items.is_empty() {
             citus::commit_remote_work_with_2pc();
         }
