@@ -173,9 +173,9 @@ fn signature_shape(arg_types: &[pg_sys::Oid]) -> Option<(ItemShape, bool)> {
     }
 }
 
-/// Checks that `sql` is exactly one SQL statement, and not transaction control; a syntax
-/// error is raised as such.
-pub fn ensure_single_statement(sql: &str, what: &str) -> SqlResult<()> {
+/// The raw parse trees of `sql` (the caller's `what`), as the server's parser makes
+/// them; a syntax error is raised as such, a NUL byte refused.
+pub fn parse_raw(sql: &str, what: &str) -> SqlResult<PgList<pg_sys::RawStmt>> {
     let text = CString::new(sql).map_err(|_| {
         SqlError::new(
             PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
@@ -184,12 +184,18 @@ pub fn ensure_single_statement(sql: &str, what: &str) -> SqlResult<()> {
     })?;
     // SAFETY: raw_parser reads the NUL-terminated string and returns a List of RawStmt
     // allocated in the current memory context, or raises a syntax error.
-    let statements = unsafe {
+    Ok(unsafe {
         PgList::<pg_sys::RawStmt>::from_pg(pg_sys::raw_parser(
             text.as_ptr(),
             pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
         ))
-    };
+    })
+}
+
+/// Checks that `sql` is exactly one SQL statement, and not transaction control; a syntax
+/// error is raised as such.
+pub fn ensure_single_statement(sql: &str, what: &str) -> SqlResult<()> {
+    let statements = parse_raw(sql, what)?;
     if statements.len() != 1 {
         return Err(SqlError::invalid_parameter(format!(
             "{what} must be exactly one SQL statement, found {}",

@@ -8,7 +8,7 @@
 
 use crate::gucs;
 
-/// The load per core now; `None` (with the reason) when it cannot be read.
+/// The load per core now, or why it cannot be read.
 pub fn load_per_core() -> Result<f64, String> {
     let path = gucs::loadavg_file();
     let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;

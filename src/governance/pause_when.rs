@@ -3,14 +3,13 @@
 //! subtransaction rolled back afterwards, and an error in it closes the gate with the
 //! error as the reason instead of stopping the workers.
 
-use std::ffi::CString;
-
 use pgrx::prelude::*;
 use pgrx::{PgList, spi};
 
 use crate::error::{SqlError, SqlResult, excerpt};
 use crate::raised::RaisedError;
 use crate::security::as_task_owner;
+use crate::target::parse_raw;
 use crate::transaction::{OnSuccess, in_subtransaction};
 
 /// What the expression said.
@@ -43,20 +42,7 @@ pub fn query_of(expression: &str) -> SqlResult<String> {
 /// smuggled around it by closing the parenthesis (a FROM, a second column, a UNION, a
 /// second statement).
 fn is_one_expression(query: &str) -> SqlResult<bool> {
-    let text = CString::new(query).map_err(|_| {
-        SqlError::new(
-            PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
-            "pause_when contains a NUL byte",
-        )
-    })?;
-    // SAFETY: raw_parser reads the NUL-terminated string and returns a List of RawStmt
-    // allocated in the current memory context, or raises a syntax error.
-    let statements = unsafe {
-        PgList::<pg_sys::RawStmt>::from_pg(pg_sys::raw_parser(
-            text.as_ptr(),
-            pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
-        ))
-    };
+    let statements = parse_raw(query, "pause_when")?;
     if statements.len() != 1 {
         return Ok(false);
     }

@@ -62,9 +62,7 @@ impl Throttle {
             && self
                 .read_at
                 .is_none_or(|at| at.elapsed() >= REREAD_INTERVAL);
-        let gates = g.has_gates()
-            && !matches!(&self.verdict, Some((at, None)) if at.elapsed() < GATE_RECHECK);
-        reread || gates
+        reread || (g.has_gates() && !self.open_verdict_holds())
     }
 
     /// Reads the task's options again when `REREAD_INTERVAL` has passed; call inside a
@@ -95,14 +93,17 @@ impl Throttle {
         if !self.governance.has_gates() {
             return Ok(None);
         }
-        if let Some((at, None)) = &self.verdict
-            && at.elapsed() < GATE_RECHECK
-        {
+        if self.open_verdict_holds() {
             return Ok(None);
         }
         let reason = self.look_at_gates(queue, task)?;
         self.verdict = Some((Instant::now(), reason.clone()));
         Ok(reason)
+    }
+
+    /// The gates were found open less than `GATE_RECHECK` ago.
+    fn open_verdict_holds(&self) -> bool {
+        matches!(&self.verdict, Some((at, None)) if at.elapsed() < GATE_RECHECK)
     }
 
     fn look_at_gates(&mut self, queue: &Queue, task: &str) -> Bookkeeping<Option<String>> {
