@@ -652,23 +652,30 @@ fn alter_task(
     run().or_raise()
 }
 
-/// Drops a task with its queue and run history. Refused while its workers run.
+/// Drops a task with its queue and run history. Refused while it is always on or its
+/// workers run.
 #[pg_extern(volatile, parallel_unsafe)]
 fn drop_task(task: Option<&str>) {
     let run = || -> SqlResult<()> {
         let task = Task::for_caller(task, "drop")?;
-        if catalog::live_workers(task.id)? > 0 {
-            let hint = if task.always_on {
+        // An always-on task is refused whether or not a member happens to be up at this
+        // instant (its pool restarts after an alter_task): the rule must not depend on timing.
+        if task.always_on {
+            return Err(SqlError::new(
+                PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                format!("task \"{}\" is always on", task.name),
+            )
+            .hint(
                 "Turn its pool off first with chunkwise.alter_task(task, always_on => false); \
-                 its workers leave after their current item."
-            } else {
-                "Wait for its run to finish, or chunkwise.cancel() it, then drop the task."
-            };
+                 its workers leave after their current item.",
+            ));
+        }
+        if catalog::live_workers(task.id)? > 0 {
             return Err(SqlError::new(
                 PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
                 format!("task \"{}\" has running workers", task.name),
             )
-            .hint(hint));
+            .hint("Wait for its run to finish, or chunkwise.cancel() it, then drop the task."));
         }
         always_on::restart_at_commit(task.id, task.always_on);
         // Its groups and runs go with it (foreign keys ON DELETE CASCADE); its items,
