@@ -57,6 +57,15 @@ CREATE TABLE chunkwise.tasks (
     lock_timeout        interval,
     split_on_timeout    boolean NOT NULL DEFAULT false,
     split_min_width     bigint NOT NULL DEFAULT 1,
+    -- Pipelines (see src/pipeline): procedures called once per run when it is over, the
+    -- tasks (ids) a successful run starts a cycle of and the tasks whose success this
+    -- one's cycles wait for; the run that asked for a cycle of this task not yet started
+    -- (its next run takes the request).
+    on_success          regprocedure,
+    on_failure          regprocedure,
+    then_tasks          int[] NOT NULL DEFAULT '{}',
+    depends_on          int[] NOT NULL DEFAULT '{}',
+    cycle_requested_by  bigint,
     CHECK ((call IS NULL) <> (statement IS NULL))
 );
 
@@ -134,7 +143,15 @@ CREATE TABLE chunkwise.run_history (
     processed         bigint NOT NULL DEFAULT 0,
     failed            bigint NOT NULL DEFAULT 0,
     dead              bigint NOT NULL DEFAULT 0,
-    cancelled         boolean NOT NULL DEFAULT false
+    cancelled         boolean NOT NULL DEFAULT false,
+    -- What follows the run once it is over (see src/pipeline): 'armed' until its outcome
+    -- is decided, its callback called and its downstream cycles asked for, all in one
+    -- transaction ('done'), or until its callback failed max_attempts times ('gave_up').
+    outcome             text CHECK (outcome IN ('succeeded', 'failed')),
+    followup            text CHECK (followup IN ('armed', 'done', 'gave_up')),
+    followup_attempts   int NOT NULL DEFAULT 0,
+    followup_not_before timestamptz,
+    followup_error      text
 );
 CREATE INDEX run_history_task_idx ON chunkwise.run_history (task_id, started_at);
 
@@ -366,5 +383,46 @@ REVOKE ALL ON FUNCTION chunkwise._forget_dropped_tasks() FROM PUBLIC;
 CREATE EVENT TRIGGER chunkwise_forget_dropped_tasks ON sql_drop
     EXECUTE FUNCTION chunkwise._forget_dropped_tasks();
 
+-- Every task with its place in the pipelines: what starts it or holds it, what it
+-- starts, how its latest run ended, and what its next cycle waits for (each task it
+-- depends on whose latest run did not succeed or that still has pending items; NULL when
+-- nothing holds it: run_cycle's NOTICE reads the same column).
+CREATE VIEW chunkwise.pipeline WITH (security_barrier) AS
+SELECT t.task,
+       ARRAY(SELECT u.task FROM chunkwise.tasks u
+              WHERE t.task_id = ANY (u.then_tasks) ORDER BY u.task) AS started_by,
+       ARRAY(SELECT u.task FROM chunkwise.tasks u
+              WHERE u.task_id = ANY (t.depends_on) ORDER BY u.task) AS depends_on,
+       ARRAY(SELECT d.task FROM chunkwise.tasks d
+              WHERE d.task_id = ANY (t.then_tasks) ORDER BY d.task) AS starts,
+       t.on_success,
+       t.on_failure,
+       h.run_id AS last_run_id,
+       CASE WHEN h.run_id IS NULL THEN NULL
+            WHEN h.outcome IS NOT NULL THEN h.outcome
+            ELSE 'not over' END AS last_run,
+       h.followup AS last_followup,
+       h.followup_error AS last_callback_error,
+       t.cycle_requested_by IS NOT NULL AS cycle_requested,
+       w.waiting_for
+  FROM chunkwise.tasks t
+  LEFT JOIN LATERAL (SELECT r.run_id, r.outcome, r.followup, r.followup_error
+                       FROM chunkwise.run_history r
+                      WHERE r.task_id = t.task_id ORDER BY r.run_id DESC LIMIT 1) h ON true
+  CROSS JOIN LATERAL (
+      SELECT string_agg(format('%s (%s)', u.task,
+                 CASE WHEN uh.run_id IS NULL THEN 'no run yet'
+                      WHEN uh.outcome IS NULL THEN 'its latest run is not over'
+                      WHEN uh.outcome <> 'succeeded' THEN 'its latest run failed'
+                      ELSE up.pending || ' items pending' END), ', ' ORDER BY u.task) AS waiting_for
+        FROM chunkwise.tasks u
+        LEFT JOIN LATERAL (SELECT r.run_id, r.outcome FROM chunkwise.run_history r
+                            WHERE r.task_id = u.task_id ORDER BY r.run_id DESC LIMIT 1) uh ON true
+        CROSS JOIN LATERAL (SELECT count(*) AS pending FROM chunkwise.items i
+                             WHERE i.task_id = u.task_id AND i.status = 'pending') up
+       WHERE u.task_id = ANY (t.depends_on)
+         AND (uh.outcome IS DISTINCT FROM 'succeeded' OR up.pending > 0)) w
+ WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
+
 GRANT SELECT ON chunkwise.task_status, chunkwise.failures, chunkwise.runs, chunkwise.workers,
-                chunkwise.priority_summary TO PUBLIC;
+                chunkwise.priority_summary, chunkwise.pipeline TO PUBLIC;

@@ -72,6 +72,21 @@ ALTER TABLE chunkwise.tasks
     ADD COLUMN split_on_timeout boolean NOT NULL DEFAULT false,
     ADD COLUMN split_min_width bigint NOT NULL DEFAULT 1;
 
+-- Pipelines (issue 21): callbacks, the tasks a run starts or waits for, the durable
+-- state of what follows each run.
+ALTER TABLE chunkwise.tasks
+    ADD COLUMN on_success regprocedure,
+    ADD COLUMN on_failure regprocedure,
+    ADD COLUMN then_tasks int[] NOT NULL DEFAULT '{}',
+    ADD COLUMN depends_on int[] NOT NULL DEFAULT '{}',
+    ADD COLUMN cycle_requested_by bigint;
+ALTER TABLE chunkwise.run_history
+    ADD COLUMN outcome text CHECK (outcome IN ('succeeded', 'failed')),
+    ADD COLUMN followup text CHECK (followup IN ('armed', 'done', 'gave_up')),
+    ADD COLUMN followup_attempts int NOT NULL DEFAULT 0,
+    ADD COLUMN followup_not_before timestamptz,
+    ADD COLUMN followup_error text;
+
 -- create_task and alter_task take retain_done, retain_runs, always_on, min_workers,
 -- idle_timeout and the governance options.
 DROP FUNCTION chunkwise.create_task(text, regproc, text, text, text, int, bigint, int, interval,
@@ -105,7 +120,11 @@ CREATE FUNCTION chunkwise.create_task(
 	"pause_when" TEXT DEFAULT NULL, /* Option < & str > */
 	"lock_timeout" interval DEFAULT NULL, /* Option < Interval > */
 	"split_on_timeout" bool DEFAULT false, /* Option < bool > */
-	"split_min_width" bigint DEFAULT 1 /* Option < i64 > */
+	"split_min_width" bigint DEFAULT 1, /* Option < i64 > */
+	"on_success" regproc DEFAULT NULL, /* Option < RegProc > */
+	"on_failure" regproc DEFAULT NULL, /* Option < RegProc > */
+	"then" TEXT[] DEFAULT NULL, /* Option < Vec < String > > */
+	"depends_on" TEXT[] DEFAULT NULL /* Option < Vec < String > > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -138,7 +157,11 @@ CREATE FUNCTION chunkwise.alter_task(
 	"pause_when" TEXT DEFAULT NULL, /* Option < & str > */
 	"lock_timeout" interval DEFAULT NULL, /* Option < Interval > */
 	"split_on_timeout" bool DEFAULT NULL, /* Option < bool > */
-	"split_min_width" bigint DEFAULT NULL /* Option < i64 > */
+	"split_min_width" bigint DEFAULT NULL, /* Option < i64 > */
+	"on_success" regproc DEFAULT NULL, /* Option < RegProc > */
+	"on_failure" regproc DEFAULT NULL, /* Option < RegProc > */
+	"then" TEXT[] DEFAULT NULL, /* Option < Vec < String > > */
+	"depends_on" TEXT[] DEFAULT NULL /* Option < Vec < String > > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -354,3 +377,47 @@ ALTER TABLE chunkwise.groups
     ADD FOREIGN KEY (task_id) REFERENCES chunkwise.tasks ON DELETE CASCADE;
 ALTER TABLE chunkwise.run_history
     ADD FOREIGN KEY (task_id) REFERENCES chunkwise.tasks ON DELETE CASCADE;
+
+-- Pipelines (issue 21): the view of the chains.
+-- Every task with its place in the pipelines: what starts it or holds it, what it
+-- starts, how its latest run ended, and what its next cycle waits for (each task it
+-- depends on whose latest run did not succeed or that still has pending items; NULL when
+-- nothing holds it: run_cycle's NOTICE reads the same column).
+CREATE VIEW chunkwise.pipeline WITH (security_barrier) AS
+SELECT t.task,
+       ARRAY(SELECT u.task FROM chunkwise.tasks u
+              WHERE t.task_id = ANY (u.then_tasks) ORDER BY u.task) AS started_by,
+       ARRAY(SELECT u.task FROM chunkwise.tasks u
+              WHERE u.task_id = ANY (t.depends_on) ORDER BY u.task) AS depends_on,
+       ARRAY(SELECT d.task FROM chunkwise.tasks d
+              WHERE d.task_id = ANY (t.then_tasks) ORDER BY d.task) AS starts,
+       t.on_success,
+       t.on_failure,
+       h.run_id AS last_run_id,
+       CASE WHEN h.run_id IS NULL THEN NULL
+            WHEN h.outcome IS NOT NULL THEN h.outcome
+            ELSE 'not over' END AS last_run,
+       h.followup AS last_followup,
+       h.followup_error AS last_callback_error,
+       t.cycle_requested_by IS NOT NULL AS cycle_requested,
+       w.waiting_for
+  FROM chunkwise.tasks t
+  LEFT JOIN LATERAL (SELECT r.run_id, r.outcome, r.followup, r.followup_error
+                       FROM chunkwise.run_history r
+                      WHERE r.task_id = t.task_id ORDER BY r.run_id DESC LIMIT 1) h ON true
+  CROSS JOIN LATERAL (
+      SELECT string_agg(format('%s (%s)', u.task,
+                 CASE WHEN uh.run_id IS NULL THEN 'no run yet'
+                      WHEN uh.outcome IS NULL THEN 'its latest run is not over'
+                      WHEN uh.outcome <> 'succeeded' THEN 'its latest run failed'
+                      ELSE up.pending || ' items pending' END), ', ' ORDER BY u.task) AS waiting_for
+        FROM chunkwise.tasks u
+        LEFT JOIN LATERAL (SELECT r.run_id, r.outcome FROM chunkwise.run_history r
+                            WHERE r.task_id = u.task_id ORDER BY r.run_id DESC LIMIT 1) uh ON true
+        CROSS JOIN LATERAL (SELECT count(*) AS pending FROM chunkwise.items i
+                             WHERE i.task_id = u.task_id AND i.status = 'pending') up
+       WHERE u.task_id = ANY (t.depends_on)
+         AND (uh.outcome IS DISTINCT FROM 'succeeded' OR up.pending > 0)) w
+ WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner));
+
+GRANT SELECT ON chunkwise.pipeline TO PUBLIC;

@@ -18,7 +18,7 @@ use crate::run_state::{RunState, SharedRun};
 use crate::security::{as_extension_owner, ensure_owner_can_run, ensure_owner_may_execute};
 use crate::target::Target;
 use crate::transaction::without_keeping_locks;
-use crate::worker::WorkerArgs;
+use crate::worker::args::WorkerArgs;
 
 /// What `chunkwise.run()` returns.
 pub struct RunSummary {

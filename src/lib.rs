@@ -20,6 +20,7 @@ mod notify;
 mod oid_args;
 mod open_groups;
 mod ownership;
+mod pipeline;
 mod raised;
 mod ranking;
 mod retention;

@@ -35,6 +35,62 @@ pub struct Target {
 const SIGNATURE_HINT: &str = "The target must take (bigint) for key items or (bigint, bigint) for \
      [lo, hi) range items, optionally followed by a jsonb payload argument.";
 
+/// A procedure or function as pg_proc describes it.
+pub struct Routine {
+    schema: String,
+    name: String,
+    /// `p` procedure, `f` function, `a` aggregate, `w` window function.
+    pub kind: String,
+    pub arg_types: Vec<pg_sys::Oid>,
+    /// `schema.name(argument types)`, as `regprocedure` prints it.
+    pub signature: String,
+}
+
+impl Routine {
+    /// Looks the routine up; one dropped since its OID was taken is an error.
+    pub fn describe(proc: pg_sys::Oid) -> SqlResult<Routine> {
+        let found = with_pinned_search_path(|| {
+            Spi::connect(|client| -> SqlResult<Option<Routine>> {
+                let table = client.select(
+                    "SELECT n.nspname::text AS schema, p.proname::text AS name, p.prokind::text AS kind, \
+                        p.proargtypes::oid[] AS arg_types, p.oid::regprocedure::text AS signature \
+                   FROM pg_catalog.pg_proc p \
+                   JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+                  WHERE p.oid = $1",
+                    Some(1),
+                    &[proc.into()],
+                )?;
+                match table.into_iter().next() {
+                    None => Ok(None),
+                    Some(row) => Ok(Some(Routine {
+                        schema: row.required("schema")?,
+                        name: row.required("name")?,
+                        kind: row.required("kind")?,
+                        arg_types: row.required("arg_types")?,
+                        signature: row.required("signature")?,
+                    })),
+                }
+            })
+        })?;
+        found.ok_or_else(|| {
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+                format!("function with OID {} does not exist", proc.to_u32()),
+            )
+            .hint("It was dropped; point the task at another with chunkwise.alter_task().")
+        })
+    }
+
+    /// `"schema"."name"`, each part quoted: safe to splice into SQL.
+    pub fn qualified_name(&self) -> String {
+        format!(
+            "{}.{}",
+            spi::quote_identifier(&self.schema),
+            spi::quote_identifier(&self.name)
+        )
+    }
+}
+
 impl Target {
     /// A statement (`statement` or `after`): `$1` = key or lo, `$2` = hi, `$3` = payload.
     pub fn for_statement(sql: &str) -> Target {
@@ -61,44 +117,16 @@ impl Target {
 
     /// A procedure or function, checked to take one of the supported signatures.
     pub fn for_call(proc: pg_sys::Oid) -> SqlResult<Target> {
-        let found = with_pinned_search_path(|| {
-            Spi::connect(|client| -> SqlResult<Option<_>> {
-                let table = client.select(
-                    "SELECT n.nspname::text AS schema, p.proname::text AS name, p.prokind::text AS kind, \
-                        p.proargtypes::oid[] AS arg_types, p.oid::regprocedure::text AS signature \
-                   FROM pg_catalog.pg_proc p \
-                   JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-                  WHERE p.oid = $1",
-                    Some(1),
-                    &[proc.into()],
-                )?;
-                match table.into_iter().next() {
-                    None => Ok(None),
-                    Some(row) => Ok(Some((
-                        row.required::<String>("schema")?,
-                        row.required::<String>("name")?,
-                        row.required::<String>("kind")?,
-                        row.required::<Vec<pg_sys::Oid>>("arg_types")?,
-                        row.required::<String>("signature")?,
-                    ))),
-                }
-            })
-        })?;
-        let Some((schema, name, kind, arg_types, signature)) = found else {
-            return Err(SqlError::new(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
-                format!("function with OID {} does not exist", proc.to_u32()),
-            )
-            .hint("The task's target was dropped; point the task at another with chunkwise.alter_task(task, call => ...)."));
-        };
-        let (shape, takes_payload) = signature_shape(&arg_types).ok_or_else(|| {
+        let routine = Routine::describe(proc)?;
+        let (arg_types, signature) = (&routine.arg_types, &routine.signature);
+        let (shape, takes_payload) = signature_shape(arg_types).ok_or_else(|| {
             SqlError::new(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
                 format!("{signature} cannot be a pg_chunkwise target: wrong argument types"),
             )
             .hint(SIGNATURE_HINT)
         })?;
-        let verb = match kind.as_str() {
+        let verb = match routine.kind.as_str() {
             "p" => "CALL",
             "f" => "SELECT",
             _ => {
@@ -113,11 +141,7 @@ impl Target {
             .map(|i| format!("${i}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!(
-            "{verb} {}.{}({args})",
-            spi::quote_identifier(&schema),
-            spi::quote_identifier(&name)
-        );
+        let sql = format!("{verb} {}({args})", routine.qualified_name());
         Ok(Target {
             sql,
             shape: Some(shape),

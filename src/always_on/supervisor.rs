@@ -17,7 +17,7 @@ use crate::item_status::item_status;
 use crate::launcher::{DEFAULT_WORKERS, is_stopped, launch_worker, next_run_id, room_for_workers};
 use crate::security::with_pinned_search_path;
 use crate::transaction::{Ended, aborting_on_error, in_transaction};
-use crate::worker::WorkerArgs;
+use crate::worker::args::WorkerArgs;
 
 /// After a pool's worker failed to get going, the supervisor waits this long before it
 /// starts another for that task (a dropped target or a role that may not log in would

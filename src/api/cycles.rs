@@ -1,7 +1,9 @@
 //! `CALL chunkwise.run_cycle(task)`: one scheduled cycle, made for pg_cron.
 //!
 //! A cycle re-plans from the task's `source` (as its owner), commits so that the workers
-//! see the new items, then runs at most `max_items_per_cycle` of them. The procedure is
+//! see the new items, then runs at most `max_items_per_cycle` of them. It does not start
+//! while a task it `depends_on` holds it (see `pipeline`), and it finishes what a crash
+//! left of the task's pipeline: runs not settled, downstream cycles not started. The procedure is
 //! PL/pgSQL (only a procedure may COMMIT) around two functions here:
 //! `_cycle_begin` takes the task's cycle lock and plans, `_cycle_run` runs and lets the
 //! lock go. The lock is a session-level lock that only the extension can take (see
@@ -14,12 +16,13 @@ use std::panic::AssertUnwindSafe;
 
 use pgrx::prelude::*;
 
-use super::planning::{plan_query, plan_query_by_activity};
+use super::planning::plan_source;
 use crate::catalog::Task;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::launcher::run_task;
 use crate::locks::{try_lock_cycle, unlock_cycle};
-use crate::security::as_task_owner;
+use crate::pipeline::downstream::{requested_downstream, start_requested, waiting_for};
+use crate::pipeline::settle::{Settler, settle_runs};
 use crate::transaction::without_keeping_locks;
 
 thread_local! {
@@ -76,6 +79,18 @@ fn cycle_begin(task: Option<&str>) -> bool {
             notice!("task \"{}\" is paused; no cycle runs", task.name);
             return Ok(false);
         }
+        if let Some(waits) = unlocking_on_error(task.id, || waiting_for(task.id))? {
+            unlock(task.id);
+            notice!(
+                "the cycle of task \"{}\" waits for {waits}; no cycle runs",
+                task.name
+            );
+            return Ok(false);
+        }
+        // Runs of the task that ended without being settled (their last worker was
+        // killed, or the server crashed): settled now, in this cycle's first transaction;
+        // the cycles they ask for start once this one has run.
+        unlocking_on_error(task.id, || settle_runs(&task, Settler::Recovery))?;
         let planned = unlocking_on_error(task.id, || plan_source(&task))?;
         if let Some(planned) = planned {
             debug1!("cycle of task \"{}\": {planned} new items", task.name);
@@ -83,21 +98,6 @@ fn cycle_begin(task: Option<&str>) -> bool {
         Ok(true)
     };
     run().or_raise()
-}
-
-/// Re-runs the task's source as its owner: its rights, never the caller's.
-fn plan_source(task: &Task) -> SqlResult<Option<i64>> {
-    let Some(source) = task.source.as_deref() else {
-        return Ok(None);
-    };
-    as_task_owner(task.owner, || {
-        if task.rank_by_activity {
-            plan_query_by_activity(task, Some(source))
-        } else {
-            plan_query(task, Some(source))
-        }
-    })
-    .map(Some)
 }
 
 /// Runs at most `max_items_per_cycle` items, then lets the cycle lock go.
@@ -119,6 +119,9 @@ fn cycle_run(task: Option<&str>) {
             unlocking_on_error(task.id, || run_task(&task, None, task.max_items_per_cycle));
         unlock(task.id);
         let summary = summary?;
+        // The run's last worker started what the run asked for; what earlier settlings
+        // asked for and nobody started (a crash between the two) starts here.
+        start_requested(&requested_downstream(task.id)?)?;
         if let Some(run_id) = summary.run_id {
             notice!(
                 "cycle of task \"{}\": run {run_id} processed {}, {} failed attempts, {} dead, in {:.1} s",

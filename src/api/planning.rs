@@ -17,7 +17,7 @@ use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::item_status::item_status;
 use crate::open_groups::open_items_of_groups;
 use crate::ranking::{Activity, Ranking};
-use crate::security::as_extension_owner;
+use crate::security::{as_extension_owner, as_task_owner};
 use crate::target::ensure_single_statement;
 
 /// Rows fetched from a planning query and written to the queue at a time, at most.
@@ -534,4 +534,19 @@ fn transaction_now() -> i64 {
 fn activity_tier(last_activity: Option<TimestampWithTimeZone>, actions: Option<i64>) -> i32 {
     let ranking = Ranking::from_settings().or_raise();
     ranking.tier(transaction_now(), last_activity.map(i64::from), actions)
+}
+
+/// Re-runs the task's source as its owner: its rights, never the caller's.
+pub(crate) fn plan_source(task: &Task) -> SqlResult<Option<i64>> {
+    let Some(source) = task.source.as_deref() else {
+        return Ok(None);
+    };
+    as_task_owner(task.owner, || {
+        if task.rank_by_activity {
+            plan_query_by_activity(task, Some(source))
+        } else {
+            plan_query(task, Some(source))
+        }
+    })
+    .map(Some)
 }

@@ -13,6 +13,7 @@ use crate::item_status::item_status;
 use crate::launcher::DEFAULT_WORKERS;
 use crate::oid_args::RegProc;
 use crate::ownership::{anchor_task, drop_anchor};
+use crate::pipeline::{callback, links};
 use crate::security::{
     as_extension_owner, current_user, ensure_owner_can_run, ensure_owner_may_execute,
 };
@@ -58,6 +59,12 @@ struct TaskOptions {
     lock_timeout: Option<Interval>,
     split_on_timeout: bool,
     split_min_width: i64,
+    /// Pipelines (see `crate::pipeline`): callbacks, and the ids of the tasks a
+    /// successful run starts and of those whose success this task's cycles wait for.
+    on_success: Option<pg_sys::Oid>,
+    on_failure: Option<pg_sys::Oid>,
+    then: Vec<i32>,
+    depends_on: Vec<i32>,
 }
 
 fn required<T>(value: Option<T>, name: &str) -> SqlResult<T> {
@@ -206,6 +213,12 @@ impl TaskOptions {
         }
         ensure_positive_interval(&self.idle_timeout, "idle_timeout")?;
         self.validate_governance()?;
+        if let Some(proc) = self.on_success {
+            callback::ensure_callback(proc, self.owner, "on_success")?;
+        }
+        if let Some(proc) = self.on_failure {
+            callback::ensure_callback(proc, self.owner, "on_failure")?;
+        }
         ensure_not_negative(&self.retain_done, "retain_done")?;
         ensure_not_negative(&self.retain_runs, "retain_runs")?;
         if self.rank_by_activity && self.source.is_none() {
@@ -307,6 +320,10 @@ impl TaskOptions {
             ("lock_timeout", self.lock_timeout.into()),
             ("split_on_timeout", self.split_on_timeout.into()),
             ("split_min_width", self.split_min_width.into()),
+            ("on_success", self.on_success.into()),
+            ("on_failure", self.on_failure.into()),
+            ("then_tasks", self.then.clone().into()),
+            ("depends_on", self.depends_on.clone().into()),
         ]
     }
 
@@ -334,6 +351,7 @@ impl TaskOptions {
             })
         })?;
         if let Some(task_id) = inserted {
+            links::ensure_acyclic(task_id)?;
             anchor_task(task_id, &self.name, self.owner)?;
             return Ok(task_id);
         }
@@ -356,7 +374,7 @@ impl TaskOptions {
                 &args,
             )
         })?;
-        Ok(())
+        links::ensure_acyclic(task_id)
     }
 }
 
@@ -371,7 +389,7 @@ fn option_parameters<'a>(
         .iter()
         .enumerate()
         .map(|(i, column)| match *column {
-            "call" => format!("${}::regprocedure", first + i),
+            "call" | "on_success" | "on_failure" => format!("${}::regprocedure", first + i),
             _ => format!("${}", first + i),
         })
         .collect::<Vec<_>>();
@@ -385,7 +403,9 @@ impl TaskOptions {
         let options = as_extension_owner(|| {
             Spi::connect(|client| -> SqlResult<TaskOptions> {
                 let table = client.select(
-                    "SELECT *, call::oid AS call_oid FROM chunkwise.tasks WHERE task_id = $1",
+                    "SELECT *, call::oid AS call_oid, on_success::oid AS on_success_oid, \
+                            on_failure::oid AS on_failure_oid \
+                       FROM chunkwise.tasks WHERE task_id = $1",
                     Some(1),
                     &[task.id.into()],
                 )?;
@@ -424,6 +444,10 @@ impl TaskOptions {
                     lock_timeout: row.optional("lock_timeout")?,
                     split_on_timeout: row.required("split_on_timeout")?,
                     split_min_width: row.required("split_min_width")?,
+                    on_success: row.optional("on_success_oid")?,
+                    on_failure: row.optional("on_failure_oid")?,
+                    then: row.required("then_tasks")?,
+                    depends_on: row.required("depends_on")?,
                 })
             })
         })?;
@@ -484,6 +508,12 @@ fn is_zero_interval(interval: &Interval) -> bool {
     interval.as_micros() == 0 && interval.months() == 0 && interval.days() == 0
 }
 
+/// A callback option: `'-'` (the zero OID, as `regproc` reads it) means none, which is
+/// how `alter_task` clears one.
+fn callback_oid(given: Option<RegProc>) -> Option<pg_sys::Oid> {
+    given.map(|p| p.0).filter(|&oid| oid != pg_sys::InvalidOid)
+}
+
 /// Applies a required setting given to `alter_task`: NULL keeps the stored value.
 fn alter_required<T>(stored: &mut T, given: Option<T>) {
     if let Some(value) = given {
@@ -522,6 +552,10 @@ fn create_task(
     lock_timeout: default!(Option<Interval>, "NULL"),
     split_on_timeout: default!(Option<bool>, false),
     split_min_width: default!(Option<i64>, 1),
+    on_success: default!(Option<RegProc>, "NULL"),
+    on_failure: default!(Option<RegProc>, "NULL"),
+    then: default!(Option<Vec<String>>, "NULL"),
+    depends_on: default!(Option<Vec<String>>, "NULL"),
 ) {
     let run = || -> SqlResult<()> {
         let options = TaskOptions {
@@ -553,6 +587,10 @@ fn create_task(
             lock_timeout,
             split_on_timeout: required(split_on_timeout, "split_on_timeout")?,
             split_min_width: required(split_min_width, "split_min_width")?,
+            on_success: callback_oid(on_success),
+            on_failure: callback_oid(on_failure),
+            then: links::resolve(&then.unwrap_or_default(), "then")?,
+            depends_on: links::resolve(&depends_on.unwrap_or_default(), "depends_on")?,
         };
         options.validate()?;
         ensure_owner_can_run(&options.name, current_user())?;
@@ -565,7 +603,8 @@ fn create_task(
 
 /// Changes a task's options. An option left out (NULL) keeps its value; '' clears
 /// `after`, `source` and `pause_when`; 0 clears `workers`, `max_items_per_cycle`,
-/// `item_timeout`, `max_rate`, `max_load`, `max_replication_lag` and `lock_timeout`.
+/// `item_timeout`, `max_rate`, `max_load`, `max_replication_lag` and `lock_timeout`;
+/// '-' clears `on_success` and `on_failure`, '{}' clears `then` and `depends_on`.
 /// Running workers pick up the governance options within a second.
 /// Giving `call` replaces a `statement` and the other way round. Runs under way keep the
 /// options they started with; the next run uses the new ones. An always-on pool's
@@ -600,6 +639,10 @@ fn alter_task(
     lock_timeout: default!(Option<Interval>, "NULL"),
     split_on_timeout: default!(Option<bool>, "NULL"),
     split_min_width: default!(Option<i64>, "NULL"),
+    on_success: default!(Option<RegProc>, "NULL"),
+    on_failure: default!(Option<RegProc>, "NULL"),
+    then: default!(Option<Vec<String>>, "NULL"),
+    depends_on: default!(Option<Vec<String>>, "NULL"),
 ) {
     let run = || -> SqlResult<()> {
         let current = Task::for_caller(task, "alter")?;
@@ -643,6 +686,18 @@ fn alter_task(
         alter_required(&mut options.always_on, always_on);
         alter_required(&mut options.min_workers, min_workers);
         alter_required(&mut options.idle_timeout, idle_timeout);
+        if let Some(proc) = on_success {
+            options.on_success = callback_oid(Some(proc));
+        }
+        if let Some(proc) = on_failure {
+            options.on_failure = callback_oid(Some(proc));
+        }
+        if let Some(names) = then {
+            options.then = links::resolve(&names, "then")?;
+        }
+        if let Some(names) = depends_on {
+            options.depends_on = links::resolve(&names, "depends_on")?;
+        }
         options.validate()?;
         options.update(current.id)?;
         // A pool restarts with the task as it now is; one no longer always-on leaves.
@@ -677,6 +732,7 @@ fn drop_task(task: Option<&str>) {
             )
             .hint("Wait for its run to finish, or chunkwise.cancel() it, then drop the task."));
         }
+        links::ensure_not_chained(&task)?;
         always_on::restart_at_commit(task.id, task.always_on);
         // Its groups and runs go with it (foreign keys ON DELETE CASCADE); its items,
         // which have no key (see bootstrap.sql), are deleted here.

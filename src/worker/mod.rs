@@ -1,10 +1,11 @@
 //! The background worker: connects as the task owner, then claims and runs items until
 //! the queue is drained (or the run's limit is reached, or it is told to stop).
 
-mod args;
+pub mod args;
 mod citus;
 mod discarding_plan;
 mod error;
+mod follow_up;
 mod inflight;
 mod item;
 mod queue;
@@ -220,10 +221,7 @@ impl Worker {
     }
 
     fn should_stop(&self) -> bool {
-        // SAFETY: reads a flag that the SIGTERM handler sets.
-        let shutdown =
-            unsafe { std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() } != 0;
-        shutdown || self.shared.state().cancelled()
+        signals::stop_signalled() || self.shared.state().cancelled()
     }
 
     fn reload_config_if_asked() {
@@ -718,8 +716,9 @@ impl Worker {
     }
 
     /// Adds this worker's figures to the run's row; the last worker out announces the
-    /// end of the run. If that fails, the worker says so and leaves uncounted: the run
-    /// then shows as interrupted, as after any worker lost.
+    /// end of the run and then settles it (see `follow_up`). If leaving fails, the worker
+    /// says so and leaves uncounted: the run then shows as interrupted, as after any
+    /// worker lost, and the task's next run or cycle settles it.
     fn finish(self) {
         let Worker {
             args,
@@ -747,15 +746,17 @@ impl Worker {
                 announce()
                     .map_err(|cause| BookkeepingError::new("announce the run's end", cause))?;
             }
-            Ok(())
+            Ok(last_out)
         });
-        if let Err(error) = left {
-            warning!(
+        match left {
+            Ok(true) => follow_up::follow_up(&task, args.run_id),
+            Ok(false) => {}
+            Err(error) => warning!(
                 "pg_chunkwise worker of task \"{}\", run {}: it could not leave its run cleanly [SQLSTATE {}]: {error}",
                 task.name,
                 args.run_id,
                 error.sqlstate()
-            );
+            ),
         }
     }
 }

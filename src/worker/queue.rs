@@ -648,8 +648,8 @@ impl Queue {
     pub fn register_worker(&self, args: &WorkerArgs) -> Bookkeeping<()> {
         self.run("register worker", || {
             Spi::run_with_args(
-                "INSERT INTO chunkwise.run_history (run_id, task_id, started_at, workers_requested, workers_started) \
-                 VALUES ($1, $2, now(), $3, 1) \
+                "INSERT INTO chunkwise.run_history (run_id, task_id, started_at, workers_requested, workers_started, followup) \
+                 VALUES ($1, $2, now(), $3, 1, 'armed') \
                  ON CONFLICT (run_id) DO UPDATE SET workers_started = chunkwise.run_history.workers_started + 1",
                 &[args.run_id.into(), args.task_id.into(), args.workers.into()],
             )?;

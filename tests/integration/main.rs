@@ -17,6 +17,7 @@ mod groups;
 mod hijack;
 mod interrupts;
 mod operating;
+mod pipelines;
 mod planning;
 mod ranges;
 mod regress;
