@@ -274,7 +274,8 @@ SELECT r.run_id,
        r.max_items,
        r.processed,
        r.failed,
-       r.dead
+       r.dead,
+       r.outcome
   FROM chunkwise.run_history r
   JOIN chunkwise.tasks t USING (task_id)
   LEFT JOIN LATERAL (SELECT count(*) AS live FROM chunkwise._live_workers lw

@@ -112,3 +112,28 @@ fn the_file_example_loads_good_files_in_order_and_reports_the_bad_one() {
     );
     assert_eq!(out_of_order, 0);
 }
+
+/// The pipeline example (examples/pipeline/run.sh), on a cluster of its own: one cycle
+/// of the first task with a malformed file fails and starts nothing downstream; after
+/// the fix, one cycle runs every stage once and the callback refreshes the top users.
+/// The script checks its own results and exits non-zero when they are wrong.
+#[test]
+fn the_pipeline_example_runs_every_stage_once_from_one_cycle() {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/pipeline/run.sh");
+    let ran = Command::new("bash")
+        .arg(script)
+        .env(
+            "PIPELINE_DEMO_DIR",
+            std::env::temp_dir().join("pg_chunkwise_pipeline_example"),
+        )
+        .env("PIPELINE_DEMO_PORT", "54334")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&ran.stdout);
+    let stderr = String::from_utf8_lossy(&ran.stderr);
+    assert!(ran.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("every stage ran once, in order"),
+        "{stdout}"
+    );
+}
