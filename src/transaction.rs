@@ -344,3 +344,19 @@ pub fn in_transaction<R, E>(body: impl FnOnce() -> Result<R, E>) -> Ended<R, E> 
         }
     }
 }
+
+/// [`in_transaction`] for a background process's own steps, from outside any
+/// transaction: an ERROR in `body` or at its commit, or an error it returns, rolls back
+/// and comes back as (SQLSTATE, message).
+pub fn in_transaction_or_error<R>(
+    body: impl FnOnce() -> Result<R, SqlError>,
+) -> Result<R, (String, String)> {
+    // SAFETY: reads the current memory context, outside any transaction here: the one to
+    // return to after an ERROR.
+    let memory = unsafe { pg_sys::CurrentMemoryContext };
+    match aborting_on_error(memory, || in_transaction(body)) {
+        Ok(Ended::Committed(result)) => Ok(result),
+        Ok(Ended::RolledBack(error)) => Err((error.sqlstate(), error.message().to_string())),
+        Ok(Ended::CommitFailed(_, raised)) | Err(raised) => Err((raised.sqlstate, raised.message)),
+    }
+}

@@ -15,8 +15,10 @@ use crate::columns::Columns;
 use crate::error::SqlResult;
 use crate::item_status::item_status;
 use crate::launcher::{DEFAULT_WORKERS, is_stopped, launch_worker, next_run_id, room_for_workers};
+use crate::pipeline::downstream::start_requested;
+use crate::pipeline::settle::settle_database;
 use crate::security::with_pinned_search_path;
-use crate::transaction::{Ended, aborting_on_error, in_transaction};
+use crate::transaction::in_transaction_or_error;
 use crate::worker::args::WorkerArgs;
 
 /// After a pool's worker failed to get going, the supervisor waits this long before it
@@ -102,6 +104,7 @@ pub extern "C-unwind" fn chunkwise_supervisor_main(arg: pg_sys::Datum) {
             pg_sys::Datum::from(database.to_u32()),
         )
     };
+    finish_pipelines();
     let mut supervisor = Supervisor {
         database,
         launched: Vec::new(),
@@ -130,6 +133,29 @@ pub extern "C-unwind" fn chunkwise_supervisor_main(arg: pg_sys::Datum) {
     }
 }
 
+/// Settles the runs a crash or a killed worker left armed and starts the cycles left
+/// asked for (see `pipeline`), once, when the supervisor starts: at server start and
+/// after a crash-restart every database gets a supervisor for a first look.
+fn finish_pipelines() {
+    let requested = in_own_transaction("settle the runs left armed", settle_database);
+    if let Some(requested) = requested.filter(|r| !r.is_empty()) {
+        in_own_transaction("start the cycles left asked for", || {
+            start_requested(&requested)
+        });
+    }
+}
+
+/// Runs `body` in a transaction of its own; `None` (with a WARNING) when it fails.
+fn in_own_transaction<R>(what: &str, body: impl FnOnce() -> SqlResult<R>) -> Option<R> {
+    in_transaction_or_error(body)
+        .map_err(|(sqlstate, message)| {
+            warning!(
+                "pg_chunkwise supervisor: it could not {what} [SQLSTATE {sqlstate}]: {message}"
+            )
+        })
+        .ok()
+}
+
 /// The supervisor's exit callback: frees its seat so that the launcher can start another.
 #[pg_guard]
 unsafe extern "C-unwind" fn supervisor_gone(_code: i32, database: pg_sys::Datum) {
@@ -140,18 +166,7 @@ impl Supervisor {
     /// `look` in a transaction of its own, with the pinned search_path; an ERROR in it is
     /// rolled back and returned as (SQLSTATE, message).
     fn look_in_transaction(&mut self) -> Result<NextLook, (String, String)> {
-        // SAFETY: reads the memory context the loop runs in, to return to after an ERROR.
-        let memory = unsafe { pg_sys::CurrentMemoryContext };
-        let ended = aborting_on_error(memory, || {
-            in_transaction(|| with_pinned_search_path(|| self.look()))
-        });
-        match ended {
-            Ok(Ended::Committed(next)) => Ok(next),
-            Ok(Ended::RolledBack(error)) => Err((error.sqlstate(), error.message().to_string())),
-            Ok(Ended::CommitFailed(_, raised)) | Err(raised) => {
-                Err((raised.sqlstate, raised.message))
-            }
-        }
+        in_transaction_or_error(|| with_pinned_search_path(|| self.look()))
     }
 
     /// One look at the always-on tasks: retires the pools of tasks that are no longer

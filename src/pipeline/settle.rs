@@ -8,7 +8,7 @@ use super::downstream;
 use crate::catalog::Task;
 use crate::error::{SqlError, SqlResult};
 use crate::notify;
-use crate::security::as_extension_owner;
+use crate::security::{as_extension_owner, with_pinned_search_path};
 
 /// Who is settling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +25,8 @@ pub enum Settler {
 const REGISTRATION_GRACE_SECS: i32 = 10;
 
 /// The task's next run to settle, locked: armed, due, and over (no live worker, and all
-/// its workers registered or given time to), or this worker's own run. `succeeded`:
+/// its workers registered, or started before the server did, or given time to), or this
+/// worker's own run. `succeeded`:
 /// not cancelled, nothing dead, no retry left waiting, and, for a run that did not end
 /// cleanly, nothing of the task left pending (its work was done before it stopped).
 const NEXT_OVER_RUN: &str = "\
@@ -42,6 +43,7 @@ SELECT h.run_id, h.processed, h.failed, h.dead,
    AND (h.run_id = $2
         OR (NOT EXISTS (SELECT FROM chunkwise._live_workers lw WHERE lw.run_id = h.run_id)
             AND (h.workers_started >= h.workers_requested
+                 OR h.started_at < pg_postmaster_start_time()
                  OR h.started_at < clock_timestamp() - make_interval(secs => $3))))
  ORDER BY h.run_id
  LIMIT 1
@@ -77,6 +79,42 @@ pub fn settle_runs(task: &Task, settler: Settler) -> SqlResult<Vec<i32>> {
         requested.extend(settle_one(task, &run)?);
     }
     Ok(requested)
+}
+
+/// Whether this database's pg_chunkwise is at a version with pipelines (the library may
+/// be newer than the extension until `ALTER EXTENSION ... UPDATE`).
+const HAS_PIPELINES: &str = "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute \
+     WHERE attrelid = pg_catalog.to_regclass('chunkwise.run_history') AND attname = 'followup' \
+       AND NOT attisdropped)";
+
+/// Settles every run in this database that is over and armed, and returns the tasks
+/// whose cycles were asked for and not started (by these settlings or before a crash).
+/// The always-on supervisor calls it when it starts, at server start and after a
+/// crash-restart (with the preloaded library), so that nothing waits for a next cycle.
+pub fn settle_database() -> SqlResult<Vec<i32>> {
+    // Asked as whoever calls (the extension's owner is only known once it exists).
+    if !with_pinned_search_path(|| Spi::get_one::<bool>(HAS_PIPELINES))?.unwrap_or(false) {
+        return Ok(Vec::new());
+    }
+    let armed = as_extension_owner(|| {
+        Spi::get_one::<Vec<i32>>(
+            "SELECT coalesce(array_agg(DISTINCT task_id), '{}') FROM chunkwise.run_history \
+              WHERE followup = 'armed'",
+        )
+    })?
+    .unwrap_or_default();
+    for task_id in armed {
+        if let Some(task) = Task::by_id(task_id)? {
+            settle_runs(&task, Settler::Recovery)?;
+        }
+    }
+    let requested = as_extension_owner(|| {
+        Spi::get_one::<Vec<i32>>(
+            "SELECT coalesce(array_agg(task_id ORDER BY task_id), '{}') FROM chunkwise.tasks \
+              WHERE cycle_requested_by IS NOT NULL",
+        )
+    })?;
+    Ok(requested.unwrap_or_default())
 }
 
 fn next_over_run(task_id: i32, own_run: i64) -> SqlResult<Option<OverRun>> {

@@ -15,7 +15,7 @@ use crate::error::SqlResult;
 use crate::gucs;
 use crate::pipeline::downstream::start_requested;
 use crate::pipeline::settle::{Settler, next_callback_retry, settle_runs};
-use crate::transaction::{Ended, aborting_on_error, in_transaction};
+use crate::transaction::in_transaction_or_error;
 
 /// Settles after run `run_id` of `task`; errors are logged, never raised: the worker is
 /// leaving, and what is not settled stays armed for the next run or cycle.
@@ -54,19 +54,13 @@ pub fn follow_up(task: &Task, run_id: i64) {
 
 /// Runs `body` in a transaction of its own; `None` (logged) when it fails.
 fn committed<R>(task: &Task, what: &str, body: impl FnOnce() -> SqlResult<R>) -> Option<R> {
-    // SAFETY: reads the current memory context, which is outside any transaction here.
-    let memory = unsafe { pg_sys::CurrentMemoryContext };
-    let failure = match aborting_on_error(memory, || in_transaction(body)) {
-        Ok(Ended::Committed(result)) => return Some(result),
-        Ok(Ended::RolledBack(error)) => (error.sqlstate(), error.message().to_string()),
-        Ok(Ended::CommitFailed(_, raised)) | Err(raised) => (raised.sqlstate, raised.message),
-    };
-    warning!(
-        "pg_chunkwise worker of task \"{}\": it could not {what} [SQLSTATE {}]: {}; \
-         the task's next run or cycle does it",
-        task.name,
-        failure.0,
-        failure.1
-    );
-    None
+    in_transaction_or_error(body)
+        .map_err(|(sqlstate, message)| {
+            warning!(
+                "pg_chunkwise worker of task \"{}\": it could not {what} [SQLSTATE {sqlstate}]: {message}; \
+                 the task's next run or cycle does it",
+                task.name
+            )
+        })
+        .ok()
 }

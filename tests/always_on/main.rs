@@ -295,3 +295,65 @@ fn the_pool_is_back_within_5_s_after_a_crash_and_an_immediate_restart() {
         "back after SIGKILL: {after_kill:?}; after pg_ctl restart -m immediate: {after_restart:?}"
     );
 }
+
+/// Pipelines with the preloaded library: the worker settling a run is killed inside its
+/// on_success call (SIGKILL: the postmaster restarts every process) and nobody calls
+/// anything afterwards. The supervisor that every database gets at a restart settles
+/// the run: on_success takes effect once and the downstream task runs once.
+#[test]
+fn after_a_kill_inside_a_callback_the_restart_settles_the_run_with_nobody_calling() {
+    let cluster = Cluster::get();
+    let mut db = test_db("always_on_pipeline_kill");
+    db.batch_execute(
+        "CREATE TABLE seen (task text, k bigint);
+         CREATE TABLE calls (task text, run_id bigint);
+         COPY (SELECT 1) TO PROGRAM 'rm -f always_on_pipeline_kill.marker';
+         -- The first call kills its own backend; the marker file (not rolled back by the
+         -- crash) says that it did.
+         CREATE PROCEDURE killed_once(task text, run_id bigint, processed bigint, failed bigint, dead bigint)
+         LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO calls VALUES (task, run_id);
+           EXECUTE format('COPY (SELECT 1) TO PROGRAM %L',
+                          'cat > /dev/null; test -e always_on_pipeline_kill.marker || { touch always_on_pipeline_kill.marker; kill -9 '
+                          || pg_backend_pid() || '; }');
+         END $$;
+         SELECT chunkwise.create_task('after', statement => 'INSERT INTO seen VALUES (''after'', $1)',
+                                      source => 'SELECT g AS key FROM generate_series(1, 3) g');
+         SELECT chunkwise.create_task('before', statement => 'INSERT INTO seen VALUES (''before'', $1)',
+                                      on_success => 'killed_once', \"then\" => '{after}');
+         SELECT chunkwise.plan('before', 'SELECT g AS key FROM generate_series(1, 5) g');",
+    )
+    .unwrap();
+    assert!(
+        db.batch_execute("SELECT * FROM chunkwise.run('before')")
+            .is_err(),
+        "the run's session dies in the crash restart"
+    );
+    drop(db);
+    cluster.wait_until_accepting(DEADLINE);
+    let mut db = cluster.connect("always_on_pipeline_kill");
+    wait_for("the downstream task's run", DEADLINE, || {
+        let settled: i64 = one(
+            &mut db,
+            "SELECT count(*) FROM chunkwise.runs WHERE task = 'after' AND outcome IS NOT NULL",
+        );
+        (settled == 1).then_some(())
+    });
+    assert!(one::<bool>(
+        &mut db,
+        "SELECT (pg_stat_file('always_on_pipeline_kill.marker', true)).size IS NOT NULL"
+    ));
+    assert_eq!(one::<i64>(&mut db, "SELECT count(*) FROM calls"), 1);
+    assert_eq!(
+        one::<i64>(&mut db, "SELECT count(*) FROM seen WHERE task = 'after'"),
+        3
+    );
+    assert_eq!(
+        one::<String>(
+            &mut db,
+            "SELECT string_agg(task || ':' || outcome, ' ' ORDER BY run_id) FROM chunkwise.runs"
+        ),
+        "before:succeeded after:succeeded"
+    );
+}

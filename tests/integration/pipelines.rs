@@ -232,7 +232,7 @@ fn a_kill_during_the_callback_and_a_restart_still_give_one_callback_and_one_down
          BEGIN
            INSERT INTO calls VALUES ('on_success', task, run_id, processed, failed, dead);
            EXECUTE format('COPY (SELECT 1) TO PROGRAM %L',
-                          'test -e pipeline_kill.marker || { touch pipeline_kill.marker; kill -9 '
+                          'cat > /dev/null; test -e pipeline_kill.marker || { touch pipeline_kill.marker; kill -9 '
                           || pg_backend_pid() || '; }');
          END $$;",
     )
