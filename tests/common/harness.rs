@@ -192,6 +192,24 @@ impl Cluster {
             .into_owned()
     }
 
+    /// How many times the server has said it is ready for connections: read it before
+    /// causing a crash, and give it to [`Cluster::wait_until_restarted`].
+    pub fn times_ready(&self) -> usize {
+        self.server_log()
+            .matches("database system is ready to accept connections")
+            .count()
+    }
+
+    /// Waits until the server has been ready again since `times_ready` was `before` (a
+    /// crash restart after it) and accepts connections. Connecting alone can succeed
+    /// before the postmaster has even noticed the crash.
+    pub fn wait_until_restarted(&self, before: usize, timeout: Duration) {
+        wait_for("the server to restart", timeout, || {
+            (self.times_ready() > before).then_some(())
+        });
+        self.wait_until_accepting(timeout);
+    }
+
     /// Waits until the server accepts connections (after a crash restart, say).
     pub fn wait_until_accepting(&self, timeout: Duration) {
         wait_for("the server to accept connections", timeout, || {

@@ -248,10 +248,11 @@ fn a_kill_during_the_callback_and_a_restart_still_give_one_callback_and_one_down
     drop(db);
     let cluster = Cluster::get();
     let mut cycle = cluster.connect("pipeline_kill");
+    let ready_before = cluster.times_ready();
     // The session survives or not depending on when the crash restart reaches it.
     let _ = cycle.batch_execute("CALL chunkwise.run_cycle('upstream')");
     drop(cycle);
-    cluster.wait_until_accepting(DEADLINE);
+    cluster.wait_until_restarted(ready_before, DEADLINE);
     cluster.restart_immediately();
     let mut db = cluster.connect("pipeline_kill");
     assert!(
