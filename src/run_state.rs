@@ -236,7 +236,9 @@ impl SharedRun {
 
 impl Drop for SharedRun {
     fn drop(&mut self) {
-        if let SharedRun::Segment(segment) = self {
+        if let SharedRun::Segment(segment) = self
+            && !segment.is_null()
+        {
             // SAFETY: `segment` is this value's own live mapping and is not used afterwards.
             unsafe { pg_sys::dsm_detach(*segment) };
         }

@@ -748,6 +748,9 @@ impl Worker {
             }
             Ok(last_out)
         });
+        // The run's shared state is not needed past this point: let it go before any
+        // follow-up, which may create and drop run segments of its own (downstream runs).
+        drop(shared);
         match left {
             Ok(true) => follow_up::follow_up(&task, args.run_id),
             Ok(false) => {}
