@@ -5,6 +5,7 @@ use pgrx::prelude::*;
 
 use crate::api::planning::plan_source;
 use crate::catalog::Task;
+use crate::columns::Columns;
 use crate::error::SqlResult;
 use crate::launcher::start_task;
 use crate::notify;
@@ -25,7 +26,7 @@ pub fn waiting_for(task_id: i32) -> SqlResult<Option<String>> {
             )?;
             // No row (dropped meanwhile) is nothing to wait for.
             match table.into_iter().next() {
-                Some(row) => Ok(row.get_by_name("waiting_for")?),
+                Some(row) => Ok(row.optional("waiting_for")?),
                 None => Ok(None),
             }
         })

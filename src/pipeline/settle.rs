@@ -6,6 +6,7 @@ use pgrx::prelude::*;
 use super::callback::{self, RunFigures};
 use super::downstream;
 use crate::catalog::Task;
+use crate::columns::Columns;
 use crate::error::{SqlError, SqlResult};
 use crate::notify;
 use crate::security::{as_extension_owner, with_pinned_search_path};
@@ -133,11 +134,11 @@ fn next_over_run(task_id: i32, own_run: i64) -> SqlResult<Option<OverRun>> {
                 return Ok(None);
             };
             Ok(Some(OverRun {
-                run_id: row.get_by_name::<i64, _>("run_id")?.unwrap_or_default(),
-                processed: row.get_by_name::<i64, _>("processed")?.unwrap_or_default(),
-                failed: row.get_by_name::<i64, _>("failed")?.unwrap_or_default(),
-                dead: row.get_by_name::<i64, _>("dead")?.unwrap_or_default(),
-                succeeded: row.get_by_name::<bool, _>("succeeded")?.unwrap_or(false),
+                run_id: row.required("run_id")?,
+                processed: row.required("processed")?,
+                failed: row.required("failed")?,
+                dead: row.required("dead")?,
+                succeeded: row.required("succeeded")?,
             }))
         })
     })
@@ -159,9 +160,9 @@ fn followers(task_id: i32) -> SqlResult<Followers> {
                 )
             })?;
             Ok(Followers {
-                on_success: row.get_by_name("on_success")?,
-                on_failure: row.get_by_name("on_failure")?,
-                then: row.get_by_name("then_tasks")?.unwrap_or_default(),
+                on_success: row.optional("on_success")?,
+                on_failure: row.optional("on_failure")?,
+                then: row.required("then_tasks")?,
             })
         })
     })

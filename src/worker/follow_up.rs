@@ -21,8 +21,10 @@ use crate::transaction::in_transaction_or_error;
 /// leaving, and what is not settled stays armed for the next run or cycle.
 pub fn follow_up(task: &Task, run_id: i64) {
     loop {
-        let Some(requested) = committed(task, "settle its runs", || {
-            settle_runs(task, Settler::LastWorkerOf(run_id))
+        // The next callback retry is looked up in the settling's own transaction.
+        let Some((requested, next_retry)) = committed(task, "settle its runs", || {
+            let requested = settle_runs(task, Settler::LastWorkerOf(run_id))?;
+            Ok((requested, next_callback_retry(task.id)?))
         }) else {
             return;
         };
@@ -31,10 +33,7 @@ pub fn follow_up(task: &Task, run_id: i64) {
                 start_requested(&requested)
             });
         }
-        let Some(retry_in) = committed(task, "look for callback retries", || {
-            next_callback_retry(task.id)
-        })
-        .flatten() else {
+        let Some(retry_in) = next_retry else {
             return;
         };
         if retry_in > f64::from(gucs::retry_wait_max_secs()) {
