@@ -5,7 +5,8 @@
 # (tests/always_on) and the replication-lag gate beside a standby (tests/replication),
 # clusters the test harness starts and stops itself, the upgrade
 # path from 0.1.0 (tests/upgrade), the Citus
-# scale-out tests (tests/citus), the fault-injection suite (tests/faults), one round of
+# scale-out tests (tests/citus), the dashboard in a headless Chromium (dashboard/tests),
+# the fault-injection suite (tests/faults), one round of
 # both suites under CPU contention (.ci/stress.sh), the Debian
 # package (.ci/package-test.sh), then the benchmarks in smoke mode (tiny sizes, seconds) so that they cannot rot.
 set -euo pipefail
@@ -24,6 +25,9 @@ cargo test --release --test replication -- --nocapture
 cargo test --release --test upgrade
 # Scale-out over a local 3-node Citus cluster (skips where Citus is not installed).
 cargo test --release --test citus
+# The web dashboard: its unit tests, then a real headless Chromium against its own cluster.
+bash .ci/dashboard.sh --browser
+cargo test --release -p chunkwise-dashboard
 # Fault injection (its own cluster); prints its report table.
 cargo test --release --test faults -- --nocapture
 # One round of the integration and fault suites under CPU contention (make test-stress

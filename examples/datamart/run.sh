@@ -10,7 +10,8 @@ DIR=${DEMO_DIR:-/tmp/pg_chunkwise_demo}
 PORT=${DEMO_PORT:-54330}
 
 "$root/.ci/cluster.sh" start "$DIR" "$PORT"
-trap '"$root/.ci/cluster.sh" stop "$DIR"' EXIT
+# DEMO_KEEP=1 leaves the cluster running (examples/dashboard watches it).
+[ -n "${DEMO_KEEP:-}" ] || trap '"$root/.ci/cluster.sh" stop "$DIR"' EXIT
 psql=(psql -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres -d postgres)
 
 echo "==> building a warehouse of $USERS users"
