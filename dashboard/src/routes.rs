@@ -100,24 +100,41 @@ async fn tasks_page(State(app): State<Arc<App>>, Query(did): Query<Did>) -> Resp
     page_or_error(&app, result)
 }
 
+/// The two pages about one task.
+#[derive(Clone, Copy)]
+enum TaskPage {
+    Runs,
+    Failures,
+}
+
+/// A page about one task; 404 when the role may not see it.
+async fn task_scoped_page(app: &App, task: &str, did: &Did, which: TaskPage) -> Response {
+    let page = app.page(did.notice());
+    let result = async {
+        let db = app.db.client().await?;
+        let Some(row) = views::task(&db, task).await? else {
+            return Ok(None);
+        };
+        Ok(Some(match which {
+            TaskPage::Runs => page.task(&row, &views::runs(&db, task, RUNS_SHOWN).await?),
+            TaskPage::Failures => {
+                page.failures(&row, &views::failures(&db, task, FAILURES_SHOWN).await?)
+            }
+        }))
+    }
+    .await;
+    match result {
+        Ok(None) => not_visible(app, task),
+        other => page_or_error(app, other.map(Option::unwrap_or_default)),
+    }
+}
+
 async fn task_page(
     State(app): State<Arc<App>>,
     Path(task): Path<String>,
     Query(did): Query<Did>,
 ) -> Response {
-    let page = app.page(did.notice());
-    let result = async {
-        let db = app.db.client().await?;
-        Ok(match views::task(&db, &task).await? {
-            Some(row) => Some(page.task(&row, &views::runs(&db, &task, RUNS_SHOWN).await?)),
-            None => None,
-        })
-    }
-    .await;
-    match result {
-        Ok(None) => not_visible(&app, &task),
-        other => page_or_error(&app, other.map(Option::unwrap_or_default)),
-    }
+    task_scoped_page(&app, &task, &did, TaskPage::Runs).await
 }
 
 async fn failures_page(
@@ -125,21 +142,7 @@ async fn failures_page(
     Path(task): Path<String>,
     Query(did): Query<Did>,
 ) -> Response {
-    let page = app.page(did.notice());
-    let result = async {
-        let db = app.db.client().await?;
-        Ok(match views::task(&db, &task).await? {
-            Some(row) => {
-                Some(page.failures(&row, &views::failures(&db, &task, FAILURES_SHOWN).await?))
-            }
-            None => None,
-        })
-    }
-    .await;
-    match result {
-        Ok(None) => not_visible(&app, &task),
-        other => page_or_error(&app, other.map(Option::unwrap_or_default)),
-    }
+    task_scoped_page(&app, &task, &did, TaskPage::Failures).await
 }
 
 async fn workers_page(State(app): State<Arc<App>>) -> Response {

@@ -107,6 +107,16 @@ pub struct WorkerRow {
     pub throttled: Option<String>,
 }
 
+/// Builds `$row_type` from the same-named columns of `$row` (plus any `extra` fields).
+macro_rules! from_row {
+    ($row:expr, $row_type:ident { $($field:ident),* $(,)? } $(, $extra:ident: $value:expr)*) => {
+        $row_type {
+            $($field: $row.try_get(stringify!($field))?,)*
+            $($extra: $value,)*
+        }
+    };
+}
+
 /// Times as text in the session's time zone, to the second.
 macro_rules! at {
     ($column:literal) => {
@@ -184,19 +194,7 @@ pub async fn runs(db: &Client, task: &str, limit: i64) -> Result<Vec<RunRow>, Db
     let mut runs = rows
         .iter()
         .map(|row| {
-            Ok(RunRow {
-                run_id: row.try_get("run_id")?,
-                state: row.try_get("state")?,
-                started_at: row.try_get("started_at")?,
-                finished_at: row.try_get("finished_at")?,
-                seconds: row.try_get("seconds")?,
-                workers: row.try_get("workers")?,
-                processed: row.try_get("processed")?,
-                failed: row.try_get("failed")?,
-                dead: row.try_get("dead")?,
-                outcome: row.try_get("outcome")?,
-                throughput: Vec::new(),
-            })
+            Ok(from_row!(row, RunRow { run_id, state, started_at, finished_at, seconds, workers, processed, failed, dead, outcome }, throughput: Vec::new()))
         })
         .collect::<Result<Vec<RunRow>, DbError>>()?;
     let ids: Vec<i64> = runs.iter().map(|r| r.run_id).collect();
@@ -235,20 +233,23 @@ pub async fn failures(db: &Client, task: &str, limit: i64) -> Result<Vec<Failure
         .await?;
     rows.iter()
         .map(|row| {
-            Ok(FailureRow {
-                item_id: row.try_get("item_id")?,
-                key: row.try_get("key")?,
-                hi: row.try_get("hi")?,
-                group_key: row.try_get("group_key")?,
-                status: row.try_get("status")?,
-                attempts: row.try_get("attempts")?,
-                max_attempts: row.try_get("max_attempts")?,
-                sqlstate: row.try_get("sqlstate")?,
-                message: row.try_get("message")?,
-                last_failed_at: row.try_get("last_failed_at")?,
-                next_retry: row.try_get("next_retry")?,
-                blocks_group: row.try_get("blocks_group")?,
-            })
+            Ok(from_row!(
+                row,
+                FailureRow {
+                    item_id,
+                    key,
+                    hi,
+                    group_key,
+                    status,
+                    attempts,
+                    max_attempts,
+                    sqlstate,
+                    message,
+                    last_failed_at,
+                    next_retry,
+                    blocks_group
+                }
+            ))
         })
         .collect()
 }
@@ -268,18 +269,21 @@ pub async fn workers(db: &Client) -> Result<Vec<WorkerRow>, DbError> {
         .await?;
     rows.iter()
         .map(|row| {
-            Ok(WorkerRow {
-                pid: row.try_get("pid")?,
-                task: row.try_get("task")?,
-                run_id: row.try_get("run_id")?,
-                state: row.try_get("state")?,
-                current_key: row.try_get("current_key")?,
-                current_item: row.try_get("current_item")?,
-                since: row.try_get("since")?,
-                items_done: row.try_get("items_done")?,
-                started_at: row.try_get("started_at")?,
-                throttled: row.try_get("throttled")?,
-            })
+            Ok(from_row!(
+                row,
+                WorkerRow {
+                    pid,
+                    task,
+                    run_id,
+                    state,
+                    current_key,
+                    current_item,
+                    since,
+                    items_done,
+                    started_at,
+                    throttled
+                }
+            ))
         })
         .collect()
 }
