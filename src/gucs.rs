@@ -16,6 +16,9 @@ static LOADAVG_FILE: GucSetting<Option<CString>> =
 static ACTIVITY_THRESHOLDS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"100,10"));
 
+/// The most `chunkwise.max_workers` may be set to, and so the most workers of one run.
+pub const MAX_WORKERS_LIMIT: i32 = 1024;
+
 pub fn init() {
     GucRegistry::define_int_guc(
         c"chunkwise.max_workers",
@@ -23,7 +26,7 @@ pub fn init() {
         c"A run asks for no more background-worker slots than this leaves free, and warns when it gets fewer than it wanted.",
         &MAX_WORKERS,
         1,
-        1024,
+        MAX_WORKERS_LIMIT,
         GucContext::Suset,
         GucFlags::default(),
     );

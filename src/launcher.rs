@@ -190,15 +190,21 @@ fn launch_workers_for(
     }))
 }
 
-/// Waits until every launched worker has attached to the run (it is then connected and
-/// shows in pg_stat_activity) or has stopped, for at most `STARTUP_TIMEOUT`.
+/// Waits until every launched worker has joined the run (it is then connected and shows
+/// in pg_stat_activity) or has stopped, for at most `STARTUP_TIMEOUT`. Each place is
+/// looked at on its own: a worker that joined, did the whole run and stopped must not
+/// stand in for one still starting, which would find the run's segment gone once the
+/// launcher lets go of it. (One that starts later than `STARTUP_TIMEOUT` may still find
+/// it gone: it then does the last worker's part, see `worker::late`.)
 fn wait_until_under_way(shared: &SharedRun, handles: &[DynamicBackgroundWorker]) {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let state = shared.state();
     loop {
-        let stopped = handles.iter().filter(|h| is_stopped(h)).count() as i32;
-        if shared.state().workers_attached() + stopped >= handles.len() as i32
-            || Instant::now() >= deadline
-        {
+        let accounted_for = handles
+            .iter()
+            .enumerate()
+            .all(|(place, handle)| state.has_joined(place) || is_stopped(handle));
+        if accounted_for || Instant::now() >= deadline {
             return;
         }
         wait_on_latch(STARTUP_POLL);
@@ -380,16 +386,19 @@ fn launch_workers(
     count: i32,
     shared: &SharedRun,
 ) -> SqlResult<Vec<DynamicBackgroundWorker>> {
-    let args = WorkerArgs {
-        database: unsafe { pg_sys::MyDatabaseId },
-        owner: task.owner,
-        task_id: task.id,
-        run_id,
-        workers: count,
-        seat: None,
-    };
+    // SAFETY: reads this backend's database id, set once at connection.
+    let database = unsafe { pg_sys::MyDatabaseId };
     let mut handles = Vec::new();
-    for _ in 0..count {
+    for place in 0..count {
+        let args = WorkerArgs {
+            database,
+            owner: task.owner,
+            task_id: task.id,
+            run_id,
+            workers: count,
+            place,
+            seat: None,
+        };
         match launch_worker(&task.name, &args, shared.handle()) {
             Some(handle) => handles.push(handle),
             None => break,

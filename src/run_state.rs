@@ -3,11 +3,15 @@
 //! the launcher report progress without querying the queue, carries the cancel flag, and
 //! tells the last worker out that it should announce the end of the run.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 
 use crate::governance::SharedRateSchedule;
+use crate::gucs::MAX_WORKERS_LIMIT;
+
+/// Words of the bitmap of the places that joined a run (one bit per possible worker).
+const JOINED_WORDS: usize = (MAX_WORKERS_LIMIT as usize).div_ceil(64);
 
 /// What happened to one attempt at an item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +65,8 @@ pub struct RunState {
     failed: AtomicI64,
     dead: AtomicI64,
     workers_attached: AtomicI32,
+    /// Which places (`WorkerArgs::place`) have joined, for the launcher's wait.
+    joined: [AtomicU64; JOINED_WORDS],
     /// Workers the launcher got going; i32::MAX until it knows.
     workers_launched: AtomicI32,
     workers_exited: AtomicI32,
@@ -82,6 +88,7 @@ impl RunState {
             failed: AtomicI64::new(0),
             dead: AtomicI64::new(0),
             workers_attached: AtomicI32::new(0),
+            joined: [const { AtomicU64::new(0) }; JOINED_WORDS],
             workers_launched: AtomicI32::new(i32::MAX),
             workers_exited: AtomicI32::new(0),
             workers_gave_up: AtomicI32::new(0),
@@ -141,8 +148,19 @@ impl RunState {
         }
     }
 
-    pub fn attach_worker(&self) {
+    /// The worker at `place` has joined the run (it is connected and registered).
+    pub fn join(&self, place: usize) {
+        if let Some(word) = self.joined.get(place / 64) {
+            word.fetch_or(1 << (place % 64), Ordering::SeqCst);
+        }
         self.workers_attached.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether the worker at `place` has joined.
+    pub fn has_joined(&self, place: usize) -> bool {
+        self.joined
+            .get(place / 64)
+            .is_some_and(|word| word.load(Ordering::SeqCst) & (1 << (place % 64)) != 0)
     }
 
     pub fn workers_attached(&self) -> i32 {
@@ -242,5 +260,26 @@ impl Drop for SharedRun {
             // SAFETY: `segment` is this value's own live mapping and is not used afterwards.
             unsafe { pg_sys::dsm_detach(*segment) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_place_joins_on_its_own() {
+        let state = RunState::new(None);
+        for place in [0, 63, 64, MAX_WORKERS_LIMIT as usize - 1] {
+            assert!(!state.has_joined(place));
+            state.join(place);
+            assert!(state.has_joined(place), "place {place}");
+        }
+        assert!(!state.has_joined(1), "a neighbour is not taken for joined");
+        assert!(
+            !state.has_joined(MAX_WORKERS_LIMIT as usize),
+            "beyond the limit"
+        );
+        assert_eq!(state.workers_attached(), 4);
     }
 }

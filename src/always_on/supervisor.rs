@@ -261,6 +261,7 @@ impl Supervisor {
                 task_id: task.id,
                 run_id,
                 workers: task.workers,
+                place: 0,
                 seat: Some(seat),
             };
             // The handle must outlive this look's transaction, whose memory it would be

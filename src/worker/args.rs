@@ -13,6 +13,9 @@ pub struct WorkerArgs {
     pub task_id: i32,
     pub run_id: i64,
     pub workers: i32,
+    /// Its place among the run's workers, from 0 (0 for a pool member): the launcher
+    /// waits until each place has joined the run or stopped.
+    pub place: i32,
     pub seat: Option<Seat>,
 }
 
@@ -22,12 +25,13 @@ impl WorkerArgs {
             .seat
             .map_or((-1, -1), |seat| (seat.pool as i64, seat.member as i64));
         format!(
-            "{} {} {} {} {} {pool} {member}",
+            "{} {} {} {} {} {} {pool} {member}",
             self.database.to_u32(),
             self.owner.to_u32(),
             self.task_id,
             self.run_id,
-            self.workers
+            self.workers,
+            self.place
         )
     }
 
@@ -40,6 +44,7 @@ impl WorkerArgs {
             task_id: parts.next()?.parse().ok()?,
             run_id: parts.next()?.parse().ok()?,
             workers: parts.next()?.parse().ok()?,
+            place: parts.next()?.parse().ok().filter(|place| *place >= 0)?,
             seat: match (
                 parts.next()?.parse::<i64>().ok()?,
                 parts.next()?.parse::<i64>().ok()?,
@@ -67,6 +72,7 @@ mod tests {
             task_id: 7,
             run_id: 9_000_000_000,
             workers: 4,
+            place: 3,
             seat: None,
         };
         assert_eq!(WorkerArgs::decode(&args.encode()), Some(args));
@@ -81,12 +87,13 @@ mod tests {
     fn decode_refuses_other_text() {
         for extra in [
             "",
-            "1 2 3 4 5",
-            "1 2 3 4 5 -1 -1 8",
-            "1 2 x 4 5 -1 -1",
-            "-1 2 3 4 5 -1 -1",
-            "1 2 3 4 5 -2 4",
-            "1 2 3 4 5 4000 1",
+            "1 2 3 4 5 0",
+            "1 2 3 4 5 0 -1 -1 8",
+            "1 2 x 4 5 0 -1 -1",
+            "-1 2 3 4 5 0 -1 -1",
+            "1 2 3 4 5 -1 -1 -1",
+            "1 2 3 4 5 0 -2 4",
+            "1 2 3 4 5 0 4000 1",
         ] {
             assert_eq!(WorkerArgs::decode(extra), None, "{extra:?}");
         }

@@ -81,15 +81,12 @@ pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
             };
             SharedRun::private()
         }
-        // The segment goes away when the launcher and every other worker are gone: then
-        // the run was cancelled before this worker got going.
+        // The segment goes away when the launcher and every other worker are gone: this
+        // worker started later than the launcher waited, after the rest of the run.
         None => match SharedRun::attach(arg.value() as u32) {
             Some(shared) => shared,
             None => {
-                log!(
-                    "pg_chunkwise run {} ended before its worker started",
-                    args.run_id
-                );
+                follow_up::stand_in_for_the_last_worker(&args);
                 return;
             }
         },
@@ -189,7 +186,7 @@ impl Worker {
         queue.count_crashed_attempts(args.database)?;
         let slot = InFlightSlot::create(args.database);
         queue.register_worker(&args)?;
-        shared.state().attach_worker();
+        shared.state().join(args.place as usize);
         // Its gates are known before its first claim.
         let mut throttle = Throttle::new();
         throttle.reread_if_due(&queue, task.id)?;

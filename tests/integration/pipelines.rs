@@ -414,3 +414,65 @@ fn bad_pipeline_options_are_refused_and_change_nothing() {
     db.batch_execute("DROP OWNED BY pipeline_watcher; DROP ROLE pipeline_watcher")
         .unwrap();
 }
+
+/// A run started in the background (`start()`, as downstream cycles are) is settled by
+/// its last worker however its workers' starts interleave with its work: here one worker
+/// often does both items and leaves before the other has joined, which once left the run
+/// with nobody to count it out (the late worker found its segment gone), so its
+/// on_success never came. Many short runs make that interleaving likely, more so under
+/// CPU contention (`make test-stress`).
+#[test]
+fn every_run_started_in_the_background_calls_its_on_success_once() {
+    let mut db = pipeline_db("pipeline_background_starts");
+    db.batch_execute(
+        "SELECT chunkwise.create_task('quick', statement => 'SELECT $1',
+             workers => 2, on_success => 'succeeded');",
+    )
+    .unwrap();
+    const RUNS: i64 = 40;
+    let mut started = Vec::new();
+    for round in 0..RUNS {
+        // Planned and committed first: workers see only committed items.
+        db.execute(
+            "SELECT chunkwise.plan('quick', format('SELECT %s AS key UNION ALL SELECT %s', $1::bigint * 2, $1::bigint * 2 + 1))",
+            &[&round],
+        )
+        .unwrap();
+        let run_id: Option<i64> = one(&mut db, "SELECT chunkwise.start('quick')");
+        let run_id = run_id.unwrap_or_else(|| panic!("round {round}: two items were pending"));
+        started.push(run_id);
+        // The next start waits for this run's workers: one run at a time.
+        wait_for(&format!("run {run_id} to end"), DEADLINE, || {
+            let state: String = db
+                .query_one(
+                    "SELECT state FROM chunkwise.runs WHERE run_id = $1",
+                    &[&run_id],
+                )
+                .unwrap()
+                .get(0);
+            (state != "running").then_some(())
+        });
+    }
+    wait_for(&format!("{RUNS} on_success calls"), DEADLINE, || {
+        (calls(&mut db, "on_success", "quick") >= RUNS).then_some(())
+    });
+    let called: Vec<i64> = db
+        .query(
+            "SELECT run_id FROM calls WHERE task = 'quick' ORDER BY run_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(called, started, "one call per run, none twice");
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM chunkwise.run_history h JOIN chunkwise.tasks t USING (task_id) \
+              WHERE t.task = 'quick' AND (h.followup <> 'done' OR h.workers_exited <> h.workers_started)"
+        ),
+        0,
+        "every run counted its workers out and was settled"
+    );
+}
