@@ -10,6 +10,7 @@ import chunked_upsert
 import citus_upsert
 import claim_groups
 import datamart
+import enqueue
 import governance
 import per_item
 import readme
@@ -26,6 +27,7 @@ SCENARIOS = {
     "retention": retention,
     "always_on": always_on,
     "governance": governance,
+    "enqueue": enqueue,
 }
 
 

@@ -2,9 +2,11 @@
 
 use pgrx::prelude::*;
 use pgrx::spi::SpiHeapTupleData;
+use pgrx::{PgBuiltInOids, PgOid};
 
 use crate::columns::Columns;
 use crate::error::{SqlError, SqlResult, excerpt};
+use crate::kept_plans::{Access, kept};
 use crate::security::{as_extension_owner, may_manage, may_see, permission_denied};
 
 /// A task as the engine uses it; intervals that only SQL needs stay in the table.
@@ -37,10 +39,22 @@ pub struct Task {
 
 /// The columns `Task::from_row` reads, by name. (max_attempts and the backoff are read by
 /// the statements that use them, so that alter_task changes them for running workers too.)
-const TASK_COLUMNS: &str = "task_id, task, chunkwise._owner(anchor, owner) AS owner, call::oid AS call, \
-     statement, after, workers, (extract(epoch FROM item_timeout) * 1000)::bigint AS item_timeout_ms, \
-     items_per_commit, synchronous_commit, paused, source, rank_by_activity, max_items_per_cycle, \
-     sequential_groups, always_on, (extract(epoch FROM idle_timeout) * 1000)::bigint AS idle_timeout_ms";
+/// The owner is `chunkwise._owner`'s expression written out: a SQL function with its own
+/// `SET search_path` is called through a GUC nest level of its own on every lookup.
+macro_rules! select_task_where {
+    ($condition:literal) => {
+        concat!(
+            "SELECT task_id, task, \
+                    coalesce((SELECT d.typowner FROM pg_catalog.pg_type d WHERE d.oid = anchor), owner) AS owner, \
+                    call::oid AS call, \
+                    statement, after, workers, (extract(epoch FROM item_timeout) * 1000)::bigint AS item_timeout_ms, \
+                    items_per_commit, synchronous_commit, paused, source, rank_by_activity, max_items_per_cycle, \
+                    sequential_groups, always_on, (extract(epoch FROM idle_timeout) * 1000)::bigint AS idle_timeout_ms \
+               FROM chunkwise.tasks WHERE ",
+            $condition
+        )
+    };
+}
 
 impl Task {
     fn from_row(row: &SpiHeapTupleData) -> SqlResult<Task> {
@@ -68,7 +82,8 @@ impl Task {
     /// Looks a task up by name; an unknown name is the caller's error.
     pub fn by_name(name: &str) -> SqlResult<Task> {
         Task::find(
-            &format!("SELECT {TASK_COLUMNS} FROM chunkwise.tasks WHERE task = $1"),
+            select_task_where!("task = $1"),
+            PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
             name,
         )?
         .ok_or_else(|| unknown_task(name))
@@ -94,15 +109,19 @@ impl Task {
     /// Looks a task up by id (workers); `None` when it was dropped meanwhile.
     pub fn by_id(id: i32) -> SqlResult<Option<Task>> {
         Task::find(
-            &format!("SELECT {TASK_COLUMNS} FROM chunkwise.tasks WHERE task_id = $1"),
+            select_task_where!("task_id = $1"),
+            PgOid::BuiltIn(PgBuiltInOids::INT4OID),
             id,
         )
     }
 
-    fn find<K: IntoDatum>(query: &str, key: K) -> SqlResult<Option<Task>> {
+    /// One task by `key` (of type `key_type`), through a kept plan: enqueue looks its
+    /// task up on every call.
+    fn find<K: IntoDatum>(query: &'static str, key_type: PgOid, key: K) -> SqlResult<Option<Task>> {
         as_extension_owner(|| {
             Spi::connect(|client| {
-                let table = client.select(query, Some(1), &[key.into()])?;
+                let plan = kept(&client, query, &[key_type], Access::Reads)?;
+                let table = client.select(&*plan, Some(1), &[key.into()])?;
                 match table.into_iter().next() {
                     Some(row) => Task::from_row(&row).map(Some),
                     None => Ok(None),

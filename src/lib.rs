@@ -14,6 +14,7 @@ mod error;
 mod governance;
 mod gucs;
 mod item_status;
+mod kept_plans;
 mod launcher;
 mod locks;
 mod notify;

@@ -10,11 +10,13 @@ use pgrx::PgMemoryContexts;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiCursor, SpiHeapTupleData, SpiTupleTable};
+use pgrx::{PgBuiltInOids, PgOid};
 
 use crate::always_on;
 use crate::catalog::Task;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::item_status::item_status;
+use crate::kept_plans::{Access, kept};
 use crate::open_groups::open_items_of_groups;
 use crate::ranking::{Activity, Ranking};
 use crate::security::{as_extension_owner, as_task_owner};
@@ -129,45 +131,68 @@ impl ItemBatch {
             lock_groups(task_id, &self.group_keys)?;
         }
         let added = as_extension_owner(|| {
-            Spi::get_one_with_args::<i64>(
-                concat!(
-                    "WITH added AS ( \
-                       INSERT INTO chunkwise.items AS i (task_id, key, hi, priority, group_key, payload, not_before) \
-                       SELECT $1, u.key, u.hi, u.priority, u.group_key, u.payload, coalesce($7, now()) \
-                         FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::jsonb[]) \
-                              WITH ORDINALITY AS u(key, hi, priority, group_key, payload, ord) \
-                        ORDER BY u.ord \
-                       ON CONFLICT (task_id, key) WHERE status = ",
-                    item_status!(pending),
-                    " DO UPDATE \
-                          SET priority = EXCLUDED.priority, hi = EXCLUDED.hi, \
-                              group_key = CASE WHEN $8 THEN i.group_key \
-                                               ELSE coalesce(EXCLUDED.group_key, i.group_key) END, \
-                              payload = coalesce(EXCLUDED.payload, i.payload) \
-                       RETURNING (xmax = 0) AS inserted, i.task_id, i.group_key), \
-                     opened AS (",
-                    open_items_of_groups!(
-                        "(SELECT task_id, group_key FROM added WHERE $8 AND inserted) new"
-                    ),
-                    ") SELECT count(*) FILTER (WHERE inserted) FROM added"
-                ),
-                &[
-                    task_id.into(),
-                    self.keys.into(),
-                    self.his.into(),
-                    self.priorities.into(),
-                    self.group_keys.into(),
-                    self.payloads.into(),
-                    not_before.into(),
-                    task.sequential_groups.into(),
-                ],
-            )
+            Spi::connect_mut(|client| {
+                let plan = kept(client, INSERT_ITEMS, &INSERT_ITEMS_TYPES, Access::Writes)?;
+                client
+                    .update(
+                        &*plan,
+                        None,
+                        &[
+                            task_id.into(),
+                            self.keys.into(),
+                            self.his.into(),
+                            self.priorities.into(),
+                            self.group_keys.into(),
+                            self.payloads.into(),
+                            not_before.into(),
+                            task.sequential_groups.into(),
+                        ],
+                    )?
+                    .first()
+                    .get_one::<i64>()
+            })
         })?;
         let added = added.unwrap_or(0);
         always_on::wake_at_commit(task, added);
         Ok(added)
     }
 }
+
+/// Adds a batch of items: new keys become pending in batch order, pending keys get the
+/// new priority; a task with sequential groups has its groups' open counts follow. Run
+/// by every enqueue, so its plan is kept (see `kept_plans`).
+const INSERT_ITEMS: &str = concat!(
+    "WITH added AS ( \
+           INSERT INTO chunkwise.items AS i (task_id, key, hi, priority, group_key, payload, not_before) \
+           SELECT $1, u.key, u.hi, u.priority, u.group_key, u.payload, coalesce($7, now()) \
+             FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::jsonb[]) \
+                  WITH ORDINALITY AS u(key, hi, priority, group_key, payload, ord) \
+            ORDER BY u.ord \
+           ON CONFLICT (task_id, key) WHERE status = ",
+    item_status!(pending),
+    " DO UPDATE \
+              SET priority = EXCLUDED.priority, hi = EXCLUDED.hi, \
+                  group_key = CASE WHEN $8 THEN i.group_key \
+                                   ELSE coalesce(EXCLUDED.group_key, i.group_key) END, \
+                  payload = coalesce(EXCLUDED.payload, i.payload) \
+           RETURNING (xmax = 0) AS inserted, i.task_id, i.group_key), \
+         opened AS (",
+    open_items_of_groups!("(SELECT task_id, group_key FROM added WHERE $8 AND inserted) new"),
+    ") SELECT count(*) FILTER (WHERE inserted) FROM added"
+);
+
+/// The parameter types of `INSERT_ITEMS`: task_id, keys, his, priorities, group keys,
+/// payloads, not_before, sequential_groups.
+const INSERT_ITEMS_TYPES: [PgOid; 8] = [
+    PgOid::BuiltIn(PgBuiltInOids::INT4OID),
+    PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID),
+    PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID),
+    PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID),
+    PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+    PgOid::BuiltIn(PgBuiltInOids::JSONBARRAYOID),
+    PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID),
+    PgOid::BuiltIn(PgBuiltInOids::BOOLOID),
+];
 
 /// Locks the rows of the groups `group_keys` name (making the missing ones), in
 /// group_key order, before any of their items is touched.
