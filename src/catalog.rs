@@ -120,7 +120,7 @@ impl Task {
     fn find<K: IntoDatum>(query: &'static str, key_type: PgOid, key: K) -> SqlResult<Option<Task>> {
         as_extension_owner(|| {
             Spi::connect(|client| {
-                let plan = kept(&client, query, &[key_type], Access::Reads)?;
+                let plan = kept(client, query, &[key_type], Access::Reads)?;
                 let table = client.select(&*plan, Some(1), &[key.into()])?;
                 match table.into_iter().next() {
                     Some(row) => Task::from_row(&row).map(Some),
