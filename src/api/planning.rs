@@ -130,6 +130,16 @@ impl ItemBatch {
         if task.sequential_groups {
             lock_groups(task_id, &self.group_keys)?;
         }
+        let added = if self.keys.len() == 1 && !task.sequential_groups {
+            self.insert_one(task_id, not_before)?
+        } else {
+            self.insert_all(task, not_before)?
+        };
+        always_on::wake_at_commit(task, added);
+        Ok(added)
+    }
+
+    fn insert_all(self, task: &Task, not_before: Option<TimestampWithTimeZone>) -> SqlResult<i64> {
         let added = as_extension_owner(|| {
             Spi::connect_mut(|client| {
                 let plan = kept(client, INSERT_ITEMS, &INSERT_ITEMS_TYPES, Access::Writes)?;
@@ -138,7 +148,7 @@ impl ItemBatch {
                         &*plan,
                         None,
                         &[
-                            task_id.into(),
+                            task.id.into(),
                             self.keys.into(),
                             self.his.into(),
                             self.priorities.into(),
@@ -152,34 +162,106 @@ impl ItemBatch {
                     .get_one::<i64>()
             })
         })?;
-        let added = added.unwrap_or(0);
-        always_on::wake_at_commit(task, added);
-        Ok(added)
+        Ok(added.unwrap_or(0))
     }
+
+    /// The batch's only item, through `INSERT_ONE_ITEM`.
+    fn insert_one(self, task_id: i32, not_before: Option<TimestampWithTimeZone>) -> SqlResult<i64> {
+        let ItemBatch {
+            keys,
+            his,
+            priorities,
+            group_keys,
+            payloads,
+        } = self;
+        let inserted = as_extension_owner(|| {
+            Spi::connect_mut(|client| {
+                let plan = kept(
+                    client,
+                    INSERT_ONE_ITEM,
+                    &INSERT_ONE_ITEM_TYPES,
+                    Access::Writes,
+                )?;
+                client
+                    .update(
+                        &*plan,
+                        None,
+                        &[
+                            task_id.into(),
+                            keys.into_iter().next().into(),
+                            his.into_iter().next().flatten().into(),
+                            priorities.into_iter().next().into(),
+                            group_keys.into_iter().next().flatten().into(),
+                            payloads.into_iter().next().flatten().into(),
+                            not_before.into(),
+                        ],
+                    )?
+                    .first()
+                    .get_one::<bool>()
+            })
+        })?;
+        Ok(i64::from(inserted == Some(true)))
+    }
+}
+
+/// The upsert of items from `$rows` (a VALUES list or a SELECT of task_id, key, hi,
+/// priority, group_key, payload, not_before): new keys become pending, a pending key gets
+/// the new priority, range and (unless `$keep_group`, a boolean SQL expression: a task
+/// with sequential groups keeps an item in its group) group key and payload.
+macro_rules! upsert_items {
+    ($rows:literal, $keep_group:literal) => {
+        concat!(
+            "INSERT INTO chunkwise.items AS i (task_id, key, hi, priority, group_key, payload, not_before) ",
+            $rows,
+            " ON CONFLICT (task_id, key) WHERE status = ",
+            item_status!(pending),
+            " DO UPDATE \
+                 SET priority = EXCLUDED.priority, hi = EXCLUDED.hi, \
+                     group_key = CASE WHEN ",
+            $keep_group,
+            " THEN i.group_key ELSE coalesce(EXCLUDED.group_key, i.group_key) END, \
+                     payload = coalesce(EXCLUDED.payload, i.payload) \
+             RETURNING (xmax = 0) AS inserted, i.task_id, i.group_key"
+        )
+    };
 }
 
 /// Adds a batch of items: new keys become pending in batch order, pending keys get the
 /// new priority; a task with sequential groups has its groups' open counts follow. Run
-/// by every enqueue, so its plan is kept (see `kept_plans`).
+/// by every plan, so its plan is kept (see `kept_plans`).
 const INSERT_ITEMS: &str = concat!(
-    "WITH added AS ( \
-           INSERT INTO chunkwise.items AS i (task_id, key, hi, priority, group_key, payload, not_before) \
-           SELECT $1, u.key, u.hi, u.priority, u.group_key, u.payload, coalesce($7, now()) \
-             FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::jsonb[]) \
-                  WITH ORDINALITY AS u(key, hi, priority, group_key, payload, ord) \
-            ORDER BY u.ord \
-           ON CONFLICT (task_id, key) WHERE status = ",
-    item_status!(pending),
-    " DO UPDATE \
-              SET priority = EXCLUDED.priority, hi = EXCLUDED.hi, \
-                  group_key = CASE WHEN $8 THEN i.group_key \
-                                   ELSE coalesce(EXCLUDED.group_key, i.group_key) END, \
-                  payload = coalesce(EXCLUDED.payload, i.payload) \
-           RETURNING (xmax = 0) AS inserted, i.task_id, i.group_key), \
-         opened AS (",
+    "WITH added AS (",
+    upsert_items!(
+        "SELECT $1, u.key, u.hi, u.priority, u.group_key, u.payload, coalesce($7, now()) \
+           FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::jsonb[]) \
+                WITH ORDINALITY AS u(key, hi, priority, group_key, payload, ord) \
+          ORDER BY u.ord",
+        "$8"
+    ),
+    "), opened AS (",
     open_items_of_groups!("(SELECT task_id, group_key FROM added WHERE $8 AND inserted) new"),
     ") SELECT count(*) FILTER (WHERE inserted) FROM added"
 );
+
+/// Adds one item of a task without sequential groups (what an enqueue from a trigger
+/// does once per row): the same upsert as `INSERT_ITEMS` without the arrays, the sort
+/// and the groups' counts, whose executor set-up is most of a single item's cost.
+const INSERT_ONE_ITEM: &str = upsert_items!(
+    "VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()))",
+    "false"
+);
+
+/// The parameter types of `INSERT_ONE_ITEM`: task_id, key, hi, priority, group key,
+/// payload, not_before.
+const INSERT_ONE_ITEM_TYPES: [PgOid; 7] = [
+    PgOid::BuiltIn(PgBuiltInOids::INT4OID),
+    PgOid::BuiltIn(PgBuiltInOids::INT8OID),
+    PgOid::BuiltIn(PgBuiltInOids::INT8OID),
+    PgOid::BuiltIn(PgBuiltInOids::INT8OID),
+    PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
+    PgOid::BuiltIn(PgBuiltInOids::JSONBOID),
+    PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID),
+];
 
 /// The parameter types of `INSERT_ITEMS`: task_id, keys, his, priorities, group keys,
 /// payloads, not_before, sequential_groups.

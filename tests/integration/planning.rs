@@ -132,3 +132,40 @@ fn ranking_windows_and_thresholds_are_settings() {
         .expect_err("bad windows");
     assert_eq!(err.code().map(|c| c.code()), Some("22023"));
 }
+
+/// A single enqueue (its own statement, see `INSERT_ONE_ITEM`) keeps the batch's rules:
+/// a new key is added (1), a pending key gets the new priority and keeps the group key
+/// and payload it had when the new ones are NULL (0), and a finished key is added again.
+#[test]
+fn a_single_enqueue_adds_a_key_once_and_updates_it_while_pending() {
+    let mut db = test_db("planning_single_enqueue");
+    db.batch_execute("SELECT chunkwise.create_task('single', statement => 'SELECT $1')")
+        .unwrap();
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT chunkwise.enqueue('single', 7, priority => 5, group_key => 'g', payload => '{\"a\": 1}')"
+        ),
+        1
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT chunkwise.enqueue('single', 7, priority => 3)"
+        ),
+        0
+    );
+    let item: String = one(
+        &mut db,
+        "SELECT format('%s|%s|%s|%s', count(*), min(priority), min(group_key), min(payload::text)) \
+           FROM chunkwise.items i JOIN chunkwise.tasks t USING (task_id) WHERE t.task = 'single'",
+    );
+    assert_eq!(item, "1|3|g|{\"a\": 1}");
+    db.batch_execute("UPDATE chunkwise.items SET status = 'done' WHERE key = 7")
+        .unwrap();
+    assert_eq!(
+        one::<i64>(&mut db, "SELECT chunkwise.enqueue('single', 7)"),
+        1,
+        "a key that is done is added again"
+    );
+}
