@@ -20,19 +20,48 @@ pub enum DbError {
         message: String,
         hint: Option<String>,
     },
+    /// The answer could not be read (a column of an unexpected type: a dashboard and an
+    /// extension of different versions, say). Not the database's fault, nor passing.
+    #[error("the dashboard could not read the database's answer: {0}")]
+    Unreadable(String),
 }
 
 impl From<tokio_postgres::Error> for DbError {
     fn from(error: tokio_postgres::Error) -> Self {
-        match error.as_db_error() {
-            Some(db) => DbError::Sql {
-                sqlstate: db.code().code().to_string(),
+        if let Some(db) = error.as_db_error() {
+            let sqlstate = db.code().code();
+            if sqlstate_means_unreachable(sqlstate) {
+                return DbError::Unavailable(error.to_string());
+            }
+            return DbError::Sql {
+                sqlstate: sqlstate.to_string(),
                 message: db.message().to_string(),
                 hint: db.hint().map(str::to_string),
-            },
-            None => DbError::Unavailable(error.to_string()),
+            };
+        }
+        if unreadable_answer(&error) {
+            DbError::Unreadable(error.to_string())
+        } else {
+            // Closed, I/O, connect, timeout, authentication: the database is not reachable.
+            DbError::Unavailable(error.to_string())
         }
     }
+}
+
+/// Whether the error is about reading an answer that came: a column of another type, an
+/// unexpected NULL, a column that is not there.
+fn unreadable_answer(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::types::{WasNull, WrongType};
+    let conversion = std::error::Error::source(error)
+        .is_some_and(|source| source.is::<WrongType>() || source.is::<WasNull>());
+    // tokio-postgres has no public kind for a missing column; its message is stable.
+    conversion || error.to_string().starts_with("invalid column")
+}
+
+/// Whether the server said it went away or cannot take connections: class 08, or
+/// 57P01-57P03 (shut down, crashed, not yet accepting).
+fn sqlstate_means_unreachable(sqlstate: &str) -> bool {
+    sqlstate.starts_with("08") || matches!(sqlstate, "57P01" | "57P02" | "57P03")
 }
 
 pub struct Database {
@@ -79,5 +108,20 @@ impl Database {
     /// A connection of its own (LISTEN needs its messages read from the connection).
     pub async fn connect(&self) -> Result<(Client, Connection<Socket, NoTlsStream>), DbError> {
         Ok(self.config.connect(NoTls).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlstate_means_unreachable;
+
+    #[test]
+    fn only_connection_and_shutdown_states_mean_the_database_is_gone() {
+        for gone in ["08006", "08001", "57P01", "57P02", "57P03"] {
+            assert!(sqlstate_means_unreachable(gone), "{gone}");
+        }
+        for answered in ["42501", "42704", "22023", "55006", "57014", "XX000"] {
+            assert!(!sqlstate_means_unreachable(answered), "{answered}");
+        }
     }
 }

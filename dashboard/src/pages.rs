@@ -327,6 +327,16 @@ impl Page<'_> {
                     }
                 },
             ),
+            DbError::Unreadable(detail) => self.layout(
+                "Error",
+                html! {
+                    section.error {
+                        h1 { "The answer could not be read" }
+                        p { "Are the dashboard and the extension of the same version?" }
+                        p.detail { (detail) }
+                    }
+                },
+            ),
         }
     }
 

@@ -80,6 +80,7 @@ fn status_of(error: &DbError) -> StatusCode {
             s if s.starts_with("22") || s.starts_with("55") => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         },
+        DbError::Unreadable(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -172,6 +173,7 @@ fn json_or_error<T: serde::Serialize>(result: Result<Option<T>, DbError>) -> Res
                 } => {
                     serde_json::json!({"sqlstate": sqlstate, "message": message, "hint": hint})
                 }
+                DbError::Unreadable(detail) => serde_json::json!({"message": detail}),
             };
             (status_of(&error), Json(serde_json::json!({"error": body}))).into_response()
         }
