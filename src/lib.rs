@@ -28,6 +28,7 @@ mod retention;
 mod run_state;
 mod security;
 mod target;
+mod task_cache;
 mod transaction;
 mod worker;
 

@@ -23,6 +23,10 @@ enum LockKind {
     /// Counting the items that were in flight in a crash (see `worker::inflight`), per
     /// database.
     CrashRecovery = 3,
+    /// A task's definition (second key: the task id), per database: shared by the
+    /// transactions that enqueue with a task they looked up once (see `task_cache`),
+    /// exclusive for alter_task and drop_task.
+    Task = 4,
 }
 
 fn tag(database: pg_sys::Oid, kind: LockKind, id: u32) -> pg_sys::LOCKTAG {
@@ -103,4 +107,30 @@ pub fn lock_crash_recovery() {
     let tag = tag(unsafe { pg_sys::MyDatabaseId }, LockKind::CrashRecovery, 0);
     // SAFETY: a transaction-level lock on a tag built above, released at commit or abort.
     unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, false) };
+}
+
+/// How a transaction holds a task's definition lock.
+#[derive(Clone, Copy)]
+pub enum TaskLock {
+    /// It relies on the task as it looked it up (enqueue's cached lookup).
+    Uses,
+    /// It changes or drops the task: waits for the transactions that use it.
+    Changes,
+}
+
+/// Takes the task's definition lock until the end of the transaction (or of the
+/// subtransaction, if that aborts).
+pub fn lock_task(task_id: i32, how: TaskLock) {
+    // SAFETY: reads this backend's database id.
+    let tag = tag(
+        unsafe { pg_sys::MyDatabaseId },
+        LockKind::Task,
+        task_id as u32,
+    );
+    let mode = match how {
+        TaskLock::Uses => pg_sys::AccessShareLock,
+        TaskLock::Changes => pg_sys::AccessExclusiveLock,
+    };
+    // SAFETY: a transaction-level lock on a tag built above, released at commit or abort.
+    unsafe { pg_sys::LockAcquire(&tag, mode as i32, false, false) };
 }

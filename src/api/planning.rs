@@ -21,6 +21,7 @@ use crate::open_groups::open_items_of_groups;
 use crate::ranking::{Activity, Ranking};
 use crate::security::{as_extension_owner, as_task_owner};
 use crate::target::ensure_single_statement;
+use crate::task_cache::task_for_enqueue;
 
 /// Rows fetched from a planning query and written to the queue at a time, at most.
 pub(crate) const PLAN_BATCH: i64 = 10_000;
@@ -318,7 +319,7 @@ fn enqueue(
     not_before: default!(Option<TimestampWithTimeZone>, "now()"),
 ) -> i64 {
     let run = || -> SqlResult<i64> {
-        let task = task_to_plan(task)?;
+        let task = task_for_enqueue(task, "plan into")?;
         let key =
             key.ok_or_else(|| SqlError::null_argument("key", "Every item needs a bigint key."))?;
         let priority = priority.ok_or_else(|| {

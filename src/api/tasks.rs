@@ -11,6 +11,7 @@ use crate::governance::pause_when;
 use crate::gucs;
 use crate::item_status::item_status;
 use crate::launcher::DEFAULT_WORKERS;
+use crate::locks::{TaskLock, lock_task};
 use crate::oid_args::RegProc;
 use crate::ownership::{anchor_task, drop_anchor};
 use crate::pipeline::{callback, links};
@@ -18,6 +19,7 @@ use crate::security::{
     as_extension_owner, current_user, ensure_owner_can_run, ensure_owner_may_execute,
 };
 use crate::target::{ItemShape, Target, ensure_single_statement};
+use crate::task_cache;
 
 /// Longest task name: it must fit in `application_name` beside the run id.
 const MAX_TASK_NAME: usize = 40;
@@ -646,6 +648,7 @@ fn alter_task(
 ) {
     let run = || -> SqlResult<()> {
         let current = Task::for_caller(task, "alter")?;
+        task_cache::forget();
         let mut options = TaskOptions::load(&current)?;
         if call.is_some() || statement.is_some() {
             options.call = call.map(|c| c.0);
@@ -677,6 +680,10 @@ fn alter_task(
         alter_required(&mut options.items_per_commit, items_per_commit);
         alter_required(&mut options.synchronous_commit, synchronous_commit);
         if let Some(wanted) = sequential_groups.filter(|&w| w != options.sequential_groups) {
+            // Enqueues check group keys against the task as they looked it up (once per
+            // transaction): wait for the open ones, whose items then count as queued.
+            // No other option needs this wait, so steering a busy task never waits.
+            lock_task(current.id, TaskLock::Changes);
             ensure_queue_empty(&current, wanted)?;
         }
         alter_required(&mut options.sequential_groups, sequential_groups);
@@ -713,6 +720,10 @@ fn alter_task(
 fn drop_task(task: Option<&str>) {
     let run = || -> SqlResult<()> {
         let task = Task::for_caller(task, "drop")?;
+        // Waits for the transactions that enqueue into it: their items are then committed
+        // and deleted below with the rest, instead of staying behind without a task.
+        lock_task(task.id, TaskLock::Changes);
+        task_cache::forget();
         // An always-on task is refused whether or not a member happens to be up at this
         // instant (its pool restarts after an alter_task): the rule must not depend on timing.
         if task.always_on {

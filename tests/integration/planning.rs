@@ -1,11 +1,13 @@
 //! Planning: de-duplication of pending keys, query row order, and the activity ranking.
 
+use std::time::Duration;
+
 use postgres::Client;
 
-use crate::harness::one;
-
 use crate::fixtures::{done_order, recorder_task};
-use crate::harness::test_db;
+use crate::harness::{Cluster, one, sql_error, test_db, wait_for};
+
+const DEADLINE: Duration = Duration::from_secs(60);
 
 #[test]
 fn replanning_a_pending_key_updates_its_priority_instead_of_duplicating_it() {
@@ -168,4 +170,89 @@ fn a_single_enqueue_adds_a_key_once_and_updates_it_while_pending() {
         1,
         "a key that is done is added again"
     );
+}
+
+/// Enqueue looks its task up once per transaction and keeps it (see `task_cache`):
+/// drop_task waits for a transaction that enqueued, and then deletes its items with the
+/// rest instead of leaving them behind without a task.
+#[test]
+fn drop_task_waits_for_an_open_enqueue_and_leaves_none_of_its_items() {
+    let mut db = test_db("planning_enqueue_vs_drop");
+    db.batch_execute("SELECT chunkwise.create_task('dropped', statement => 'SELECT $1')")
+        .unwrap();
+    let task_id: i32 = one(
+        &mut db,
+        "SELECT task_id FROM chunkwise.tasks WHERE task = 'dropped'",
+    );
+    let mut enqueuer = Cluster::get().connect("planning_enqueue_vs_drop");
+    enqueuer
+        .batch_execute(
+            "BEGIN; SELECT chunkwise.enqueue('dropped', g) FROM generate_series(1, 10) g",
+        )
+        .unwrap();
+    let dropper = std::thread::spawn(|| {
+        let mut client = Cluster::get().connect("planning_enqueue_vs_drop");
+        client.batch_execute("SELECT chunkwise.drop_task('dropped')")
+    });
+    wait_for("drop_task to wait for the enqueue", DEADLINE, || {
+        let waiting: i64 = one(
+            &mut db,
+            "SELECT count(*) FROM pg_stat_activity \
+              WHERE wait_event_type = 'Lock' AND query LIKE '%drop_task%'",
+        );
+        (waiting == 1).then_some(())
+    });
+    enqueuer.batch_execute("COMMIT").unwrap();
+    dropper.join().unwrap().unwrap();
+    let left: i64 = db
+        .query_one(
+            "SELECT count(*) FROM chunkwise.items WHERE task_id = $1",
+            &[&task_id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the committed enqueue's items went with the task");
+}
+
+/// What an enqueue kept of its task is not used past a change in the same transaction:
+/// after drop_task and create_task of the same name the items go to the new task, and
+/// after SET ROLE the new role's rights are checked.
+#[test]
+fn an_enqueue_after_a_change_in_its_transaction_sees_the_change() {
+    let mut db = test_db("planning_enqueue_kept_task");
+    db.batch_execute(
+        "DROP ROLE IF EXISTS enqueue_stranger; CREATE ROLE enqueue_stranger;
+         GRANT USAGE ON SCHEMA chunkwise TO enqueue_stranger;
+         DO $$
+         BEGIN
+           PERFORM chunkwise.create_task('renewed', statement => 'SELECT $1');
+           PERFORM chunkwise.enqueue('renewed', 1);
+           PERFORM chunkwise.drop_task('renewed');
+           PERFORM chunkwise.create_task('renewed', statement => 'SELECT $1');
+           PERFORM chunkwise.enqueue('renewed', 2);
+         END $$;",
+    )
+    .unwrap();
+    let keys: String = one(
+        &mut db,
+        "SELECT string_agg(i.key::text, ',') FROM chunkwise.items i \
+           JOIN chunkwise.tasks t USING (task_id) WHERE t.task = 'renewed'",
+    );
+    assert_eq!(keys, "2");
+    let orphans: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM chunkwise.items i \
+          WHERE NOT EXISTS (SELECT FROM chunkwise.tasks t WHERE t.task_id = i.task_id)",
+    );
+    assert_eq!(orphans, 0);
+    db.batch_execute(
+        "BEGIN; SELECT chunkwise.enqueue('renewed', 3); SET LOCAL ROLE enqueue_stranger",
+    )
+    .unwrap();
+    let refused = sql_error(db.batch_execute("SELECT chunkwise.enqueue('renewed', 4)"));
+    assert_eq!(
+        refused.0, "42704",
+        "a task the role may not see does not exist for it: {refused:?}"
+    );
+    db.batch_execute("ROLLBACK").unwrap();
 }
