@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use pgrx::PgOid;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
+use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
+use pgrx::spi::{OwnedPreparedStatement, Spi, SpiClient, SpiResult};
 
 thread_local! {
     static KEPT: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> =
@@ -46,4 +47,17 @@ pub fn kept(
     let plan = Rc::new(prepared.keep());
     KEPT.with(|kept| kept.borrow_mut().insert(sql, plan.clone()));
     Ok(plan)
+}
+
+/// Runs the kept plan of the writing statement `sql` with `args` and returns the first
+/// column of its first row.
+pub fn write_returning<T: FromDatum + IntoDatum>(
+    sql: &'static str,
+    types: &[PgOid],
+    args: &[DatumWithOid],
+) -> SpiResult<Option<T>> {
+    Spi::connect_mut(|client| {
+        let plan = kept(client, sql, types, Access::Writes)?;
+        client.update(&*plan, None, args)?.first().get_one::<T>()
+    })
 }

@@ -51,8 +51,7 @@ pub fn task_for_enqueue(name: Option<&str>, action: &str) -> SqlResult<Rc<Task>>
     if let Some(task) = kept {
         return Ok(task);
     }
-    let task = Rc::new(Task::for_caller(Some(name), action)?);
-    lock_task(task.id, TaskLock::Uses);
+    lock_task(Task::for_caller(Some(name), action)?.id, TaskLock::Uses);
     // Looked up again under the lock: an alter_task or drop_task that committed while
     // this one waited is seen (a fresh snapshot: this runs in a volatile function).
     let task = Rc::new(Task::for_caller(Some(name), action)?);

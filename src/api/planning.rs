@@ -16,7 +16,7 @@ use crate::always_on;
 use crate::catalog::Task;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::item_status::item_status;
-use crate::kept_plans::{Access, kept};
+use crate::kept_plans::write_returning;
 use crate::open_groups::open_items_of_groups;
 use crate::ranking::{Activity, Ranking};
 use crate::security::{as_extension_owner, as_task_owner};
@@ -142,26 +142,20 @@ impl ItemBatch {
 
     fn insert_all(self, task: &Task, not_before: Option<TimestampWithTimeZone>) -> SqlResult<i64> {
         let added = as_extension_owner(|| {
-            Spi::connect_mut(|client| {
-                let plan = kept(client, INSERT_ITEMS, &INSERT_ITEMS_TYPES, Access::Writes)?;
-                client
-                    .update(
-                        &*plan,
-                        None,
-                        &[
-                            task.id.into(),
-                            self.keys.into(),
-                            self.his.into(),
-                            self.priorities.into(),
-                            self.group_keys.into(),
-                            self.payloads.into(),
-                            not_before.into(),
-                            task.sequential_groups.into(),
-                        ],
-                    )?
-                    .first()
-                    .get_one::<i64>()
-            })
+            write_returning::<i64>(
+                INSERT_ITEMS,
+                &INSERT_ITEMS_TYPES,
+                &[
+                    task.id.into(),
+                    self.keys.into(),
+                    self.his.into(),
+                    self.priorities.into(),
+                    self.group_keys.into(),
+                    self.payloads.into(),
+                    not_before.into(),
+                    task.sequential_groups.into(),
+                ],
+            )
         })?;
         Ok(added.unwrap_or(0))
     }
@@ -176,30 +170,19 @@ impl ItemBatch {
             payloads,
         } = self;
         let inserted = as_extension_owner(|| {
-            Spi::connect_mut(|client| {
-                let plan = kept(
-                    client,
-                    INSERT_ONE_ITEM,
-                    &INSERT_ONE_ITEM_TYPES,
-                    Access::Writes,
-                )?;
-                client
-                    .update(
-                        &*plan,
-                        None,
-                        &[
-                            task_id.into(),
-                            keys.into_iter().next().into(),
-                            his.into_iter().next().flatten().into(),
-                            priorities.into_iter().next().into(),
-                            group_keys.into_iter().next().flatten().into(),
-                            payloads.into_iter().next().flatten().into(),
-                            not_before.into(),
-                        ],
-                    )?
-                    .first()
-                    .get_one::<bool>()
-            })
+            write_returning::<bool>(
+                INSERT_ONE_ITEM,
+                &INSERT_ONE_ITEM_TYPES,
+                &[
+                    task_id.into(),
+                    keys.into_iter().next().into(),
+                    his.into_iter().next().flatten().into(),
+                    priorities.into_iter().next().into(),
+                    group_keys.into_iter().next().flatten().into(),
+                    payloads.into_iter().next().flatten().into(),
+                    not_before.into(),
+                ],
+            )
         })?;
         Ok(i64::from(inserted == Some(true)))
     }

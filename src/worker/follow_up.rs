@@ -49,8 +49,7 @@ pub fn stand_in_for_the_last_worker(args: &WorkerArgs) {
 /// Settles the task's runs that are over, run `run_id` first among them; with
 /// `announce`, also announces that run's end (once: only while it is armed and was never
 /// settled, and not while another settler holds it).
-fn settle_after(task: &Task, run_id: i64, announce: bool) {
-    let mut announce = announce;
+fn settle_after(task: &Task, run_id: i64, mut announce: bool) {
     loop {
         // The next callback retry is looked up in the settling's own transaction.
         let Some((requested, next_retry)) = committed(task, "settle its runs", || {
