@@ -4,7 +4,7 @@ bench/queue_floor.py); then the same keys again (each pending: a priority update
 Target: within 2x of the floor."""
 
 import queue_floor
-from lib import markdown_table, timed
+from lib import markdown_table, median, timed
 
 TASK = "enqueue_bench"
 ROUNDS = 3
@@ -13,10 +13,6 @@ ROUNDS = 3
 def fresh_task(conn):
     conn.execute("SELECT chunkwise.drop_task(task) FROM chunkwise.tasks WHERE task = %s", (TASK,))
     conn.execute("SELECT chunkwise.create_task(%s, statement => 'SELECT $1')", (TASK,))
-
-
-def median(values):
-    return sorted(values)[len(values) // 2]
 
 
 def run(cluster, args):

@@ -63,6 +63,10 @@ def timed(action):
     return time.perf_counter() - start, result
 
 
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
 def machine_facts(conn):
     settings = dict(
         conn.execute(

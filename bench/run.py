@@ -13,6 +13,7 @@ import datamart
 import enqueue
 import governance
 import per_item
+import plan
 import readme
 import retention
 from lib import Cluster, machine_facts, save
@@ -28,6 +29,7 @@ SCENARIOS = {
     "always_on": always_on,
     "governance": governance,
     "enqueue": enqueue,
+    "plan": plan,
 }
 
 
@@ -45,6 +47,7 @@ def main():
     parser.add_argument("--users", type=int, default=20_000, help="users of datamart")
     parser.add_argument("--shell-users", type=int, default=5_000,
                         help="users the datamart's shell runner refreshes (the head of the ranking)")
+    parser.add_argument("--plan-keys", type=int, default=1_000_000, help="keys of plan")
     parser.add_argument("--noop-chunks", type=int, default=10_000,
                         help="chunks of the per-chunk overhead measurement")
     args = parser.parse_args()

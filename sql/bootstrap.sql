@@ -124,8 +124,10 @@ CREATE TABLE chunkwise.groups (
     PRIMARY KEY (task_id, group_key)
 );
 -- A group's head: its first item not yet done or skipped, in (priority, item_id) order.
+-- Items without a group (every item of a task without sequential groups) stay out: they
+-- would cost each enqueue and plan one more index insert for nothing.
 CREATE INDEX items_group_head_idx ON chunkwise.items (task_id, group_key, priority, item_id)
-    WHERE status IN ('pending', 'dead');
+    WHERE status IN ('pending', 'dead') AND group_key IS NOT NULL;
 
 -- One row per run, written by its workers in their own transactions (the caller of
 -- run() cannot commit before the run ends). Whether a run is still live is read from
