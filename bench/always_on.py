@@ -149,10 +149,10 @@ def graphile_latency(cluster, conn, singles, bursts):
     figures = {}
     for name, size, gap in PATTERNS:
         transactions = counts(singles, bursts)[name]
-        # Serves the jobs (CALL ao_item) until ao_log holds them all, then stops.
+        # Serves the jobs (CALL ao_item) until all of them completed, then stops.
         conn.execute("TRUNCATE ao_log, ao_enqueued")
         worker = subprocess.Popen([*node, "drain", url, str(transactions * size), str(POOL),
-                                   "ao_item", "ao_log"])
+                                   "ao_item"], stdout=subprocess.DEVNULL)
         wait_until("graphile-worker to listen", lambda: conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE '%listen%' "
             "AND pid <> pg_backend_pid()").fetchone()[0] > 0, timeout=30)

@@ -50,15 +50,16 @@ def reset(conn):
     conn.execute("CHECKPOINT")
 
 
-def chunkwise(cluster, conn):
+def chunkwise(cluster, conn, workers=2):
     conn.execute("SELECT chunkwise.drop_task(task) FROM chunkwise.tasks WHERE task = 'datamart'")
     conn.execute(
         "SELECT chunkwise.create_task('datamart', call => 'dwh.update_datamart_user', "
-        "after => 'UPDATE dwh.dimension_users SET modified = false WHERE dimension_user_id = $1', workers => 2)")
+        "after => 'UPDATE dwh.dimension_users SET modified = false WHERE dimension_user_id = $1', "
+        "workers => %s)", (workers,))
     def refresh():
         conn.execute("SELECT chunkwise.plan_by_activity('datamart', "
                      "'SELECT key, last_activity, actions FROM dwh.modified_users')")
-        conn.execute("SELECT * FROM chunkwise.run('datamart', 2)")
+        conn.execute("SELECT * FROM chunkwise.run('datamart', %s)", (workers,))
     return timed(refresh)[0]
 
 

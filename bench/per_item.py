@@ -5,15 +5,21 @@ table, by
   2. pgbench doing the same work per transaction with the same number of clients:
      claim a row with SKIP LOCKED, CALL the target, mark the row done ("equal work"),
   3. pgbench doing only the CALL (the ceiling: no queue at all),
-  4. graphile-worker (a fast Postgres job queue for Node.js) running the same CALL as its
-     task with the same concurrency (bench/graphile/drain.mjs),
+  4. graphile-worker 0.17.3 (a fast Postgres job queue for Node.js; its newest release,
+     0.18.0, needs Node 22 and the image has Node 20) running the same CALL as its task
+     with the same concurrency (bench/graphile/drain.mjs),
 
-each on a fresh log table. Wall time includes everything the contender needs (pgbench's
-connections, pg_chunkwise's worker start), not the setup of the queue.
+each on a fresh log table, each timed the way its own tools report it: pg_chunkwise by
+the wall time of `run()` (its workers' start included), pgbench by its own tps once its
+clients are connected, graphile-worker from its first `job:start` to its last
+`job:complete` event (no poller beside it, the Node process's start excluded). The setup
+of each queue is not timed.
 """
 
+import json
 import os
 import pathlib
+import re
 import subprocess
 import tempfile
 import urllib.parse
@@ -71,11 +77,15 @@ def pgbench(cluster, script, clients, transactions, synchronous):
     command = ["pgbench", "-n", "-M", "prepared", "-h", cluster.dir, "-p", str(cluster.port),
                "-U", "postgres", "-c", str(clients), "-j", str(clients),
                "-t", str(transactions // clients), "-f", f.name, "postgres"]
-    seconds, done = timed(lambda: subprocess.run(command, env=env, capture_output=True, text=True))
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
     pathlib.Path(f.name).unlink()
     if done.returncode != 0:
         raise RuntimeError(f"pgbench failed: {done.stderr}")
-    return seconds
+    # pgbench's own figure: transactions per second once its clients are connected.
+    tps = re.search(r"^tps = ([0-9.]+) \(without initial connection time\)", done.stdout, re.M)
+    if not tps:
+        raise RuntimeError(f"no tps in pgbench's report: {done.stdout}")
+    return transactions // clients * clients / float(tps.group(1))
 
 
 def equal_work(cluster, conn, items, clients, synchronous):
@@ -115,8 +125,10 @@ def graphile(cluster, conn, items, concurrency, synchronous):
         (items,),
     )
     fresh_log(conn)
-    seconds, _ = timed(lambda: node("drain", url, str(items), str(concurrency)))
-    return seconds
+    report = json.loads(node("drain", url, str(items), str(concurrency)).stdout)
+    if report["failed"]:
+        raise RuntimeError(f"graphile-worker: {report['failed']} jobs failed")
+    return report["seconds"]
 
 
 def run(cluster, args):

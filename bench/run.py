@@ -16,6 +16,7 @@ import per_item
 import plan
 import readme
 import retention
+import scaling
 from lib import Cluster, machine_facts, save
 
 SCENARIOS = {
@@ -30,6 +31,7 @@ SCENARIOS = {
     "governance": governance,
     "enqueue": enqueue,
     "plan": plan,
+    "scaling": scaling,
 }
 
 
@@ -48,6 +50,9 @@ def main():
     parser.add_argument("--shell-users", type=int, default=5_000,
                         help="users the datamart's shell runner refreshes (the head of the ranking)")
     parser.add_argument("--plan-keys", type=int, default=1_000_000, help="keys of plan")
+    parser.add_argument("--scaling-workers", default="1,2,4,8",
+                        help="worker counts of scaling (comma-separated; the largest also runs the datamart)")
+    parser.add_argument("--datamart-runs", type=int, default=3, help="runs of each datamart contender in scaling")
     parser.add_argument("--noop-chunks", type=int, default=10_000,
                         help="chunks of the per-chunk overhead measurement")
     args = parser.parse_args()

@@ -1,15 +1,18 @@
-// graphile-worker side of bench/per_item.py.
+// graphile-worker side of bench/per_item.py and bench/always_on.py.
 //   node drain.mjs migrate CONNECTION      installs graphile-worker's schema
-//   node drain.mjs drain CONNECTION N C [PROCEDURE TABLE]
-//                                          runs the log_item jobs (CALL PROCEDURE, log_item by
-//                                          default) with concurrency C until TABLE (log) holds
-//                                          N rows, then stops; jobs added meanwhile are
-//                                          picked up as they come (LISTEN/NOTIFY)
+//   node drain.mjs drain CONNECTION N C [PROCEDURE]
+//                                          runs log_item jobs (each a CALL PROCEDURE,
+//                                          log_item by default) with concurrency C until N
+//                                          of them completed, then stops; jobs added
+//                                          meanwhile are picked up as they come
+//                                          (LISTEN/NOTIFY). Prints {"seconds": ...}: the
+//                                          time from the first job's start to the N-th
+//                                          job's completion, as graphile-worker's own
+//                                          events report them (no poller, no process start)
+import { performance } from "node:perf_hooks";
 import { Logger, run, runMigrations } from "graphile-worker";
-import pg from "pg";
 
-const [mode, connectionString, expected, concurrency, procedure = "log_item", table = "log"] =
-  process.argv.slice(2);
+const [mode, connectionString, expected, concurrency, procedure = "log_item"] = process.argv.slice(2);
 const quiet = new Logger(() => () => {});
 
 if (mode === "migrate") {
@@ -27,12 +30,20 @@ if (mode === "migrate") {
       },
     },
   });
-  const pool = new pg.Pool({ connectionString, max: 1 });
-  for (;;) {
-    const { rows } = await pool.query(`SELECT count(*)::int AS n FROM ${table}`);
-    if (rows[0].n >= Number(expected)) break;
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
+  let firstStart = null;
+  let completed = 0;
+  let failed = 0;
+  const done = new Promise((resolve) => {
+    runner.events.on("job:start", () => {
+      firstStart ??= performance.now();
+    });
+    runner.events.on("job:complete", ({ error }) => {
+      if (error) failed += 1;
+      completed += 1;
+      if (completed === Number(expected)) resolve(performance.now());
+    });
+  });
+  const lastComplete = await done;
   await runner.stop();
-  await pool.end();
+  console.log(JSON.stringify({ seconds: (lastComplete - firstStart) / 1000, completed, failed }));
 }

@@ -1,0 +1,164 @@
+"""Claims that scale: what one more worker buys.
+
+1. No-op items (`statement => 'SELECT $1'`, synchronous_commit off), N of them (50,000
+   by default), run by 1, 2, 4 and 8 workers (`--scaling-workers`): items per second, the
+   worker time each item costs (workers x wall / items: the claim, the mark-done and the
+   commit, since the item itself does nothing), and the rate against the best rate of
+   at most 2 workers. On a 2-core box more than 2 workers cannot add speed; the target
+   is that they do not take it away (no drop past 2 workers worse than 15%). After the
+   timed runs, one more run per worker count samples the workers' wait events
+   (pg_stat_activity every 20 ms) to show what they wait for.
+2. The datamart refresh (examples/datamart) with W workers against W hand-split loops
+   (W psql sessions, each a DO block that refreshes the users with key % W = i and
+   commits after each), `--datamart-runs` times each: wall time and max/min over the
+   runs. W is the largest worker count of 1.
+
+On a 16-core machine: `bash bench/run.sh scaling --scaling-workers 1,2,4,8,16
+--datamart-runs 5` (targets there: 8 workers >= 5x one worker; 16 workers >= 1.3x
+sixteen hand-split loops with max/min <= 1.3)."""
+
+import collections
+import subprocess
+import threading
+
+import datamart
+from lib import markdown_table, median, timed
+
+TASK = "scaling_bench"
+ROUNDS = 3
+WAIT_SAMPLE = ("SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity "
+               "WHERE backend_type = 'chunkwise worker'")
+
+
+def plan_noop(conn, items):
+    conn.execute("SELECT chunkwise.drop_task(task) FROM chunkwise.tasks WHERE task = %s", (TASK,))
+    conn.execute("SELECT chunkwise.create_task(%s, statement => 'SELECT $1', synchronous_commit => false)",
+                 (TASK,))
+    conn.execute("SELECT chunkwise.plan(%s, 'SELECT g AS key FROM generate_series(1, ' || %s || ') g')",
+                 (TASK, items))
+    conn.execute("VACUUM ANALYZE chunkwise.items")
+    conn.execute("CHECKPOINT")
+
+
+def run_noop(conn, workers):
+    seconds, row = timed(lambda: conn.execute(
+        "SELECT processed FROM chunkwise.run(%s, %s)", (TASK, workers)).fetchone())
+    return seconds, row[0]
+
+
+def sampled_waits(cluster, conn, items, workers):
+    """One more run, with its workers' wait events sampled from another session."""
+    plan_noop(conn, items)
+    waits, stop = collections.Counter(), threading.Event()
+    def sample():
+        with cluster.connect() as watcher:
+            while not stop.wait(0.02):
+                waits.update(w for (w,) in watcher.execute(WAIT_SAMPLE).fetchall())
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    run_noop(conn, workers)
+    stop.set()
+    watcher.join()
+    total = sum(waits.values()) or 1
+    return ", ".join(f"{w} {n * 100 // total}%" for w, n in waits.most_common(3))
+
+
+def noop_scaling(cluster, conn, items, worker_counts):
+    seconds = {w: [] for w in worker_counts}
+    processed_ok = True
+    for _ in range(ROUNDS):  # alternating, so that all see the same machine
+        for workers in worker_counts:
+            plan_noop(conn, items)
+            wall, processed = run_noop(conn, workers)
+            processed_ok &= processed == items
+            seconds[workers].append(wall)
+    results = []
+    for workers in worker_counts:
+        wall = median(seconds[workers])
+        results.append({"part": "no-op items", "workers": workers, "items": items, "seconds": round(wall, 3),
+                        "items_per_second": round(items / wall),
+                        "worker_us_per_item": round(workers * wall / items * 1e6, 1),
+                        "same_result": processed_ok})
+    best_of_two = max(r["items_per_second"] for r in results if r["workers"] <= 2)
+    one = next((r["items_per_second"] for r in results if r["workers"] == 1), None)
+    for r in results:
+        r["vs_best_of_1_2"] = round(r["items_per_second"] / best_of_two, 2)
+        r["vs_1_worker"] = round(r["items_per_second"] / one, 2) if one else None
+        r["waits"] = sampled_waits(cluster, conn, items, r["workers"])
+        print(f"  no-op items, {r['workers']} workers: {r['items_per_second']} items/s, "
+              f"{r['vs_best_of_1_2']}x the best of 1-2 workers; waits: {r['waits']}", flush=True)
+    conn.execute("SELECT chunkwise.drop_task(%s)", (TASK,))
+    return results
+
+
+def hand_split_loops(cluster, workers):
+    """W psql sessions at once, session i refreshing the users with key % W = i."""
+    loop = ("DO $$ DECLARE u bigint; BEGIN "
+            "FOR u IN SELECT key FROM dwh.modified_users WHERE key % {w} = {i} LOOP "
+            "CALL dwh.update_datamart_user(u); "
+            "UPDATE dwh.dimension_users SET modified = false WHERE dimension_user_id = u; "
+            "COMMIT; END LOOP; END $$")
+    def refresh():
+        sessions = [subprocess.Popen(["psql", *datamart.psql_args(cluster), "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                                      "-c", loop.format(w=workers, i=i)]) for i in range(workers)]
+        if any(s.wait() != 0 for s in sessions):
+            raise RuntimeError("a hand-split loop failed")
+    return timed(refresh)[0]
+
+
+def datamart_scaling(cluster, conn, users, workers, runs):
+    datamart.build(cluster, conn, users)
+    contenders = {f"pg_chunkwise, {workers} workers": lambda: datamart.chunkwise(cluster, conn, workers),
+                  f"{workers} hand-split loops (psql DO, commit per user)": lambda: hand_split_loops(cluster, workers)}
+    seconds = {name: [] for name in contenders}
+    left = {name: 0 for name in contenders}
+    for _ in range(runs):
+        for name, refresh in contenders.items():
+            datamart.reset(conn)
+            seconds[name].append(refresh())
+            left[name] += conn.execute("SELECT count(*) FROM dwh.dimension_users WHERE modified").fetchone()[0]
+    results = []
+    for name, walls in seconds.items():
+        results.append({"part": "datamart", "contender": name, "workers": workers, "users": users,
+                        "runs": runs, "seconds": round(median(walls), 3), "min_s": round(min(walls), 3),
+                        "max_s": round(max(walls), 3), "max_over_min": round(max(walls) / min(walls), 2),
+                        "users_per_second": round(users / median(walls)), "same_result": left[name] == 0})
+    ours, loops = results
+    ours["vs_loops"] = round(loops["seconds"] / ours["seconds"], 2)
+    for r in results:
+        print(f"  datamart, {r['contender']}: {r['seconds']} s (max/min {r['max_over_min']})", flush=True)
+    conn.execute("SELECT chunkwise.drop_task('datamart')")
+    return results
+
+
+def run(cluster, args):
+    worker_counts = [int(w) for w in args.scaling_workers.split(",")]
+    items = 2_000 if args.smoke else args.items
+    users = 300 if args.smoke else args.users
+    runs = 1 if args.smoke else args.datamart_runs
+    conn = cluster.connect()
+    conn.execute("CREATE EXTENSION IF NOT EXISTS pg_chunkwise")
+    results = noop_scaling(cluster, conn, items, worker_counts)
+    results += datamart_scaling(cluster, conn, users, max(worker_counts), runs)
+    return {"workload": {"smoke": args.smoke, "items": items, "users": users, "datamart_runs": runs,
+                         "rounds": ROUNDS},
+            "results": results,
+            "targets": {"past_2_workers_vs_best_of_1_2_at_least": 0.85,
+                        "16_cores_8_workers_vs_1_at_least": 5.0,
+                        "16_cores_datamart_vs_loops_at_least": 1.3, "max_over_min_at_most": 1.3}}
+
+
+def tables(result):
+    noop = [r for r in result["results"] if r["part"] == "no-op items"]
+    mart = [r for r in result["results"] if r["part"] == "datamart"]
+    return markdown_table(
+        ["workers", "no-op items", "wall s (median of 3)", "items/s", "worker µs per item",
+         "x 1 worker", "x best of 1-2 workers", "waits seen (sampled run)"],
+        [[r["workers"], r["items"], f"{r['seconds']:.2f}", r["items_per_second"], r["worker_us_per_item"],
+          f"{r['vs_1_worker']:.2f}" if r["vs_1_worker"] else "-", f"{r['vs_best_of_1_2']:.2f}", r["waits"]]
+         for r in noop],
+    ) + "\n\n" + markdown_table(
+        ["datamart refresh", "users", "runs", "median s", "min s", "max s", "max/min", "loops / pg_chunkwise"],
+        [[r["contender"], r["users"], r["runs"], f"{r['seconds']:.2f}", f"{r['min_s']:.2f}", f"{r['max_s']:.2f}",
+          f"{r['max_over_min']:.2f}", f"{r['vs_loops']:.2f}x" if "vs_loops" in r else ""] for r in mart],
+    )
