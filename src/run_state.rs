@@ -72,6 +72,9 @@ pub struct RunState {
     workers_exited: AtomicI32,
     /// Workers that left because their bookkeeping kept failing (also in workers_exited).
     workers_gave_up: AtomicI32,
+    /// The item the worker at each place holds (0: none). A claim passes over the
+    /// items other workers hold without trying to lock them (see `Queue::claim`).
+    holding: [AtomicI64; MAX_WORKERS_LIMIT as usize],
     /// Set by whoever announces the end of the run (NOTIFY), so that it is announced once.
     finish_announced: AtomicBool,
     cancel: AtomicBool,
@@ -92,6 +95,7 @@ impl RunState {
             workers_launched: AtomicI32::new(i32::MAX),
             workers_exited: AtomicI32::new(0),
             workers_gave_up: AtomicI32::new(0),
+            holding: [const { AtomicI64::new(0) }; MAX_WORKERS_LIMIT as usize],
             finish_announced: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             rate: SharedRateSchedule::default(),
@@ -161,6 +165,32 @@ impl RunState {
         self.joined
             .get(place / 64)
             .is_some_and(|word| word.load(Ordering::SeqCst) & (1 << (place % 64)) != 0)
+    }
+
+    /// The worker at `place` holds `item` (None: nothing) until it says otherwise.
+    pub fn hold(&self, place: usize, item: Option<i64>) {
+        if let Some(slot) = self.holding.get(place) {
+            slot.store(item.unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+
+    /// The items that the workers at other places than `place` hold now. A hint, not a
+    /// lock: an item in it may have been let go a moment ago, one missing from it may
+    /// have been claimed meanwhile (the row locks of the claim decide).
+    pub fn held_by_others(&self, place: usize) -> Vec<i64> {
+        let mut held = Vec::new();
+        for (word_at, word) in self.joined.iter().enumerate() {
+            let mut bits = word.load(Ordering::Relaxed);
+            while bits != 0 {
+                let other = word_at * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let item = self.holding[other].load(Ordering::Relaxed);
+                if other != place && item != 0 {
+                    held.push(item);
+                }
+            }
+        }
+        held
     }
 
     pub fn workers_attached(&self) -> i32 {
@@ -266,6 +296,24 @@ impl Drop for SharedRun {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_sees_what_the_others_hold_and_not_its_own() {
+        let state = RunState::new(None);
+        for place in [0, 5, 64, 70] {
+            state.join(place);
+        }
+        state.hold(0, Some(10));
+        state.hold(5, Some(11));
+        state.hold(64, Some(12));
+        state.hold(70, None);
+        state.hold(3, Some(99)); // a place that never joined is not read
+        let mut held = state.held_by_others(5);
+        held.sort_unstable();
+        assert_eq!(held, [10, 12]);
+        state.hold(0, None);
+        assert_eq!(state.held_by_others(5), [12]);
+    }
 
     #[test]
     fn each_place_joins_on_its_own() {

@@ -375,6 +375,7 @@ impl Worker {
 
     fn mark_idle(&mut self) {
         self.item_in_flight = None;
+        self.shared.state().hold(self.args.place as usize, None);
         if let Some(slot) = &self.slot {
             slot.idle();
         }
@@ -444,12 +445,18 @@ impl Worker {
         limit: i64,
     ) -> Bookkeeping<(Vec<ClaimedItem>, Vec<Attempt>, Tally)> {
         let flushed = self.flush_tally_if_due()?;
+        let place = self.args.place as usize;
         let mut items = self.queue.claim(
             self.task.id,
             self.args.run_id,
             limit,
             &mut self.claim_cursor,
+            self.shared.state().held_by_others(place),
         )?;
+        // Until mark_idle, after this transaction ends.
+        self.shared
+            .state()
+            .hold(place, items.first().map(|item| item.id));
         if items.is_empty() {
             self.stop_requested = self.queue.stop_requested(self.task.id, self.args.run_id)?;
         }
