@@ -33,6 +33,7 @@ fn anchor_name(task: &str) -> String {
 pub fn anchor_task(task_id: i32, task: &str, owner: pg_sys::Oid) -> SqlResult<()> {
     let anchor = anchor_name(task);
     as_extension_owner_with(SETTINGS, || -> SqlResult<()> {
+        drop_stale_anchor(&anchor)?;
         Spi::run(&format!("CREATE DOMAIN {anchor} AS pg_catalog.bool"))?;
         Spi::run(&format!(
             "COMMENT ON DOMAIN {anchor} IS {}",
@@ -50,6 +51,26 @@ pub fn anchor_task(task_id: i32, task: &str, owner: pg_sys::Oid) -> SqlResult<()
         )?;
         Ok(())
     })
+}
+
+/// Drops an anchor of this name that no task has: one left behind by `DROP EXTENSION`,
+/// which drops the tasks table but neither the anchors (not members, on purpose) nor the
+/// schema they live in (the control file's schema is no member either). Task names are
+/// unique, and this task's row is already in, so such an anchor belongs to nobody; without
+/// this, a task could never again have the name of one that lived before a reinstall.
+fn drop_stale_anchor(anchor: &str) -> SqlResult<()> {
+    let stale = Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.to_regtype($1) IS NOT NULL",
+        &[anchor.into()],
+    )?
+    .unwrap_or(false);
+    if stale {
+        notice!(
+            "pg_chunkwise: dropping {anchor}, the owner anchor of an earlier task of this name that DROP EXTENSION left behind"
+        );
+        Spi::run(&format!("DROP DOMAIN {anchor}"))?;
+    }
+    Ok(())
 }
 
 /// Drops the anchor of a task whose rows are gone.

@@ -567,3 +567,32 @@ fn drop_task_removes_the_tasks_items_groups_and_runs_and_nothing_else() {
         "the other task is untouched"
     );
 }
+
+/// DROP EXTENSION leaves the tasks' owner anchors behind (they are not members of the
+/// extension); a reinstalled extension still creates a task of an old name.
+#[test]
+fn a_task_of_an_old_name_can_be_created_after_the_extension_is_reinstalled() {
+    let mut db = test_db("reinstalled");
+    db.batch_execute(
+        "SELECT chunkwise.create_task('refresh', statement => 'SELECT $1');
+         DROP EXTENSION pg_chunkwise CASCADE;
+         CREATE EXTENSION pg_chunkwise;
+         SELECT chunkwise.create_task('refresh', statement => 'SELECT $1');
+         SELECT chunkwise.enqueue('refresh', 7);",
+    )
+    .unwrap();
+    let anchored: bool = one(
+        &mut db,
+        "SELECT t.anchor = ty.oid FROM chunkwise.tasks t, pg_type ty \
+          WHERE t.task = 'refresh' AND ty.typname = 'task:refresh'",
+    );
+    assert!(
+        anchored,
+        "the new task is anchored to the anchor of its name"
+    );
+    let anchors: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM pg_type WHERE typname = 'task:refresh'",
+    );
+    assert_eq!(anchors, 1, "one anchor, the new task's");
+}
