@@ -314,7 +314,7 @@ fn after_a_kill_inside_a_callback_the_restart_settles_the_run_with_nobody_callin
     db.batch_execute(
         "CREATE TABLE seen (task text, k bigint);
          CREATE TABLE calls (task text, run_id bigint);
-         COPY (SELECT 1) TO PROGRAM 'rm -f always_on_pipeline_kill.marker';
+         COPY (SELECT 1) TO PROGRAM 'cat > /dev/null; rm -f always_on_pipeline_kill.marker';
          -- The first call kills its own backend; the marker file (not rolled back by the
          -- crash) says that it did.
          CREATE PROCEDURE killed_once(task text, run_id bigint, processed bigint, failed bigint, dead bigint)

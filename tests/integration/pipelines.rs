@@ -226,7 +226,7 @@ fn a_kill_during_the_callback_and_a_restart_still_give_one_callback_and_one_down
     db.batch_execute(
         "-- The first call kills its own backend; a marker file in the data directory
          -- (which the crash does not roll back) says it happened.
-         COPY (SELECT 1) TO PROGRAM 'rm -f pipeline_kill.marker';
+         COPY (SELECT 1) TO PROGRAM 'cat > /dev/null; rm -f pipeline_kill.marker';
          CREATE PROCEDURE killed_once(task text, run_id bigint, processed bigint, failed bigint, dead bigint)
          LANGUAGE plpgsql AS $$
          BEGIN
