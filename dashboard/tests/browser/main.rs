@@ -217,10 +217,12 @@ fn a_failing_item_shows_on_the_failures_page_with_its_sqlstate_as_text() {
 #[test]
 fn with_allow_actions_pause_stops_the_run_and_resume_finishes_it() {
     let mut db = database_for("dash_actions", "loader");
+    // 200 items of 0.15 s on 2 workers: a 15 s run, so that the pause lands in it even
+    // when the browser is slow to start on a busy machine (at 0.05 s it once did not).
     sleepy_task(
         &mut db,
         "steady",
-        0.05,
+        0.15,
         "unused",
         ", workers => 2, always_on => true",
     );
