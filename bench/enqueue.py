@@ -4,15 +4,10 @@ bench/queue_floor.py); then the same keys again (each pending: a priority update
 Target: within 2x of the floor."""
 
 import queue_floor
-from lib import markdown_table, median, timed
+from lib import fresh_task, markdown_table, timed
 
 TASK = "enqueue_bench"
 ROUNDS = 3
-
-
-def fresh_task(conn):
-    conn.execute("SELECT chunkwise.drop_task(task) FROM chunkwise.tasks WHERE task = %s", (TASK,))
-    conn.execute("SELECT chunkwise.create_task(%s, statement => 'SELECT $1')", (TASK,))
 
 
 def run(cluster, args):
@@ -22,7 +17,7 @@ def run(cluster, args):
     queue_floor.create(conn)
     contenders = {
         "chunkwise.enqueue": (
-            lambda: fresh_task(conn),
+            lambda: fresh_task(conn, TASK),
             "SELECT count(chunkwise.enqueue(%s, g)) FROM generate_series(1, %s) g", (TASK, calls)),
         "plain SQL function (floor)": (
             lambda: queue_floor.empty(conn),
@@ -37,14 +32,9 @@ def run(cluster, args):
             seconds[(name, "pending keys again")].append(timed(lambda: conn.execute(sql, params))[0])
     queue_floor.drop(conn)
     conn.execute("SELECT chunkwise.drop_task(%s)", (TASK,))
-    results = []
-    for (name, case), runs in seconds.items():
-        wall = median(runs)
-        results.append({"contender": name, "case": case, "calls": calls, "seconds": round(wall, 4),
-                        "calls_per_second": round(calls / wall), "us_per_call": round(wall / calls * 1e6, 1)})
-    floor = {r["case"]: r for r in results if r["contender"].startswith("plain")}
+    results = queue_floor.against_floor(seconds, calls, "calls", lambda name: name.startswith("plain"))
     for r in results:
-        r["vs_floor"] = round(r["seconds"] / floor[r["case"]]["seconds"], 2)
+        r["us_per_call"] = round(r["seconds"] / calls * 1e6, 1)
         print(f"  {r['contender']}, {r['case']}: {r['calls_per_second']} calls/s ({r['vs_floor']}x the floor)",
               flush=True)
     return {"workload": {"smoke": args.smoke, "calls": calls, "rounds": ROUNDS},

@@ -63,6 +63,13 @@ def timed(action):
     return time.perf_counter() - start, result
 
 
+def fresh_task(conn, task, options=""):
+    """Drops `task` if it is there and creates it again, a no-op statement task with
+    `options` (", name => value ..." SQL) on top."""
+    conn.execute("SELECT chunkwise.drop_task(task) FROM chunkwise.tasks WHERE task = %s", (task,))
+    conn.execute(f"SELECT chunkwise.create_task(%s, statement => 'SELECT $1'{options})", (task,))
+
+
 def median(values):
     return sorted(values)[len(values) // 2]
 

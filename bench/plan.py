@@ -6,7 +6,7 @@ UPDATE); `plan_by_activity()` against the same INSERT of its source ranked in SQ
 Targets: planning within 1.5x of the floor, re-planning within 2x."""
 
 import queue_floor
-from lib import markdown_table, median, timed
+from lib import fresh_task, markdown_table, timed
 
 TASK = "plan_bench"
 ROUNDS = 3
@@ -15,11 +15,6 @@ KEYS = "SELECT g AS key FROM generate_series(1, {n}) g"
 # An activity-shaped source: a last activity spread over a year and a count of actions.
 ACTIVITY = ("SELECT g AS key, now() - (g % 365) * interval '1 day' AS last_activity, "
             "(g % 97)::bigint AS actions FROM generate_series(1, {n}) g")
-
-
-def fresh_task(conn):
-    conn.execute("SELECT chunkwise.drop_task(task) FROM chunkwise.tasks WHERE task = %s", (TASK,))
-    conn.execute("SELECT chunkwise.create_task(%s, statement => 'SELECT $1')", (TASK,))
 
 
 # The floor of ranked planning: the same source ranked in SQL the way plan_by_activity
@@ -68,20 +63,17 @@ def run(cluster, args):
     for _ in range(ROUNDS):  # alternating, so that all see the same machine
         for name, case, fresh, (sql, params) in steps:
             if fresh:
-                queue_floor.empty(conn) if name.startswith("one") else fresh_task(conn)
+                if name.startswith("one"):
+                    queue_floor.empty(conn)
+                else:
+                    fresh_task(conn, TASK)
                 conn.execute("VACUUM ANALYZE")
                 conn.execute("CHECKPOINT")
             seconds[(name, case)].append(timed(lambda: conn.execute(sql, params))[0])
     queue_floor.drop(conn)
     conn.execute("SELECT chunkwise.drop_task(%s)", (TASK,))
-    results = []
-    for (name, case), runs in seconds.items():
-        wall = median(runs)
-        results.append({"contender": name, "case": case, "keys": n, "seconds": round(wall, 3),
-                        "keys_per_second": round(n / wall)})
-    floors = {r["case"]: r for r in results if r["contender"].startswith("one")}
+    results = queue_floor.against_floor(seconds, n, "keys", lambda name: name.startswith("one"))
     for r in results:
-        r["vs_floor"] = round(r["seconds"] / floors[r["case"]]["seconds"], 2)
         print(f"  {r['contender']}, {r['case']}: {r['seconds']} s ({r['vs_floor']}x the floor)", flush=True)
     return {"workload": {"smoke": args.smoke, "keys": n, "rounds": ROUNDS},
             "results": results,

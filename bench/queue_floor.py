@@ -3,6 +3,8 @@ bigserial id, a partial unique index on (task, key) for pending items, a partial
 index) and a plain SQL function doing the same INSERT ... ON CONFLICT as an enqueue:
 what one row into such a queue costs with nothing else around it."""
 
+from lib import median
+
 SCHEMA = """
 DROP SCHEMA IF EXISTS bench_floor CASCADE;
 CREATE SCHEMA bench_floor;
@@ -36,3 +38,18 @@ def empty(conn):
 
 def drop(conn):
     conn.execute("DROP SCHEMA bench_floor CASCADE")
+
+
+def against_floor(seconds, count, unit, is_floor):
+    """The results of `seconds` (a list of wall times per (contender, case), each run
+    handling `count` `unit`s): the median, the rate, and its ratio to the median of the
+    floor's contender (`is_floor(name)`) in the same case."""
+    results = []
+    for (name, case), runs in seconds.items():
+        wall = median(runs)
+        results.append({"contender": name, "case": case, unit: count, "seconds": round(wall, 4),
+                        f"{unit}_per_second": round(count / wall)})
+    floors = {r["case"]: r["seconds"] for r in results if is_floor(r["contender"])}
+    for r in results:
+        r["vs_floor"] = round(r["seconds"] / floors[r["case"]], 2)
+    return results

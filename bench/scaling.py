@@ -22,7 +22,7 @@ import subprocess
 import threading
 
 import datamart
-from lib import markdown_table, median, timed
+from lib import fresh_task, markdown_table, median, timed
 
 TASK = "scaling_bench"
 ROUNDS = 3
@@ -31,9 +31,7 @@ WAIT_SAMPLE = ("SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') FRO
 
 
 def plan_noop(conn, items):
-    conn.execute("SELECT chunkwise.drop_task(task) FROM chunkwise.tasks WHERE task = %s", (TASK,))
-    conn.execute("SELECT chunkwise.create_task(%s, statement => 'SELECT $1', synchronous_commit => false)",
-                 (TASK,))
+    fresh_task(conn, TASK, ", synchronous_commit => false")
     conn.execute("SELECT chunkwise.plan(%s, 'SELECT g AS key FROM generate_series(1, ' || %s || ') g')",
                  (TASK, items))
     conn.execute("VACUUM ANALYZE chunkwise.items")

@@ -329,6 +329,10 @@ fn int8() -> PgOid {
     PgOid::BuiltIn(pg_sys::BuiltinOid::INT8OID)
 }
 
+fn int8_array() -> PgOid {
+    PgOid::BuiltIn(pg_sys::BuiltinOid::INT8ARRAYOID)
+}
+
 fn text() -> PgOid {
     PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID)
 }
@@ -380,14 +384,7 @@ impl Queue {
         } else {
             QueueSql {
                 claim_sql: plain_claim_sql,
-                claim_args: vec![
-                    int4(),
-                    int8(),
-                    int8(),
-                    int8(),
-                    int8(),
-                    PgOid::BuiltIn(pg_sys::PgBuiltInOids::INT8ARRAYOID),
-                ],
+                claim_args: vec![int4(), int8(), int8(), int8(), int8(), int8_array()],
                 mark_done: MARK_DONE,
                 work_remains: PLAIN_WORK_REMAINS,
             }
@@ -440,7 +437,7 @@ impl Queue {
     /// after the worker's cursor, or from the start when nothing is left after it or the
     /// cursor is older than `RESCAN_INTERVAL`; moves the cursor to the last item claimed.
     /// `held_elsewhere`: the items the run's other workers hold (plain tasks pass over
-    /// them unread; see `plain_claim_sql`).
+    /// them without trying to lock them; see `plain_claim_sql`).
     pub fn claim(
         &self,
         task_id: i32,
