@@ -247,12 +247,13 @@ fn with_allow_actions_pause_stops_the_run_and_resume_finishes_it() {
         stopped_at < 200,
         "the run had finished before the pause: {stopped_at}"
     );
-    assert!(
+    // The pause is in the database before the browser has rendered the reply to its
+    // POST (seen in CI), so the notice is waited for, not read at once.
+    wait_for("the page to say the task is paused", DEADLINE, || {
         browser
             .text("p.notice")
-            .unwrap_or_default()
-            .starts_with("Paused")
-    );
+            .filter(|notice| notice.starts_with("Paused"))
+    });
     // Nothing is claimed while paused (an absence can only be watched for a while).
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
