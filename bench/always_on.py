@@ -5,7 +5,8 @@
      arrivals into graphile-worker (concurrency 4, woken by LISTEN/NOTIFY) on the same
      cluster. Each item's latency is the target's clock_timestamp() at its start minus
      the clock_timestamp() of its enqueue (written in the same statement), so both are
-     measured the same way, by the server's clock: p50, p95, p99.
+     measured the same way, by the server's clock: p50, p95, p99, and the medians of
+     its two parts, split at the enqueue's commit timestamp (track_commit_timestamp).
   2. Idle: the pool of 4 (and its supervisor and launcher) with nothing to do for 60 s:
      CPU time from /proc, and the transactions the database counted meanwhile (a poll
      would show as transactions).
@@ -50,13 +51,21 @@ def logged(conn):
 
 
 def percentiles(conn):
+    """Latency percentiles, and the medians of its two parts: from the enqueuing
+    statement to its commit (the commit timestamp of the row's transaction), and from
+    there to the item's start (the WAL flush, the wake-up, the claim and the call)."""
     rows = conn.execute(
-        "SELECT (extract(epoch FROM l.at - e.at) * 1000)::float8 FROM ao_log l JOIN ao_enqueued e USING (k)"
+        "SELECT (extract(epoch FROM l.at - e.at) * 1000)::float8, "
+        "       (extract(epoch FROM pg_xact_commit_timestamp(e.xmin) - e.at) * 1000)::float8 "
+        "  FROM ao_log l JOIN ao_enqueued e USING (k)"
     ).fetchall()
     ms = sorted(r[0] for r in rows)
     cut = statistics.quantiles(ms, n=100, method="inclusive")
+    to_commit = statistics.median(r[1] for r in rows)
+    after_commit = statistics.median(r[0] - r[1] for r in rows)
     return {"items": len(ms), "p50_ms": round(cut[49], 2), "p95_ms": round(cut[94], 2),
-            "p99_ms": round(cut[98], 2)}
+            "p99_ms": round(cut[98], 2), "to_commit_p50_ms": round(to_commit, 2),
+            "commit_to_start_p50_ms": round(after_commit, 2)}
 
 
 # (name, items per transaction, seconds between transactions)
@@ -203,9 +212,11 @@ def worker_pids(conn):
 
 def tables(result):
     latency = markdown_table(
-        ["contender", "arrivals", "items", "p50 ms", "p95 ms", "p99 ms", "p50 / graphile-worker's"],
+        ["contender", "arrivals", "items", "p50 ms", "p95 ms", "p99 ms", "p50 / graphile-worker's",
+         "enqueue to commit, p50 ms", "commit to start, p50 ms"],
         [[r["contender"], r["arrivals"], r["items"], r["p50_ms"], r["p95_ms"], r["p99_ms"],
-          f"{r['p50_vs_graphile']:.2f}x" if r["p50_vs_graphile"] is not None else "-"]
+          f"{r['p50_vs_graphile']:.2f}x" if r["p50_vs_graphile"] is not None else "-",
+          r["to_commit_p50_ms"], r["commit_to_start_p50_ms"]]
          for r in result["results"]],
     )
     idle = result["idle"]
