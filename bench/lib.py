@@ -73,10 +73,6 @@ def fresh_task(conn, task, options=""):
     conn.execute(f"SELECT chunkwise.create_task(%s, statement => 'SELECT $1'{options})", (task,))
 
 
-def median(values):
-    return sorted(values)[len(values) // 2]
-
-
 def machine_facts(conn):
     settings = dict(
         conn.execute(

@@ -3,7 +3,7 @@ bigserial id, a partial unique index on (task, key) for pending items, a partial
 index) and a plain SQL function doing the same INSERT ... ON CONFLICT as an enqueue:
 what one row into such a queue costs with nothing else around it."""
 
-from lib import median
+from statistics import median
 
 SCHEMA = """
 DROP SCHEMA IF EXISTS bench_floor CASCADE;

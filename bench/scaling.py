@@ -20,9 +20,10 @@ sixteen hand-split loops with max/min <= 1.3)."""
 import collections
 import subprocess
 import threading
+from statistics import median
 
 import datamart
-from lib import fresh_task, markdown_table, median, timed
+from lib import fresh_task, markdown_table, timed
 
 TASK = "scaling_bench"
 ROUNDS = 3

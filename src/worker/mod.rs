@@ -446,12 +446,13 @@ impl Worker {
     ) -> Bookkeeping<(Vec<ClaimedItem>, Vec<Attempt>, Tally)> {
         let flushed = self.flush_tally_if_due()?;
         let place = self.args.place as usize;
+        let shared = &self.shared;
         let mut items = self.queue.claim(
             self.task.id,
             self.args.run_id,
             limit,
             &mut self.claim_cursor,
-            self.shared.state().held_by_others(place),
+            || shared.state().held_by_others(place),
         )?;
         // Until mark_idle, after this transaction ends.
         self.shared

@@ -436,15 +436,15 @@ impl Queue {
     /// Claims up to `limit` due items (one, from the next group, for sequential groups)
     /// after the worker's cursor, or from the start when nothing is left after it or the
     /// cursor is older than `RESCAN_INTERVAL`; moves the cursor to the last item claimed.
-    /// `held_elsewhere`: the items the run's other workers hold (plain tasks pass over
-    /// them without trying to lock them; see `plain_claim_sql`).
+    /// `held_elsewhere` reads the items the run's other workers hold; only plain tasks
+    /// ask (they pass over them without trying to lock them; see `plain_claim_sql`).
     pub fn claim(
         &self,
         task_id: i32,
         run_id: i64,
         limit: i64,
         cursor: &mut ClaimCursor,
-        held_elsewhere: Vec<i64>,
+        held_elsewhere: impl Fn() -> Vec<i64>,
     ) -> Bookkeeping<Vec<ClaimedItem>> {
         let args = |after: bool| -> Vec<DatumWithOid<'static>> {
             let mut args: Vec<DatumWithOid<'static>> =
@@ -453,7 +453,7 @@ impl Queue {
                 args.push(cursor.after_group.clone().filter(|_| after).into());
             } else {
                 let (priority, item) = cursor.after_item.filter(|_| after).unwrap_or((0, 0));
-                args.extend([priority.into(), item.into(), held_elsewhere.clone().into()]);
+                args.extend([priority.into(), item.into(), held_elsewhere().into()]);
             }
             args
         };
