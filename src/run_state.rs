@@ -56,6 +56,37 @@ impl Tally {
     }
 }
 
+/// A queue position one worker writes and the others read, without a lock: the item is
+/// cleared while the priority changes, and a reader takes the pair only when it read the
+/// same nonzero item before and after the priority (item ids start at 1).
+#[repr(C)]
+struct Reached {
+    priority: AtomicI64,
+    item: AtomicI64,
+}
+
+impl Reached {
+    const fn new() -> Reached {
+        Reached {
+            priority: AtomicI64::new(0),
+            item: AtomicI64::new(0),
+        }
+    }
+
+    fn set(&self, (priority, item): (i64, i64)) {
+        self.item.store(0, Ordering::SeqCst);
+        self.priority.store(priority, Ordering::SeqCst);
+        self.item.store(item, Ordering::SeqCst);
+    }
+
+    fn get(&self) -> Option<(i64, i64)> {
+        let before = self.item.load(Ordering::SeqCst);
+        let priority = self.priority.load(Ordering::SeqCst);
+        let after = self.item.load(Ordering::SeqCst);
+        (before != 0 && before == after).then_some((priority, before))
+    }
+}
+
 #[repr(C)]
 pub struct RunState {
     /// Most items the run may claim; 0 = no limit.
@@ -75,6 +106,9 @@ pub struct RunState {
     /// The item the worker at each place holds (0: none). A claim passes over the
     /// items other workers hold without trying to lock them (see `Queue::claim`).
     holding: [AtomicI64; MAX_WORKERS_LIMIT as usize],
+    /// The queue position (priority, item_id) of the last item the worker at each place
+    /// claimed (see `reach`): a claim starts after the furthest any other worker got.
+    reached: [Reached; MAX_WORKERS_LIMIT as usize],
     /// Set by whoever announces the end of the run (NOTIFY), so that it is announced once.
     finish_announced: AtomicBool,
     cancel: AtomicBool,
@@ -96,6 +130,7 @@ impl RunState {
             workers_exited: AtomicI32::new(0),
             workers_gave_up: AtomicI32::new(0),
             holding: [const { AtomicI64::new(0) }; MAX_WORKERS_LIMIT as usize],
+            reached: [const { Reached::new() }; MAX_WORKERS_LIMIT as usize],
             finish_announced: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             rate: SharedRateSchedule::default(),
@@ -178,19 +213,44 @@ impl RunState {
     /// lock: an item in it may have been let go a moment ago, one missing from it may
     /// have been claimed meanwhile (the row locks of the claim decide).
     pub fn held_by_others(&self, place: usize) -> Vec<i64> {
-        let mut held = Vec::new();
-        for (word_at, word) in self.joined.iter().enumerate() {
-            let mut bits = word.load(Ordering::Relaxed);
-            while bits != 0 {
-                let other = word_at * 64 + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let item = self.holding[other].load(Ordering::Relaxed);
-                if other != place && item != 0 {
-                    held.push(item);
-                }
-            }
+        self.other_places(place)
+            .map(|other| self.holding[other].load(Ordering::Relaxed))
+            .filter(|&item| item != 0)
+            .collect()
+    }
+
+    /// The worker at `place` claimed up to `position` (priority, item_id) of the queue.
+    pub fn reach(&self, place: usize, position: (i64, i64)) {
+        if let Some(reached) = self.reached.get(place) {
+            reached.set(position);
         }
-        held
+    }
+
+    /// The furthest queue position any worker at another place than `place` claimed. A
+    /// hint too: what lies before it was claimed, is held, or was passed over by a
+    /// claim, so a claim that starts after it reads none of that (see `Queue::claim`).
+    pub fn reached_by_others(&self, place: usize) -> Option<(i64, i64)> {
+        self.other_places(place)
+            .filter_map(|other| self.reached[other].get())
+            .max()
+    }
+
+    /// The places other than `place` that joined the run.
+    fn other_places(&self, place: usize) -> impl Iterator<Item = usize> + '_ {
+        self.joined
+            .iter()
+            .enumerate()
+            .flat_map(move |(word_at, word)| {
+                let mut bits = word.load(Ordering::Relaxed);
+                std::iter::from_fn(move || {
+                    (bits != 0).then(|| {
+                        let at = word_at * 64 + bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        at
+                    })
+                })
+                .filter(move |&other| other != place)
+            })
     }
 
     pub fn workers_attached(&self) -> i32 {
@@ -313,6 +373,23 @@ mod tests {
         assert_eq!(held, [10, 12]);
         state.hold(0, None);
         assert_eq!(state.held_by_others(5), [12]);
+    }
+
+    #[test]
+    fn a_worker_sees_the_furthest_position_the_others_reached() {
+        let state = RunState::new(None);
+        assert_eq!(state.reached_by_others(0), None);
+        for place in [0, 1, 65] {
+            state.join(place);
+        }
+        state.reach(0, (5, 900)); // its own: not counted
+        state.reach(1, (1, 40));
+        state.reach(65, (1, 30));
+        state.reach(7, (9, 9)); // a place that never joined is not read
+        assert_eq!(state.reached_by_others(0), Some((1, 40)));
+        state.reach(65, (2, 10)); // a worse priority is further, whatever the id
+        assert_eq!(state.reached_by_others(0), Some((2, 10)));
+        assert_eq!(state.reached_by_others(65), Some((5, 900)));
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub use args::WorkerArgs;
 use error::{Bookkeeping, BookkeepingError, Cause};
 use inflight::InFlightSlot;
 use item::{ItemOutcome, Targets};
-use queue::{ClaimCursor, ClaimedItem, Queue};
+use queue::{ClaimCursor, ClaimedItem, OtherWorkers, Queue};
 use throttle::{GATE_RECHECK, Throttle};
 
 use crate::always_on::{self, Seat};
@@ -452,12 +452,18 @@ impl Worker {
             self.args.run_id,
             limit,
             &mut self.claim_cursor,
-            || shared.state().held_by_others(place),
+            || OtherWorkers {
+                held: shared.state().held_by_others(place),
+                reached: shared.state().reached_by_others(place),
+            },
         )?;
         // Until mark_idle, after this transaction ends.
         self.shared
             .state()
             .hold(place, items.first().map(|item| item.id));
+        if let Some(last) = items.last() {
+            self.shared.state().reach(place, (last.priority, last.id));
+        }
         if items.is_empty() {
             self.stop_requested = self.queue.stop_requested(self.task.id, self.args.run_id)?;
         }

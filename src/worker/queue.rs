@@ -41,6 +41,13 @@ pub struct ClaimedItem {
     pub waited: f64,
 }
 
+/// Where the run's other workers are, as a plain claim reads it (`RunState`): the items
+/// they hold and the furthest queue position (priority, item_id) any of them claimed.
+pub struct OtherWorkers {
+    pub held: Vec<i64>,
+    pub reached: Option<(i64, i64)>,
+}
+
 /// A claim from the start of the queue and one from after the worker's cursor.
 struct Claim {
     from_start: OwnedPreparedStatement,
@@ -436,31 +443,41 @@ impl Queue {
     /// Claims up to `limit` due items (one, from the next group, for sequential groups)
     /// after the worker's cursor, or from the start when nothing is left after it or the
     /// cursor is older than `RESCAN_INTERVAL`; moves the cursor to the last item claimed.
-    /// `held_elsewhere` reads the items the run's other workers hold; only plain tasks
-    /// ask (they pass over them without trying to lock them; see `plain_claim_sql`).
+    /// `other_workers` reads where the run's other workers are; only plain tasks ask.
+    /// Their claims start after the furthest item any worker of the run claimed and pass
+    /// over the items the others hold without trying to lock them (`plain_claim_sql`):
+    /// with every worker at the front of the queue, a claim that started after its own
+    /// last item read each item the others had claimed since, on the very heap page
+    /// they were updating.
     pub fn claim(
         &self,
         task_id: i32,
         run_id: i64,
         limit: i64,
         cursor: &mut ClaimCursor,
-        held_elsewhere: impl Fn() -> Vec<i64>,
+        other_workers: impl Fn() -> OtherWorkers,
     ) -> Bookkeeping<Vec<ClaimedItem>> {
+        let others = (!self.grouped).then(other_workers);
+        let after_item = match &others {
+            Some(others) => cursor.after_item.max(others.reached),
+            None => cursor.after_item,
+        };
         let args = |after: bool| -> Vec<DatumWithOid<'static>> {
             let mut args: Vec<DatumWithOid<'static>> =
                 vec![task_id.into(), limit.into(), run_id.into()];
-            if self.grouped {
-                args.push(cursor.after_group.clone().filter(|_| after).into());
-            } else {
-                let (priority, item) = cursor.after_item.filter(|_| after).unwrap_or((0, 0));
-                args.extend([priority.into(), item.into(), held_elsewhere().into()]);
+            match &others {
+                None => args.push(cursor.after_group.clone().filter(|_| after).into()),
+                Some(others) => {
+                    let (priority, item) = after_item.filter(|_| after).unwrap_or((0, 0));
+                    args.extend([priority.into(), item.into(), others.held.clone().into()]);
+                }
             }
             args
         };
         let fresh = cursor
             .rescanned_at
             .is_some_and(|at| at.elapsed() < RESCAN_INTERVAL);
-        let has_cursor = cursor.after_item.is_some() || cursor.after_group.is_some();
+        let has_cursor = after_item.is_some() || cursor.after_group.is_some();
         let mut items = if fresh && has_cursor {
             self.claim_with(&self.claim.after, &args(true))?
         } else {
