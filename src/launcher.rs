@@ -13,6 +13,7 @@ use crate::gucs;
 use crate::item_status::item_status;
 use crate::locks::LaunchLock;
 use crate::notify;
+use crate::queued_in_transaction::queued_into;
 use crate::retention;
 use crate::run_state::{RunState, SharedRun};
 use crate::security::{as_extension_owner, ensure_owner_can_run, ensure_owner_may_execute};
@@ -274,6 +275,19 @@ fn ensure_runnable(task: &Task) -> SqlResult<()> {
             format!("task \"{}\" was created in this transaction", task.name),
         )
         .hint("Commit before chunkwise.run(): workers see only committed tasks and items."));
+    }
+    if queued_into(task.id) {
+        return Err(SqlError::new(
+            PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+            format!(
+                "items of task \"{}\" were queued in this transaction, and its workers cannot see them before it commits",
+                task.name
+            ),
+        )
+        .hint(
+            "Commit after planning, then run the task (psql -c and pg_cron run a string of \
+             statements as one transaction), or CALL chunkwise.run_cycle(), which commits its planning first.",
+        ));
     }
     ensure_owner_can_run(&task.name, task.owner)?;
     // The target may have been dropped, or the owner lost EXECUTE, since creation.

@@ -22,6 +22,7 @@ mod oid_args;
 mod open_groups;
 mod ownership;
 mod pipeline;
+mod queued_in_transaction;
 mod raised;
 mod ranking;
 mod retention;

@@ -12,6 +12,7 @@ use crate::catalog::{self, Task};
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::item_status::item_status;
 use crate::open_groups::close_items_of_groups;
+use crate::queued_in_transaction;
 use crate::security::as_extension_owner;
 
 /// Runs fixed bookkeeping SQL on the task's rows as the extension owner; returns the
@@ -105,7 +106,9 @@ fn retry(task: Option<&str>) -> i64 {
             &task,
             None,
         )?;
-        always_on::wake_at_commit(&task, revived);
+        if revived > 0 {
+            queued_in_transaction::items_queued(&task, revived);
+        }
         Ok(revived)
     };
     run().or_raise()
@@ -145,7 +148,7 @@ fn skip(task: Option<&str>, key: Option<i64>) -> i64 {
         match skipped {
             Ok(Some(id)) => {
                 // The group it blocked goes on.
-                always_on::wake_at_commit(&task, 1);
+                queued_in_transaction::items_queued(&task, 1);
                 Ok(id)
             }
             _ => Err(SqlError::new(

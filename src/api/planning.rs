@@ -12,12 +12,12 @@ use pgrx::prelude::*;
 use pgrx::spi::{SpiCursor, SpiHeapTupleData, SpiTupleTable};
 use pgrx::{PgBuiltInOids, PgOid};
 
-use crate::always_on;
 use crate::catalog::Task;
 use crate::error::{OrRaise, SqlError, SqlResult};
 use crate::item_status::item_status;
 use crate::kept_plans::write_returning;
 use crate::open_groups::open_items_of_groups;
+use crate::queued_in_transaction;
 use crate::ranking::{Activity, Ranking};
 use crate::security::{as_extension_owner, as_task_owner};
 use crate::target::ensure_single_statement;
@@ -136,7 +136,7 @@ impl ItemBatch {
         } else {
             self.insert_all(task, not_before)?
         };
-        always_on::wake_at_commit(task, added);
+        queued_in_transaction::items_queued(task, added);
         Ok(added)
     }
 

@@ -1,6 +1,6 @@
 //! Bad input: each refusal has a specific SQLSTATE and a hint, and changes nothing queued.
 
-use crate::harness::{queue_snapshot, sql_error, test_db};
+use crate::harness::{one, queue_snapshot, sql_error, test_db};
 
 #[test]
 fn bad_calls_are_refused_with_sqlstate_and_hint_and_change_nothing() {
@@ -368,6 +368,55 @@ fn run_refuses_repeatable_read_and_a_task_created_in_the_same_transaction() {
         .unwrap();
     let (code, _, _) = sql_error(tx.query("SELECT chunkwise.run('fresh')", &[]));
     assert_eq!(code, "25000");
+}
+
+/// `psql -c 'SELECT chunkwise.plan(...); SELECT chunkwise.run(...)'` (or a pg_cron job with
+/// both) is one transaction: its workers could not see the items it planned, so the run
+/// is refused, and the planning rolls back with it. A savepoint rolled back takes its
+/// items with it; one released does not.
+#[test]
+fn run_refuses_items_queued_in_the_same_transaction() {
+    let mut db = test_db("bad_run_queued");
+    db.batch_execute(
+        "CREATE TABLE done (k bigint);
+         SELECT chunkwise.create_task('t', statement => 'INSERT INTO done VALUES ($1)');
+         SELECT chunkwise.enqueue('t', 1);",
+    )
+    .unwrap();
+    let before = queue_snapshot(&mut db);
+    let refusals = [
+        "SELECT chunkwise.plan('t', 'SELECT g AS key FROM generate_series(2, 6) g'); SELECT chunkwise.run('t')",
+        "SELECT chunkwise.enqueue('t', 1, priority => 5); SELECT chunkwise.start('t')",
+        "BEGIN; SAVEPOINT s; SELECT chunkwise.enqueue('t', 7); RELEASE s; SELECT chunkwise.run('t')",
+    ];
+    for sql in refusals {
+        let (code, message, hint) = sql_error(db.batch_execute(sql));
+        assert_eq!(code, "25000", "{sql}: {message}");
+        assert!(message.contains("queued in this transaction"), "{message}");
+        assert!(hint.contains("run_cycle"), "{hint}");
+        db.batch_execute("ROLLBACK").unwrap();
+        assert_eq!(queue_snapshot(&mut db), before, "{sql} changed the queue");
+    }
+
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT s; SELECT chunkwise.enqueue('t', 8); ROLLBACK TO s")
+        .unwrap();
+    let processed: i64 = tx
+        .query_one("SELECT processed FROM chunkwise.run('t')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        processed, 1,
+        "the committed item, and no trace of the rolled-back one"
+    );
+    tx.commit().unwrap();
+
+    db.batch_execute("SELECT chunkwise.plan('t', 'SELECT g AS key FROM generate_series(2, 6) g')")
+        .unwrap();
+    let processed: i64 = one(&mut db, "SELECT processed FROM chunkwise.run('t')");
+    assert_eq!(processed, 5, "planned and committed, then run");
+    let done: i64 = one(&mut db, "SELECT count(DISTINCT k) FROM done");
+    assert_eq!(done, 6);
 }
 
 /// This cluster does not preload pg_chunkwise: nothing would start an always-on pool or
