@@ -37,6 +37,10 @@ pub struct ClaimedItem {
     /// The row version claimed (its xmin): a target that enqueues its own key again
     /// updates the row, and the item then stays pending for the follow-up (see MARK_DONE).
     pub version: String,
+    /// Where that version lies in the table (its ctid): the mark-done goes straight to it
+    /// (a TID scan) instead of looking the item up in the primary key, whose leaf the
+    /// other workers' mark-dones are inserting into.
+    pub row_at: String,
     /// Seconds from its enqueue (or its retry time, if later) to its claim.
     pub waited: f64,
 }
@@ -90,7 +94,7 @@ const WAITED: &str =
 fn plain_claim_sql(after_cursor: bool) -> String {
     format!(
         "SELECT item_id, key, hi, payload, attempts, NULL::text AS group_key, priority, \
-                xmin::text AS version, {waited} AS waited FROM chunkwise.items \
+                xmin::text AS version, ctid::text AS row_at, {waited} AS waited FROM chunkwise.items \
           WHERE task_id = $1 AND status = {pending} AND not_before <= now() {cursor} \
             AND item_id <> ALL ($6) \
             AND EXISTS (SELECT FROM chunkwise.tasks t \
@@ -148,7 +152,7 @@ fn groups_claim_sql(after_cursor: bool) -> String {
             ORDER BY g.group_key LIMIT 1 \
             FOR UPDATE OF g SKIP LOCKED) \
          SELECT i.item_id, i.key, i.hi, i.payload, i.attempts, turn.group_key, i.priority, \
-                i.xmin::text AS version, {waited} AS waited \
+                i.xmin::text AS version, i.ctid::text AS row_at, {waited} AS waited \
            FROM chunkwise.items i JOIN turn USING (item_id) \
           WHERE i.status = {pending} AND i.not_before <= now() \
             FOR UPDATE OF i",
@@ -181,17 +185,18 @@ const GROUP_WORK_REMAINS: &str = concat!(
     ") AS answer"
 );
 
-/// Done, unless the row is no longer the version claimed ($3): the item's own target
-/// enqueued its key again, which updated the pending row in the item's transaction. Then
-/// the item stays pending with what the enqueue set, and runs again: marking it done
-/// would lose the follow-up the target asked for.
+/// Done, unless the row is no longer the version claimed ($3, at $4): the item's own
+/// target enqueued its key again, which updated the pending row in the item's
+/// transaction. Then the item stays pending with what the enqueue set, and runs again:
+/// marking it done would lose the follow-up the target asked for. The claimed version is
+/// found by its ctid: it cannot move while this transaction holds its row lock.
 macro_rules! mark_done_sql {
     ($returning:literal) => {
         concat!(
             "UPDATE chunkwise.items SET status = ",
             item_status!(done),
             ", finished_at = clock_timestamp(), run_id = $2 \
-             WHERE item_id = $1 AND xmin = $3::xid",
+             WHERE ctid = $4::tid AND item_id = $1 AND xmin = $3::xid",
             $returning
         )
     };
@@ -409,7 +414,7 @@ impl Queue {
                         .keep(),
                     work_remains: client.prepare_mut(work_remains, &[int4()])?.keep(),
                     mark_done: client
-                        .prepare_mut(mark_done, &[int8(), int8(), text()])?
+                        .prepare_mut(mark_done, &[int8(), int8(), text(), text()])?
                         .keep(),
                     record_failure: client
                         .prepare_mut(RECORD_FAILURE, &[int8(), text(), text(), int8()])?
@@ -514,6 +519,7 @@ impl Queue {
                             group_key: row.optional("group_key")?,
                             priority: row.required("priority")?,
                             version: row.required("version")?,
+                            row_at: row.required("row_at")?,
                             waited: row.required("waited")?,
                         })
                     })
@@ -558,7 +564,12 @@ impl Queue {
                 client.update(
                     &self.mark_done,
                     None,
-                    &[item.id.into(), run_id.into(), item.version.as_str().into()],
+                    &[
+                        item.id.into(),
+                        run_id.into(),
+                        item.version.as_str().into(),
+                        item.row_at.as_str().into(),
+                    ],
                 )?;
                 Ok(())
             })
