@@ -70,6 +70,10 @@ pub struct ClaimCursor {
     after_item: Option<(i64, i64)>,
     after_group: Option<String>,
     rescanned_at: Option<Instant>,
+    /// The last claim found items behind the furthest position the others reached
+    /// (stragglers a rescan found: retries fallen due, better priorities planned since):
+    /// the next claims go on from this worker's own cursor, in order, until it catches up.
+    sweeping: bool,
 }
 
 /// A claimed item's wait from its enqueue (or its retry time, if later) to now, in
@@ -449,8 +453,9 @@ impl Queue {
     /// after the worker's cursor, or from the start when nothing is left after it or the
     /// cursor is older than `RESCAN_INTERVAL`; moves the cursor to the last item claimed.
     /// `other_workers` reads where the run's other workers are; only plain tasks ask.
-    /// Their claims start after the furthest item any worker of the run claimed and pass
-    /// over the items the others hold without trying to lock them (`plain_claim_sql`):
+    /// Their claims start after the furthest item any worker of the run claimed (unless
+    /// the worker is sweeping up stragglers behind it, see `ClaimCursor::sweeping`) and
+    /// pass over the items the others hold without trying to lock them (`plain_claim_sql`):
     /// with every worker at the front of the queue, a claim that started after its own
     /// last item read each item the others had claimed since, on the very heap page
     /// they were updating.
@@ -464,8 +469,8 @@ impl Queue {
     ) -> Bookkeeping<Vec<ClaimedItem>> {
         let others = (!self.grouped).then(other_workers);
         let after_item = match &others {
-            Some(others) => cursor.after_item.max(others.reached),
-            None => cursor.after_item,
+            Some(others) if !cursor.sweeping => cursor.after_item.max(others.reached),
+            _ => cursor.after_item,
         };
         let args = |after: bool| -> Vec<DatumWithOid<'static>> {
             let mut args: Vec<DatumWithOid<'static>> =
@@ -493,8 +498,13 @@ impl Queue {
             cursor.rescanned_at = Some(Instant::now());
         }
         if let Some(last) = items.last() {
-            cursor.after_item = Some((last.priority, last.id));
+            let position = (last.priority, last.id);
+            cursor.after_item = Some(position);
             cursor.after_group.clone_from(&last.group_key);
+            cursor.sweeping = others
+                .as_ref()
+                .and_then(|others| others.reached)
+                .is_some_and(|reached| position < reached);
         }
         Ok(items)
     }

@@ -401,6 +401,41 @@ fn one_worker_runs_items_in_priority_order() {
     assert!(ordered);
 }
 
+/// Workers claim after the furthest item any of them reached, so a retry that falls due
+/// mid-run lies behind them: the rescan each does every second finds it, and the worker
+/// that found it sweeps on through the others in order, well before the run's end (not
+/// one straggler per worker per rescan).
+#[test]
+fn retries_that_fall_due_mid_run_are_swept_up_in_order() {
+    let mut db = test_db("stragglers");
+    db.batch_execute(
+        "CREATE TABLE log (k bigint, at timestamptz DEFAULT clock_timestamp());
+         -- Items 1-60 come first and fail until other items have been done.
+         CREATE PROCEDURE slow_then_flaky(k bigint) LANGUAGE plpgsql AS $$
+         BEGIN
+           PERFORM pg_sleep(0.01);
+           IF k <= 60 AND (SELECT count(*) FROM log) < 5 THEN
+             RAISE EXCEPTION 'not yet' USING ERRCODE = 'lock_not_available';
+           END IF;
+           INSERT INTO log (k) VALUES (k);
+         END $$;
+         SELECT chunkwise.create_task('sweep', call => 'slow_then_flaky', max_attempts => 10,
+                                      retry_backoff => '100 milliseconds', retry_backoff_max => '100 milliseconds');
+         SELECT chunkwise.plan('sweep', 'SELECT g AS key FROM generate_series(1, 1200) g');",
+    )
+    .unwrap();
+    let (_, processed, _, dead) = run(&mut db, "SELECT * FROM chunkwise.run('sweep', 4)");
+    assert_eq!((processed, dead), (1200, 0));
+    // Items 1-60 failed at their first try (at the start of the run) and fell due 100 ms
+    // later; the run lasts about 3 s. All of them must be done before the last 200 items
+    // of the queue start.
+    let late: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM log WHERE k <= 60 AND at > (SELECT min(at) FROM log WHERE k > 1000)",
+    );
+    assert_eq!(late, 0, "retried items waited for the end of the run");
+}
+
 #[test]
 fn max_items_is_exact_across_workers() {
     let mut db = test_db("max_items");
