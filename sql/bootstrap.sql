@@ -378,6 +378,9 @@ BEGIN
     IF gone IS NULL THEN
         RETURN;
     END IF;
+    -- As drop_task: wait for the transactions enqueueing into them to end, so that no
+    -- item of theirs stays behind without a task.
+    PERFORM chunkwise._lock_task_definitions(gone);
     DELETE FROM chunkwise.items WHERE task_id = ANY (gone);
     DELETE FROM chunkwise.groups WHERE task_id = ANY (gone);
     DELETE FROM chunkwise.run_history WHERE task_id = ANY (gone);

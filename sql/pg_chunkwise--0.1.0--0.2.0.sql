@@ -328,6 +328,15 @@ SELECT t.task,
  WHERE chunkwise._visible(chunkwise._owner(t.anchor, t.owner))
  GROUP BY t.task, i.priority / 1000000000000;
 
+CREATE FUNCTION chunkwise."_lock_task_definitions"(
+	"task_ids" INT[] /* alloc::vec::Vec<i32> */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'lock_task_definitions_wrapper';
+
+REVOKE ALL ON FUNCTION chunkwise._lock_task_definitions(int[]) FROM PUBLIC;
+
 CREATE FUNCTION chunkwise._forget_dropped_tasks() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -340,6 +349,9 @@ BEGIN
     IF gone IS NULL THEN
         RETURN;
     END IF;
+    -- As drop_task: wait for the transactions enqueueing into them to end, so that no
+    -- item of theirs stays behind without a task.
+    PERFORM chunkwise._lock_task_definitions(gone);
     DELETE FROM chunkwise.items WHERE task_id = ANY (gone);
     DELETE FROM chunkwise.groups WHERE task_id = ANY (gone);
     DELETE FROM chunkwise.run_history WHERE task_id = ANY (gone);

@@ -18,6 +18,7 @@ use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
 use crate::error::SqlResult;
+use crate::locks::{TaskLock, lock_task};
 use crate::security::{as_extension_owner_with, role_name};
 
 /// Citus would create every anchor on every node: they belong to the coordinator only.
@@ -81,3 +82,25 @@ pub fn drop_anchor(task: &str) -> SqlResult<()> {
     })?;
     Ok(())
 }
+
+/// Takes the definition locks of the tasks whose anchors a `DROP OWNED` (or `DROP
+/// DOMAIN`) is dropping, as drop_task does for its task, before the event trigger
+/// `chunkwise._forget_dropped_tasks` deletes them: it waits for the transactions that
+/// enqueue into them (see `task_cache`), whose items it would otherwise miss and leave
+/// behind without a task. In task id order, so two such drops cannot deadlock.
+/// Executable by the extension owner only (the trigger's function runs as it).
+#[pg_extern(name = "_lock_task_definitions", volatile, parallel_unsafe)]
+fn lock_task_definitions(task_ids: Vec<i32>) {
+    let mut task_ids = task_ids;
+    task_ids.sort_unstable();
+    task_ids.dedup();
+    for task_id in task_ids {
+        lock_task(task_id, TaskLock::Changes);
+    }
+}
+
+extension_sql!(
+    "REVOKE ALL ON FUNCTION chunkwise._lock_task_definitions(int[]) FROM PUBLIC;",
+    name = "lock_task_definitions_revoked",
+    requires = [lock_task_definitions]
+);

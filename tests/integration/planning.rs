@@ -177,29 +177,55 @@ fn a_single_enqueue_adds_a_key_once_and_updates_it_while_pending() {
 /// rest instead of leaving them behind without a task.
 #[test]
 fn drop_task_waits_for_an_open_enqueue_and_leaves_none_of_its_items() {
-    let mut db = test_db("planning_enqueue_vs_drop");
-    db.batch_execute("SELECT chunkwise.create_task('dropped', statement => 'SELECT $1')")
-        .unwrap();
+    dropping_waits_for_an_open_enqueue(
+        "planning_enqueue_vs_drop",
+        "SELECT chunkwise.create_task('dropped', statement => 'SELECT $1')",
+        "SELECT chunkwise.drop_task('dropped')",
+    );
+}
+
+/// The same for `DROP OWNED BY` the task's owner, whose event trigger drops the task.
+#[test]
+fn drop_owned_waits_for_an_open_enqueue_and_leaves_none_of_its_items() {
+    dropping_waits_for_an_open_enqueue(
+        "planning_enqueue_vs_drop_owned",
+        "DROP ROLE IF EXISTS short_lived;
+         CREATE ROLE short_lived LOGIN;
+         SET ROLE short_lived;
+         SELECT chunkwise.create_task('dropped', statement => 'SELECT $1');
+         RESET ROLE;",
+        "DROP OWNED BY short_lived; DROP ROLE short_lived",
+    );
+}
+
+/// Task `dropped` is made by `create`; while another session has enqueued into it in a
+/// transaction still open, `drop` (in a third session) must wait for that transaction,
+/// and once it commits, take its items with the task.
+fn dropping_waits_for_an_open_enqueue(database: &'static str, create: &str, drop: &'static str) {
+    let mut db = test_db(database);
+    db.batch_execute(create).unwrap();
     let task_id: i32 = one(
         &mut db,
         "SELECT task_id FROM chunkwise.tasks WHERE task = 'dropped'",
     );
-    let mut enqueuer = Cluster::get().connect("planning_enqueue_vs_drop");
+    let mut enqueuer = Cluster::get().connect(database);
     enqueuer
         .batch_execute(
             "BEGIN; SELECT chunkwise.enqueue('dropped', g) FROM generate_series(1, 10) g",
         )
         .unwrap();
-    let dropper = std::thread::spawn(|| {
-        let mut client = Cluster::get().connect("planning_enqueue_vs_drop");
-        client.batch_execute("SELECT chunkwise.drop_task('dropped')")
+    let dropper = std::thread::spawn(move || {
+        let mut client = Cluster::get().connect(database);
+        client.batch_execute(drop)
     });
-    wait_for("drop_task to wait for the enqueue", DEADLINE, || {
-        let waiting: i64 = one(
-            &mut db,
-            "SELECT count(*) FROM pg_stat_activity \
-              WHERE wait_event_type = 'Lock' AND query LIKE '%drop_task%'",
-        );
+    wait_for("the drop to wait for the enqueue", DEADLINE, || {
+        let waiting: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query = $1",
+                &[&drop],
+            )
+            .unwrap()
+            .get(0);
         (waiting == 1).then_some(())
     });
     enqueuer.batch_execute("COMMIT").unwrap();
