@@ -16,6 +16,7 @@ use pgrx::pg_sys;
 
 use crate::always_on;
 use crate::catalog::Task;
+use crate::transaction::transaction_ended;
 
 thread_local! {
     /// (task id, subtransaction that queued into it) for the open transaction.
@@ -58,14 +59,7 @@ unsafe extern "C-unwind" fn at_transaction_end(
     event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
-    if matches!(
-        event,
-        pg_sys::XactEvent::XACT_EVENT_COMMIT
-            | pg_sys::XactEvent::XACT_EVENT_ABORT
-            | pg_sys::XactEvent::XACT_EVENT_PREPARE
-            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
-            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
-    ) {
+    if transaction_ended(event) {
         QUEUED.with(|queued| queued.borrow_mut().clear());
     }
 }

@@ -22,6 +22,7 @@ use pgrx::pg_sys;
 use crate::catalog::{Task, required_task_name};
 use crate::error::SqlResult;
 use crate::locks::{TaskLock, lock_task};
+use crate::transaction::transaction_ended;
 
 /// A task kept for this transaction.
 struct Kept {
@@ -100,14 +101,7 @@ unsafe extern "C-unwind" fn at_transaction_end(
     event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
-    if matches!(
-        event,
-        pg_sys::XactEvent::XACT_EVENT_COMMIT
-            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
-            | pg_sys::XactEvent::XACT_EVENT_ABORT
-            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
-            | pg_sys::XactEvent::XACT_EVENT_PREPARE
-    ) {
+    if transaction_ended(event) {
         forget();
     }
 }

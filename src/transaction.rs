@@ -360,3 +360,16 @@ pub fn in_transaction_or_error<R>(
         Ok(Ended::CommitFailed(_, raised)) | Err(raised) => Err((raised.sqlstate, raised.message)),
     }
 }
+
+/// Whether a transaction callback's `event` is the end of the transaction, whatever the
+/// end (commit, abort or prepare, parallel or not): where per-transaction state is let go.
+pub fn transaction_ended(event: pg_sys::XactEvent::Type) -> bool {
+    matches!(
+        event,
+        pg_sys::XactEvent::XACT_EVENT_COMMIT
+            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
+            | pg_sys::XactEvent::XACT_EVENT_ABORT
+            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+            | pg_sys::XactEvent::XACT_EVENT_PREPARE
+    )
+}
