@@ -2,6 +2,7 @@
 # A throwaway PostgreSQL 15 cluster owned by the postgres OS user, on a Unix socket in
 # its own directory (never the system cluster).
 #   .ci/cluster.sh start DIR PORT [extra postgresql.conf lines...]
+#   .ci/cluster.sh restart DIR
 #   .ci/cluster.sh stop DIR
 set -euo pipefail
 BINDIR=$("${PG_CONFIG:-/usr/bin/pg_config}" --bindir)
@@ -24,8 +25,11 @@ case "$cmd" in
     } >> "$dir/data/postgresql.conf"
     as_postgres "$BINDIR/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
     ;;
+  restart)
+    as_postgres "$BINDIR/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m fast -w restart >/dev/null
+    ;;
   stop)
     as_postgres "$BINDIR/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
     ;;
-  *) echo "usage: $0 start DIR PORT [conf...] | stop DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 start DIR PORT [conf...] | restart DIR | stop DIR" >&2; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 """What every benchmark needs: a throwaway cluster, wall-clock timing, the machine's
 facts, a printed table and a JSON result under bench/results/."""
 
+import contextlib
 import datetime
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import time
 
 import psycopg
+from psycopg import sql
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -27,9 +29,6 @@ SERVER_SETTINGS = (
     "chunkwise.max_workers = 16",
     # The always-on launcher (bench/always_on.py); it sits idle for the others.
     "shared_preload_libraries = 'pg_chunkwise'",
-    # bench/always_on.py splits each latency at its enqueue's commit (a few bytes per
-    # commit, the same for every contender).
-    "track_commit_timestamp = on",
 )
 
 
@@ -49,6 +48,23 @@ class Cluster:
 
     def __exit__(self, *exc):
         subprocess.run([ROOT / ".ci" / "cluster.sh", "stop", self.dir], check=False)
+
+    @contextlib.contextmanager
+    def settings(self, **values):
+        """Server settings one scenario needs that take a restart: set while it runs, then
+        reset (so that they cost the other scenarios nothing)."""
+        self._alter_system(values)
+        try:
+            yield
+        finally:
+            self._alter_system({name: None for name in values})
+
+    def _alter_system(self, values):
+        with self.connect() as conn:
+            for name, value in values.items():
+                conn.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)) if value is None
+                             else sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+        subprocess.run([ROOT / ".ci" / "cluster.sh", "restart", self.dir], check=True)
 
     def dsn(self, dbname="postgres"):
         return f"host={self.dir} port={self.port} user=postgres dbname={dbname}"
@@ -86,7 +102,8 @@ def machine_facts(conn):
         platform.processor(),
     )
     memory_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    commit = subprocess.run(
+    # A bundled run (bench/run_bundled.sh) has no git: the bundle says what it was built from.
+    commit = os.environ.get("CHUNKWISE_BENCH_COMMIT") or subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     return {
@@ -108,10 +125,11 @@ def markdown_table(headers, rows):
     )
 
 
-def save(name, payload, smoke):
-    """Writes the result as JSON: bench/results/NAME.json, or NAME.smoke.json for a smoke
+def save(name, payload, smoke, tag=None):
+    """Writes the result as JSON: bench/results/NAME.json, NAME.TAG.json for a tagged run
+    (another machine's figures, kept beside this one's), or NAME.smoke.json for a smoke
     run (ignored by git, so a smoke run never overwrites the published figures)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}{'.smoke' if smoke else ''}.json"
+    path = RESULTS / f"{name}{'.' + tag if tag else ''}{'.smoke' if smoke else ''}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

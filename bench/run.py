@@ -55,6 +55,8 @@ def main():
     parser.add_argument("--datamart-runs", type=int, default=3, help="runs of each datamart contender in scaling")
     parser.add_argument("--noop-chunks", type=int, default=10_000,
                         help="chunks of the per-chunk overhead measurement")
+    parser.add_argument("--tag", help="save results as bench/results/SCENARIO.TAG.json (e.g. 16cores): "
+                        "published beside the default ones, in the README between <!-- bench:SCENARIO.TAG --> markers")
     args = parser.parse_args()
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
@@ -76,7 +78,7 @@ def main():
             result = scenario.run(cluster, args)
             result["machine"] = facts
             print("\n" + scenario.tables(result))
-            print(f"\nwritten to {save(name, result, args.smoke)}")
+            print(f"\nwritten to {save(name, result, args.smoke, args.tag)}")
             failed |= not all(r.get("same_result", True) for r in result["results"])
     if failed:
         sys.exit("a contender's result differs from the baseline's")
