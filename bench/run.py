@@ -52,6 +52,8 @@ def main():
     parser.add_argument("--plan-keys", type=int, default=1_000_000, help="keys of plan")
     parser.add_argument("--scaling-workers", default="1,2,4,8",
                         help="worker counts of scaling (comma-separated; the largest also runs the datamart)")
+    parser.add_argument("--scaling-lanes", default="64,0",
+                        help="chunkwise.lane_size values scaling compares (comma-separated; 0: no lanes)")
     parser.add_argument("--datamart-runs", type=int, default=3, help="runs of each datamart contender in scaling")
     parser.add_argument("--noop-chunks", type=int, default=10_000,
                         help="chunks of the per-chunk overhead measurement")

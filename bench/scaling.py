@@ -1,26 +1,33 @@
 """Claims that scale: what one more worker buys.
 
 1. No-op items (`statement => 'SELECT $1'`, synchronous_commit off), N of them (50,000
-   by default), run by 1, 2, 4 and 8 workers (`--scaling-workers`): items per second, the
-   worker time each item costs (workers x wall / items: the claim, the mark-done and the
-   commit, since the item itself does nothing), and the rate against the best rate of
-   at most 2 workers. On a 2-core box more than 2 workers cannot add speed; the target
-   is that they do not take it away (no drop past 2 workers worse than 15%). After the
-   timed runs, one more run per worker count samples the workers' wait events
+   by default), run by 1, 2, 4 and 8 workers (`--scaling-workers`), once with lanes
+   (`chunkwise.lane_size` 64, the default: each worker claims in a stretch of the queue
+   of its own) and once without (0: every worker claims at the front of the queue, as
+   0.2.0 did before lanes) (`--scaling-lanes`): items per second, the worker time each
+   item costs (workers x wall / items: the claim, the mark-done and the commit, since
+   the item itself does nothing), and the rate against the best rate of at most 2
+   workers with the same lanes. On a 2-core box more than 2 workers cannot add speed;
+   the target is that they do not take it away (no drop past 2 workers worse than 15%).
+   After the timed runs, one more run per worker count samples the workers' wait events
    (pg_stat_activity every 20 ms) to show what they wait for.
 2. The datamart refresh (examples/datamart) with W workers against W hand-split loops
    (W psql sessions, each a DO block that refreshes the users with key % W = i and
    commits after each), `--datamart-runs` times each: wall time and max/min over the
-   runs. W is the largest worker count of 1.
+   runs. W is the largest worker count of 1; the lanes are the default's.
 
 On a 16-core machine: `bash bench/run.sh scaling --scaling-workers 1,2,4,8,16
---datamart-runs 5` (targets there: 8 workers >= 5x one worker; 16 workers >= 1.3x
-sixteen hand-split loops with max/min <= 1.3)."""
+--datamart-runs 5 --tag 16cores` (targets there: 8 workers >= 5x one worker; 16 workers
+>= 1.3x sixteen hand-split loops with max/min <= 1.3); on one with no PostgreSQL,
+no compiler and no network, bench/bundle.sh and bench/run_bundled.sh."""
 
 import collections
 import subprocess
 import threading
+import time
 from statistics import median
+
+from psycopg import sql
 
 import datamart
 from lib import fresh_task, markdown_table, timed
@@ -62,30 +69,58 @@ def sampled_waits(cluster, conn, items, workers):
     return ", ".join(f"{w} {n * 100 // total}%" for w, n in waits.most_common(3))
 
 
-def noop_scaling(cluster, conn, items, worker_counts):
-    seconds = {w: [] for w in worker_counts}
+def set_lane_size(cluster, conn, size):
+    """chunkwise.lane_size for the workers started from now on (a reload: the postmaster
+    that starts them has read it once a new session sees it)."""
+    if size is None:
+        conn.execute("ALTER SYSTEM RESET chunkwise.lane_size")
+    else:
+        conn.execute(sql.SQL("ALTER SYSTEM SET chunkwise.lane_size = {}").format(size))
+    conn.execute("SELECT pg_reload_conf()")
+    expected = conn.execute("SELECT boot_val FROM pg_settings WHERE name = 'chunkwise.lane_size'").fetchone()[0] \
+        if size is None else str(size)
+    deadline = time.monotonic() + 10
+    while True:
+        with cluster.connect() as fresh:
+            if fresh.execute("SHOW chunkwise.lane_size").fetchone()[0] == expected:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"chunkwise.lane_size did not become {expected} after a reload")
+        time.sleep(0.05)
+
+
+def noop_scaling(cluster, conn, items, worker_counts, lane_sizes):
+    seconds = {(lanes, w): [] for lanes in lane_sizes for w in worker_counts}
     processed_ok = True
     for _ in range(ROUNDS):  # alternating, so that all see the same machine
-        for workers in worker_counts:
-            plan_noop(conn, items)
-            wall, processed = run_noop(conn, workers)
-            processed_ok &= processed == items
-            seconds[workers].append(wall)
+        for lanes in lane_sizes:
+            set_lane_size(cluster, conn, lanes)
+            for workers in worker_counts:
+                plan_noop(conn, items)
+                wall, processed = run_noop(conn, workers)
+                processed_ok &= processed == items
+                seconds[(lanes, workers)].append(wall)
     results = []
-    for workers in worker_counts:
-        wall = median(seconds[workers])
-        results.append({"part": "no-op items", "workers": workers, "items": items, "seconds": round(wall, 3),
-                        "items_per_second": round(items / wall),
-                        "worker_us_per_item": round(workers * wall / items * 1e6, 1),
-                        "same_result": processed_ok})
-    best_of_two = max(r["items_per_second"] for r in results if r["workers"] <= 2)
-    one = next((r["items_per_second"] for r in results if r["workers"] == 1), None)
-    for r in results:
-        r["vs_best_of_1_2"] = round(r["items_per_second"] / best_of_two, 2)
-        r["vs_1_worker"] = round(r["items_per_second"] / one, 2) if one else None
-        r["waits"] = sampled_waits(cluster, conn, items, r["workers"])
-        print(f"  no-op items, {r['workers']} workers: {r['items_per_second']} items/s, "
-              f"{r['vs_best_of_1_2']}x the best of 1-2 workers; waits: {r['waits']}", flush=True)
+    for lanes in lane_sizes:
+        set_lane_size(cluster, conn, lanes)
+        runs = []
+        for workers in worker_counts:
+            wall = median(seconds[(lanes, workers)])
+            runs.append({"part": "no-op items", "lane_size": lanes, "workers": workers, "items": items,
+                         "seconds": round(wall, 3), "items_per_second": round(items / wall),
+                         "worker_us_per_item": round(workers * wall / items * 1e6, 1),
+                         "same_result": processed_ok})
+        best_of_two = max(r["items_per_second"] for r in runs if r["workers"] <= 2)
+        one = next((r["items_per_second"] for r in runs if r["workers"] == 1), None)
+        for r in runs:
+            r["vs_best_of_1_2"] = round(r["items_per_second"] / best_of_two, 2)
+            r["vs_1_worker"] = round(r["items_per_second"] / one, 2) if one else None
+            r["waits"] = sampled_waits(cluster, conn, items, r["workers"])
+            print(f"  no-op items, lane_size {lanes}, {r['workers']} workers: {r['items_per_second']} items/s, "
+                  f"{r['vs_1_worker']}x 1 worker, {r['vs_best_of_1_2']}x the best of 1-2 workers; "
+                  f"waits: {r['waits']}", flush=True)
+        results += runs
+    set_lane_size(cluster, conn, None)
     conn.execute("SELECT chunkwise.drop_task(%s)", (TASK,))
     return results
 
@@ -132,15 +167,16 @@ def datamart_scaling(cluster, conn, users, workers, runs):
 
 def run(cluster, args):
     worker_counts = [int(w) for w in args.scaling_workers.split(",")]
+    lane_sizes = [int(size) for size in args.scaling_lanes.split(",")]
     items = 2_000 if args.smoke else args.items
     users = 300 if args.smoke else args.users
     runs = 1 if args.smoke else args.datamart_runs
     conn = cluster.connect()
     conn.execute("CREATE EXTENSION IF NOT EXISTS pg_chunkwise")
-    results = noop_scaling(cluster, conn, items, worker_counts)
+    results = noop_scaling(cluster, conn, items, worker_counts, lane_sizes)
     results += datamart_scaling(cluster, conn, users, max(worker_counts), runs)
     return {"workload": {"smoke": args.smoke, "items": items, "users": users, "datamart_runs": runs,
-                         "rounds": ROUNDS},
+                         "rounds": ROUNDS, "lane_sizes": lane_sizes},
             "results": results,
             "targets": {"past_2_workers_vs_best_of_1_2_at_least": 0.85,
                         "16_cores_8_workers_vs_1_at_least": 5.0,
@@ -151,10 +187,11 @@ def tables(result):
     noop = [r for r in result["results"] if r["part"] == "no-op items"]
     mart = [r for r in result["results"] if r["part"] == "datamart"]
     return markdown_table(
-        ["workers", "no-op items", "wall s (median of 3)", "items/s", "worker µs per item",
+        ["lane_size", "workers", "no-op items", "wall s (median of 3)", "items/s", "worker µs per item",
          "x 1 worker", "x best of 1-2 workers", "waits seen (sampled run)"],
-        [[r["workers"], r["items"], f"{r['seconds']:.2f}", r["items_per_second"], r["worker_us_per_item"],
-          f"{r['vs_1_worker']:.2f}" if r["vs_1_worker"] else "-", f"{r['vs_best_of_1_2']:.2f}", r["waits"]]
+        [[r.get("lane_size", "-"), r["workers"], r["items"], f"{r['seconds']:.2f}", r["items_per_second"],
+          r["worker_us_per_item"], f"{r['vs_1_worker']:.2f}" if r["vs_1_worker"] else "-",
+          f"{r['vs_best_of_1_2']:.2f}", r["waits"]]
          for r in noop],
     ) + "\n\n" + markdown_table(
         ["datamart refresh", "users", "runs", "median s", "min s", "max s", "max/min", "loops / pg_chunkwise"],

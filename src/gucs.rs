@@ -13,6 +13,7 @@ static RECENCY_WINDOWS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"7,30,90"));
 static LOADAVG_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"/proc/loadavg"));
+static LANE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64);
 static ACTIVITY_THRESHOLDS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"100,10"));
 
@@ -76,6 +77,16 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"chunkwise.lane_size",
+        c"Most queue positions a worker of a run reserves for itself at once (0: none, every worker claims at the front of the queue).",
+        c"Workers of one run that each work through a lane of their own touch different pages of the queue; a lane holds about 20 ms of the worker's items, at most this many. Runs with max_items claim at the front regardless.",
+        &LANE_SIZE,
+        0,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"chunkwise.loadavg_file",
         c"Where max_load reads the machine's load average (default '/proc/loadavg').",
@@ -102,6 +113,11 @@ pub fn progress_interval_secs() -> i32 {
 
 pub fn retry_wait_max_secs() -> i32 {
     RETRY_WAIT_MAX.get()
+}
+
+/// The most items a run's worker reserves at once (`chunkwise.lane_size`); 0: no lanes.
+pub fn lane_size() -> i64 {
+    i64::from(LANE_SIZE.get())
 }
 
 pub fn recency_windows() -> String {

@@ -87,6 +87,77 @@ impl Reached {
     }
 }
 
+/// A few words one process writes as a whole and others read as a whole, without a
+/// lock (a sequence lock): the sequence is odd while a write is under way, and a reader
+/// takes the words only when it read the same even sequence before and after them.
+#[repr(C)]
+struct Versioned<const N: usize> {
+    sequence: AtomicU64,
+    words: [AtomicI64; N],
+}
+
+/// Reads that find a write under way this many times in a row give up (the writer was
+/// taken off the CPU mid-write): the caller treats the words as unknown for now.
+const VERSIONED_READ_TRIES: usize = 64;
+
+impl<const N: usize> Versioned<N> {
+    const fn new() -> Versioned<N> {
+        Versioned {
+            sequence: AtomicU64::new(0),
+            words: [const { AtomicI64::new(0) }; N],
+        }
+    }
+
+    /// The words and the sequence they were read at (0: never written).
+    fn read(&self) -> Option<(u64, [i64; N])> {
+        for _ in 0..VERSIONED_READ_TRIES {
+            let before = self.sequence.load(Ordering::SeqCst);
+            if before.is_multiple_of(2) {
+                let words = std::array::from_fn(|i| self.words[i].load(Ordering::SeqCst));
+                if self.sequence.load(Ordering::SeqCst) == before {
+                    return Some((before, words));
+                }
+            }
+            std::hint::spin_loop();
+        }
+        None
+    }
+
+    /// Writes the words if nobody wrote since sequence `seen` was read; false otherwise.
+    fn write_if_unchanged(&self, seen: u64, words: [i64; N]) -> bool {
+        if !seen.is_multiple_of(2)
+            || self
+                .sequence
+                .compare_exchange(seen, seen + 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return false;
+        }
+        for (word, value) in self.words.iter().zip(words) {
+            word.store(value, Ordering::SeqCst);
+        }
+        self.sequence.store(seen + 2, Ordering::SeqCst);
+        true
+    }
+
+    /// Writes the words (one writer: the owner of the words).
+    fn write(&self, words: [i64; N]) {
+        while let Some((seen, _)) = self.read() {
+            if self.write_if_unchanged(seen, words) {
+                return;
+            }
+        }
+    }
+}
+
+/// A stretch of the queue one worker of a run reserved for itself: the positions
+/// (priority, item_id) after `start`, up to and with `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lane {
+    pub start: (i64, i64),
+    pub end: (i64, i64),
+}
+
 #[repr(C)]
 pub struct RunState {
     /// Most items the run may claim; 0 = no limit.
@@ -109,6 +180,10 @@ pub struct RunState {
     /// The queue position (priority, item_id) of the last item the worker at each place
     /// claimed (see `reach`): a claim starts after the furthest any other worker got.
     reached: [Reached; MAX_WORKERS_LIMIT as usize],
+    /// Where the last lane handed out ends (see `advance_lane_frontier`): (priority, item).
+    lane_frontier: Versioned<2>,
+    /// The lane the worker at each place works in: (1, start, end) or (0, ..): none.
+    lanes: [Versioned<5>; MAX_WORKERS_LIMIT as usize],
     /// Set by whoever announces the end of the run (NOTIFY), so that it is announced once.
     finish_announced: AtomicBool,
     cancel: AtomicBool,
@@ -131,6 +206,8 @@ impl RunState {
             workers_gave_up: AtomicI32::new(0),
             holding: [const { AtomicI64::new(0) }; MAX_WORKERS_LIMIT as usize],
             reached: [const { Reached::new() }; MAX_WORKERS_LIMIT as usize],
+            lane_frontier: Versioned::new(),
+            lanes: [const { Versioned::new() }; MAX_WORKERS_LIMIT as usize],
             finish_announced: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             rate: SharedRateSchedule::default(),
@@ -148,6 +225,11 @@ impl RunState {
             self.claimed.fetch_sub(wanted - granted, Ordering::SeqCst);
         }
         granted
+    }
+
+    /// Whether the run has a `max_items` limit.
+    pub fn limited(&self) -> bool {
+        self.max_items > 0
     }
 
     /// Gives back reservations that found no item.
@@ -235,8 +317,57 @@ impl RunState {
             .max()
     }
 
+    /// Where the last lane handed out ends (`None`: no lane yet, or unreadable for the
+    /// moment), and the version read, for `advance_lane_frontier`.
+    pub fn lane_frontier(&self) -> (u64, Option<(i64, i64)>) {
+        match self.lane_frontier.read() {
+            // A write under way: an odd version, from which no advance succeeds.
+            None => (1, None),
+            Some((0, _)) => (0, None),
+            Some((version, [priority, item])) => (version, Some((priority, item))),
+        }
+    }
+
+    /// Hands the lane up to `end` to the caller if nobody took one since it read the
+    /// frontier at `version`: lanes never overlap, whoever reads concurrently.
+    pub fn advance_lane_frontier(&self, version: u64, end: (i64, i64)) -> bool {
+        self.lane_frontier
+            .write_if_unchanged(version, [end.0, end.1])
+    }
+
+    /// The worker at `place` works in `lane` now (`None`: in none).
+    pub fn work_in_lane(&self, place: usize, lane: Option<Lane>) {
+        if let Some(slot) = self.lanes.get(place) {
+            slot.write(match lane {
+                Some(Lane { start, end }) => [1, start.0, start.1, end.0, end.1],
+                None => [0; 5],
+            });
+        }
+    }
+
+    /// The lanes the workers of the run work in, with the place of each.
+    pub fn lanes(&self) -> Vec<(usize, Lane)> {
+        self.joined_places()
+            .filter_map(|place| match self.lanes[place].read() {
+                Some((_, [1, start_priority, start_item, end_priority, end_item])) => Some((
+                    place,
+                    Lane {
+                        start: (start_priority, start_item),
+                        end: (end_priority, end_item),
+                    },
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The places other than `place` that joined the run.
     fn other_places(&self, place: usize) -> impl Iterator<Item = usize> + '_ {
+        self.joined_places().filter(move |&other| other != place)
+    }
+
+    /// The places that joined the run.
+    fn joined_places(&self) -> impl Iterator<Item = usize> + '_ {
         self.joined
             .iter()
             .enumerate()
@@ -249,7 +380,6 @@ impl RunState {
                         at
                     })
                 })
-                .filter(move |&other| other != place)
             })
     }
 
@@ -390,6 +520,39 @@ mod tests {
         state.reach(65, (2, 10)); // a worse priority is further, whatever the id
         assert_eq!(state.reached_by_others(0), Some((2, 10)));
         assert_eq!(state.reached_by_others(65), Some((5, 900)));
+    }
+
+    #[test]
+    fn lanes_are_handed_out_once_whoever_asks_at_the_same_time() {
+        let state = RunState::new(None);
+        let (version, frontier) = state.lane_frontier();
+        assert_eq!(frontier, None, "no lane yet");
+        assert!(state.advance_lane_frontier(version, (0, 64)));
+        // A second worker that read the frontier at the same time loses and reads again.
+        assert!(!state.advance_lane_frontier(version, (0, 64)));
+        let (again, frontier) = state.lane_frontier();
+        assert_eq!(frontier, Some((0, 64)));
+        assert!(state.advance_lane_frontier(again, (1, 3)));
+        assert_eq!(state.lane_frontier().1, Some((1, 3)));
+    }
+
+    #[test]
+    fn a_worker_sees_the_lanes_of_the_places_that_joined() {
+        let state = RunState::new(None);
+        for place in [0, 2, 64] {
+            state.join(place);
+        }
+        let lane = |end| Lane {
+            start: (0, end - 64),
+            end: (0, end),
+        };
+        state.work_in_lane(0, Some(lane(64)));
+        state.work_in_lane(64, Some(lane(128)));
+        state.work_in_lane(5, Some(lane(192))); // a place that never joined is not read
+        assert_eq!(state.lanes(), [(0, lane(64)), (64, lane(128))]);
+        state.work_in_lane(0, None);
+        state.work_in_lane(2, Some(lane(256)));
+        assert_eq!(state.lanes(), [(2, lane(256)), (64, lane(128))]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod error;
 mod follow_up;
 mod inflight;
 mod item;
+mod lanes;
 mod queue;
 mod signals;
 mod throttle;
@@ -23,7 +24,7 @@ pub use args::WorkerArgs;
 use error::{Bookkeeping, BookkeepingError, Cause};
 use inflight::InFlightSlot;
 use item::{ItemOutcome, Targets};
-use queue::{ClaimCursor, ClaimedItem, OtherWorkers, Queue};
+use queue::{ClaimCursor, ClaimedItem, Queue};
 use throttle::{GATE_RECHECK, Throttle};
 
 use crate::always_on::{self, Seat};
@@ -49,6 +50,8 @@ const BOOKKEEPING_NAP: Duration = Duration::from_millis(200);
 const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 /// How often a worker adds its figures to the run's row.
 const TALLY_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// The weight of the latest item in a worker's recent time per item (see `time_item`).
+const ITEM_TIME_WEIGHT: f64 = 0.2;
 
 /// What the worker's loop does after a step.
 enum Step {
@@ -149,6 +152,8 @@ struct Worker {
     idle_since: Option<Instant>,
     /// The task's governance: gates, rate limit, lock_timeout, splitting.
     throttle: Throttle,
+    /// Its recent time per done item (see `time_item`).
+    time_per_item: Option<Duration>,
 }
 
 impl Worker {
@@ -205,6 +210,7 @@ impl Worker {
             tally: Tally::default(),
             stop_requested: false,
             claim_cursor: ClaimCursor::default(),
+            time_per_item: None,
             stopped_early: false,
             reserved: 0,
             item_in_flight: None,
@@ -308,7 +314,8 @@ impl Worker {
             // The step's items rolled back: pending again, with no attempt counted.
             self.give_back_reserved(0);
             self.mark_idle();
-            self.claim_cursor = ClaimCursor::default();
+            self.claim_cursor
+                .reset(self.shared.state(), self.args.place as usize);
         }
         outcome
     }
@@ -412,7 +419,8 @@ impl Worker {
                     failure.message
                 );
                 self.one_per_transaction = items.len();
-                self.claim_cursor = ClaimCursor::default();
+                self.claim_cursor
+                    .reset(self.shared.state(), self.args.place as usize);
                 return Ok(items.len() as i64);
             }
             Ended::CommitFailed((items, _, _), failure) => {
@@ -446,16 +454,15 @@ impl Worker {
     ) -> Bookkeeping<(Vec<ClaimedItem>, Vec<Attempt>, Tally)> {
         let flushed = self.flush_tally_if_due()?;
         let place = self.args.place as usize;
-        let shared = &self.shared;
+        let lane_size = self.lane_size();
         let mut items = self.queue.claim(
             self.task.id,
             self.args.run_id,
             limit,
             &mut self.claim_cursor,
-            || OtherWorkers {
-                held: shared.state().held_by_others(place),
-                reached: shared.state().reached_by_others(place),
-            },
+            self.shared.state(),
+            place,
+            lane_size,
         )?;
         // Until mark_idle, after this transaction ends.
         self.shared
@@ -486,9 +493,11 @@ impl Worker {
                 self.task.name, item.key, item.id, self.tally.processed
             ));
             let lock_timeout = self.throttle.governance().lock_timeout.as_deref();
+            let started = Instant::now();
             let attempt = match self.targets.execute(item, lock_timeout) {
                 ItemOutcome::Done => {
                     self.queue.mark_done(item, self.args.run_id)?;
+                    self.time_item(started.elapsed());
                     Attempt::Done
                 }
                 ItemOutcome::Failed(_) | ItemOutcome::TimedOut(_) if signals::self_terminated() => {
@@ -523,6 +532,25 @@ impl Worker {
             citus::commit_remote_work_with_2pc();
         }
         Ok((items, attempts, flushed))
+    }
+
+    /// Counts a done item's time (its target and its mark-done) into the worker's recent
+    /// time per item, which sizes its lanes.
+    fn time_item(&mut self, took: Duration) {
+        self.time_per_item = Some(match self.time_per_item {
+            Some(recent) => recent.mul_f64(1.0 - ITEM_TIME_WEIGHT) + took.mul_f64(ITEM_TIME_WEIGHT),
+            None => took,
+        });
+    }
+
+    /// How many positions the worker's next lane holds; 0: it claims at the front of the
+    /// queue (a run with `max_items`, whose cycle takes exactly the best items, and pool
+    /// members, which share no run state).
+    fn lane_size(&self) -> i64 {
+        if self.args.seat.is_some() || self.shared.state().limited() {
+            return 0;
+        }
+        lanes::lane_size(gucs::lane_size(), self.time_per_item)
     }
 
     /// A `[lo, hi)` item that ran past `item_timeout`: with `split_on_timeout`, and if
@@ -740,8 +768,10 @@ impl Worker {
             flushed,
             stopped_early,
             gave_up,
+            mut claim_cursor,
             ..
         } = self;
+        claim_cursor.reset(shared.state(), args.place as usize);
         let left = transaction(|| {
             queue.unregister_worker(&args, &tally.since(&flushed), stopped_early, gave_up)?;
             let last_out = match args.seat {

@@ -13,6 +13,7 @@ use pgrx::spi::{OwnedPreparedStatement, SpiTupleTable};
 use super::args::WorkerArgs;
 use super::error::{Bookkeeping, BookkeepingError, Cause};
 use super::inflight;
+use super::lanes::{LaneCursor, LaneStatements};
 use crate::catalog::Task;
 use crate::columns::Columns;
 use crate::governance::{GOVERNANCE_COLUMNS, Governance};
@@ -21,7 +22,7 @@ use crate::locks;
 use crate::notify;
 use crate::open_groups::close_items_of_groups;
 use crate::raised::RaisedError;
-use crate::run_state::{Attempt, Tally};
+use crate::run_state::{Attempt, Lane, RunState, Tally};
 use crate::security::as_extension_owner_with;
 
 /// A claimed item, locked by this worker's transaction until it commits.
@@ -45,23 +46,54 @@ pub struct ClaimedItem {
     pub waited: f64,
 }
 
-/// Where the run's other workers are, as a plain claim reads it (`RunState`): the items
-/// they hold and the furthest queue position (priority, item_id) any of them claimed.
-pub struct OtherWorkers {
+/// A claim of a plain task: whose, how many, and the items the run's other workers
+/// hold (`RunState::held_by_others`).
+pub(super) struct PlainClaim {
+    pub task_id: i32,
+    pub limit: i64,
+    pub run_id: i64,
     pub held: Vec<i64>,
-    pub reached: Option<(i64, i64)>,
 }
 
-/// A claim from the start of the queue and one from after the worker's cursor.
+impl PlainClaim {
+    /// The parameters of `plain_claim_sql`: after `after`, up to `bound`, outside `lanes`
+    /// (each used only by the scopes that read it).
+    pub fn args(
+        &self,
+        after: (i64, i64),
+        bound: (i64, i64),
+        lanes: &[Lane],
+    ) -> Vec<DatumWithOid<'static>> {
+        let column = |f: fn(&Lane) -> i64| lanes.iter().map(f).collect::<Vec<i64>>();
+        vec![
+            self.task_id.into(),
+            self.limit.into(),
+            self.run_id.into(),
+            after.0.into(),
+            after.1.into(),
+            self.held.clone().into(),
+            bound.0.into(),
+            bound.1.into(),
+            column(|lane| lane.start.0).into(),
+            column(|lane| lane.start.1).into(),
+            column(|lane| lane.end.0).into(),
+            column(|lane| lane.end.1).into(),
+        ]
+    }
+}
+
+/// A claim from the start of the queue and one from after the worker's cursor; for
+/// plain tasks also the claims of lanes.
 struct Claim {
     from_start: OwnedPreparedStatement,
     after: OwnedPreparedStatement,
+    lanes: Option<LaneStatements>,
 }
 
 /// How long a worker claims after its cursor before it looks at the whole queue again:
 /// items before the cursor (retries that fell due, items planned meanwhile with a better
 /// priority, items a dead worker let go) wait at most this long.
-const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+pub(super) const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where a worker's next claim starts: after the last item it claimed (plain tasks) or
 /// after the last group it served (sequential groups: round-robin).
@@ -74,6 +106,17 @@ pub struct ClaimCursor {
     /// (stragglers a rescan found: retries fallen due, better priorities planned since):
     /// the next claims go on from this worker's own cursor, in order, until it catches up.
     sweeping: bool,
+    /// Where it is among the run's lanes, when it claims in lanes.
+    lanes: LaneCursor,
+}
+
+impl ClaimCursor {
+    /// Starts again from the front of the queue (its claims rolled back, or it exits),
+    /// leaving its lane to the others.
+    pub fn reset(&mut self, run: &RunState, place: usize) {
+        self.lanes.leave(run, place);
+        *self = ClaimCursor::default();
+    }
 }
 
 /// A claimed item's wait from its enqueue (or its retry time, if later) to now, in
@@ -95,23 +138,64 @@ const WAITED: &str =
 /// front of the queue, that exclusive lock on one heap page per skipped item was what
 /// more workers queued on (LWLock BufferContent, bench/scaling.py). Items missing from
 /// the list are still skipped by their row lock, so the list only saves work.
-fn plain_claim_sql(after_cursor: bool) -> String {
+///
+/// The claims of lanes (`lanes`) also stop at ($7, $8), and a sweep passes over the
+/// lanes of the run's workers, given as four arrays ($9-$12: start priority, start item,
+/// end priority, end item).
+pub(super) fn plain_claim_sql(scope: ClaimScope) -> String {
     format!(
         "SELECT item_id, key, hi, payload, attempts, NULL::text AS group_key, priority, \
                 xmin::text AS version, ctid::text AS row_at, {waited} AS waited FROM chunkwise.items \
-          WHERE task_id = $1 AND status = {pending} AND not_before <= now() {cursor} \
-            AND item_id <> ALL ($6) \
+          WHERE task_id = $1 AND status = {pending} AND not_before <= now() {cursor} {bound} \
+            AND item_id <> ALL ($6) {lanes} \
             AND EXISTS (SELECT FROM chunkwise.tasks t \
                          WHERE t.task_id = $1 AND NOT t.paused AND t.cancelled_through < $3) \
           ORDER BY priority, item_id LIMIT $2 FOR UPDATE SKIP LOCKED",
         pending = item_status!(pending),
         waited = WAITED,
-        cursor = if after_cursor {
+        cursor = if scope.after_cursor {
             "AND (priority, item_id) > ($4, $5)"
+        } else {
+            ""
+        },
+        bound = if scope.up_to_bound {
+            "AND (priority, item_id) <= ($7, $8)"
+        } else {
+            ""
+        },
+        lanes = if scope.outside_lanes {
+            "AND NOT EXISTS (SELECT FROM unnest($9::int8[], $10::int8[], $11::int8[], $12::int8[]) \
+                                 AS lane(start_priority, start_item, end_priority, end_item) \
+                              WHERE (items.priority, items.item_id) > (lane.start_priority, lane.start_item) \
+                                AND (items.priority, items.item_id) <= (lane.end_priority, lane.end_item))"
         } else {
             ""
         }
     )
+}
+
+/// Which part of the queue a claim of a plain task reads (see `plain_claim_sql`).
+#[derive(Clone, Copy, Default)]
+pub(super) struct ClaimScope {
+    /// After the position ($4, $5).
+    pub after_cursor: bool,
+    /// Up to the position ($7, $8).
+    pub up_to_bound: bool,
+    /// Outside the lanes in $9-$12.
+    pub outside_lanes: bool,
+}
+
+impl ClaimScope {
+    const FROM_START: ClaimScope = ClaimScope {
+        after_cursor: false,
+        up_to_bound: false,
+        outside_lanes: false,
+    };
+    const AFTER_CURSOR: ClaimScope = ClaimScope {
+        after_cursor: true,
+        up_to_bound: false,
+        outside_lanes: false,
+    };
 }
 
 /// The task's ($1) groups with work whose head (first pending or dead item in priority
@@ -341,7 +425,7 @@ pub struct Queue {
     running: Cell<Option<&'static str>>,
 }
 
-fn int8() -> PgOid {
+pub(super) fn int8() -> PgOid {
     PgOid::BuiltIn(pg_sys::BuiltinOid::INT8OID)
 }
 
@@ -349,11 +433,27 @@ fn int8_array() -> PgOid {
     PgOid::BuiltIn(pg_sys::BuiltinOid::INT8ARRAYOID)
 }
 
+/// The parameters of `plain_claim_sql`, whichever of them a scope uses.
+pub(super) fn plain_claim_args() -> Vec<PgOid> {
+    let mut args = vec![
+        int4(),
+        int8(),
+        int8(),
+        int8(),
+        int8(),
+        int8_array(),
+        int8(),
+        int8(),
+    ];
+    args.extend([int8_array(), int8_array(), int8_array(), int8_array()]);
+    args
+}
+
 fn text() -> PgOid {
     PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID)
 }
 
-fn int4() -> PgOid {
+pub(super) fn int4() -> PgOid {
     PgOid::BuiltIn(pg_sys::BuiltinOid::INT4OID)
 }
 
@@ -399,8 +499,14 @@ impl Queue {
             }
         } else {
             QueueSql {
-                claim_sql: plain_claim_sql,
-                claim_args: vec![int4(), int8(), int8(), int8(), int8(), int8_array()],
+                claim_sql: |after| {
+                    plain_claim_sql(if after {
+                        ClaimScope::AFTER_CURSOR
+                    } else {
+                        ClaimScope::FROM_START
+                    })
+                },
+                claim_args: plain_claim_args(),
                 mark_done: MARK_DONE,
                 work_remains: PLAIN_WORK_REMAINS,
             }
@@ -411,6 +517,9 @@ impl Queue {
                     claim: Claim {
                         from_start: client.prepare_mut(&claim_sql(false), &claim_args)?.keep(),
                         after: client.prepare_mut(&claim_sql(true), &claim_args)?.keep(),
+                        lanes: (!grouped)
+                            .then(|| LaneStatements::prepare(client))
+                            .transpose()?,
                     },
                     grouped,
                     stop_requested: client
@@ -432,7 +541,7 @@ impl Queue {
 
     /// Runs one bookkeeping statement (see [`bookkeeping`]), remembering which one is
     /// under way until it returns.
-    fn run<R>(
+    pub(super) fn run<R>(
         &self,
         statement: &'static str,
         f: impl FnOnce() -> Result<R, Cause>,
@@ -449,40 +558,57 @@ impl Queue {
         self.running.take()
     }
 
-    /// Claims up to `limit` due items (one, from the next group, for sequential groups)
-    /// after the worker's cursor, or from the start when nothing is left after it or the
-    /// cursor is older than `RESCAN_INTERVAL`; moves the cursor to the last item claimed.
-    /// `other_workers` reads where the run's other workers are; only plain tasks ask.
-    /// Their claims start after the furthest item any worker of the run claimed (unless
-    /// the worker is sweeping up stragglers behind it, see `ClaimCursor::sweeping`) and
-    /// pass over the items the others hold without trying to lock them (`plain_claim_sql`):
-    /// with every worker at the front of the queue, a claim that started after its own
-    /// last item read each item the others had claimed since, on the very heap page
-    /// they were updating.
+    /// Claims up to `limit` due items (one, from the next group, for sequential groups).
+    /// A plain task's run with lanes (`lane_size` > 0) claims in lanes (`lanes`); the
+    /// others claim at the front of the queue: after the worker's cursor, or from the
+    /// start when nothing is left after it or the cursor is older than `RESCAN_INTERVAL`;
+    /// the cursor moves to the last item claimed. A plain task's claims there start after
+    /// the furthest item any worker of the run (`run`, the worker at `place`) claimed
+    /// (unless the worker is sweeping up stragglers behind it, see
+    /// `ClaimCursor::sweeping`) and pass over the items the others hold without trying to
+    /// lock them (`plain_claim_sql`): with every worker at the front of the queue, a claim
+    /// that started after its own last item read each item the others had claimed since,
+    /// on the very heap page they were updating.
+    #[allow(clippy::too_many_arguments)]
     pub fn claim(
         &self,
         task_id: i32,
         run_id: i64,
         limit: i64,
         cursor: &mut ClaimCursor,
-        other_workers: impl Fn() -> OtherWorkers,
+        run: &RunState,
+        place: usize,
+        lane_size: i64,
     ) -> Bookkeeping<Vec<ClaimedItem>> {
-        let others = (!self.grouped).then(other_workers);
-        let after_item = match &others {
-            Some(others) if !cursor.sweeping => cursor.after_item.max(others.reached),
-            _ => cursor.after_item,
+        let plain = PlainClaim {
+            task_id,
+            limit,
+            run_id,
+            held: if self.grouped {
+                Vec::new()
+            } else {
+                run.held_by_others(place)
+            },
+        };
+        if let Some(lanes) = self.claim.lanes.as_ref().filter(|_| lane_size > 0) {
+            return self.claim_in_lanes(lanes, &plain, &mut cursor.lanes, run, place, lane_size);
+        }
+        let reached = (!self.grouped)
+            .then(|| run.reached_by_others(place))
+            .flatten();
+        let after_item = if cursor.sweeping {
+            cursor.after_item
+        } else {
+            cursor.after_item.max(reached)
         };
         let args = |after: bool| -> Vec<DatumWithOid<'static>> {
-            let mut args: Vec<DatumWithOid<'static>> =
-                vec![task_id.into(), limit.into(), run_id.into()];
-            match &others {
-                None => args.push(cursor.after_group.clone().filter(|_| after).into()),
-                Some(others) => {
-                    let (priority, item) = after_item.filter(|_| after).unwrap_or((0, 0));
-                    args.extend([priority.into(), item.into(), others.held.clone().into()]);
-                }
+            if self.grouped {
+                let group = cursor.after_group.clone().filter(|_| after);
+                vec![task_id.into(), limit.into(), run_id.into(), group.into()]
+            } else {
+                let position = after_item.filter(|_| after).unwrap_or((0, 0));
+                plain.args(position, (0, 0), &[])
             }
-            args
         };
         let fresh = cursor
             .rescanned_at
@@ -501,15 +627,22 @@ impl Queue {
             let position = (last.priority, last.id);
             cursor.after_item = Some(position);
             cursor.after_group.clone_from(&last.group_key);
-            cursor.sweeping = others
-                .as_ref()
-                .and_then(|others| others.reached)
-                .is_some_and(|reached| position < reached);
+            cursor.sweeping = reached.is_some_and(|reached| position < reached);
         }
         Ok(items)
     }
 
-    fn claim_with(
+    /// The claim of a plain task after `after`, whoever holds the lanes (the tail of a
+    /// run in lanes, see `lanes`).
+    pub(super) fn claim_after(
+        &self,
+        plain: &PlainClaim,
+        after: (i64, i64),
+    ) -> Bookkeeping<Vec<ClaimedItem>> {
+        self.claim_with(&self.claim.after, &plain.args(after, (0, 0), &[]))
+    }
+
+    pub(super) fn claim_with(
         &self,
         statement: &OwnedPreparedStatement,
         args: &[DatumWithOid<'_>],
