@@ -50,12 +50,12 @@ def reset(conn):
     conn.execute("CHECKPOINT")
 
 
-def chunkwise(cluster, conn, workers=2):
+def chunkwise(cluster, conn, workers=2, items_per_commit=1):
     conn.execute("SELECT chunkwise.drop_task(task) FROM chunkwise.tasks WHERE task = 'datamart'")
     conn.execute(
         "SELECT chunkwise.create_task('datamart', call => 'dwh.update_datamart_user', "
         "after => 'UPDATE dwh.dimension_users SET modified = false WHERE dimension_user_id = $1', "
-        "workers => %s)", (workers,))
+        "workers => %s, items_per_commit => %s)", (workers, items_per_commit))
     def refresh():
         conn.execute("SELECT chunkwise.plan_by_activity('datamart', "
                      "'SELECT key, last_activity, actions FROM dwh.modified_users')")
