@@ -46,6 +46,55 @@ fn every_item_runs_exactly_once_with_four_workers() {
     );
 }
 
+/// Lanes (`chunkwise.lane_size`, 64 by default): each worker works through a stretch of
+/// the queue of its own, and the run stays near priority order. Priorities run against
+/// the keys, so that priority order is not the order of planning.
+#[test]
+fn workers_take_lanes_of_their_own_and_stay_near_priority_order() {
+    const ITEMS: i64 = 4_000;
+    const WORKERS: i64 = 4;
+    const LANE_SIZE: i64 = 64;
+    let mut db = test_db("lanes");
+    db.batch_execute(&format!(
+        "CREATE TABLE done_by (k bigint, pid int DEFAULT pg_backend_pid(),
+                               seq bigserial PRIMARY KEY);
+         SELECT chunkwise.create_task('laned', statement => 'INSERT INTO done_by (k) VALUES ($1)');
+         SELECT chunkwise.plan('laned',
+                'SELECT g AS key, -g AS priority FROM generate_series(1, {ITEMS}) g');"
+    ))
+    .unwrap();
+    let (_, processed, _, _) = run(
+        &mut db,
+        &format!("SELECT * FROM chunkwise.run('laned', {WORKERS})"),
+    );
+    assert_eq!(processed, ITEMS);
+    let (rows, keys): (i64, i64) = two(&mut db, "SELECT count(*), count(DISTINCT k) FROM done_by");
+    assert_eq!((rows, keys), (ITEMS, ITEMS), "every item once");
+    // When n items are done, the items claimed are at most the lanes the workers are in
+    // ahead of them: none of the first 1,000 done is further than that in the ranking.
+    let furthest: i64 = one(
+        &mut db,
+        &format!(
+            "SELECT max({ITEMS} + 1 - k) FROM (SELECT k FROM done_by ORDER BY seq LIMIT 1000) first"
+        ),
+    );
+    assert!(
+        furthest <= 1_000 + WORKERS * LANE_SIZE,
+        "an item ranked {furthest} was among the first 1,000 done"
+    );
+    // Walking the ranking, the worker changes only between lanes: at the front of the
+    // queue, every worker claiming the next item, it changed at most positions.
+    let changes: i64 = one(
+        &mut db,
+        "SELECT count(*) FILTER (WHERE pid <> next_pid) FROM (
+           SELECT pid, lead(pid) OVER (ORDER BY k DESC) AS next_pid FROM done_by) walk",
+    );
+    assert!(
+        changes < ITEMS / 8,
+        "the worker changed {changes} times along {ITEMS} items in priority order"
+    );
+}
+
 #[test]
 fn terminating_a_worker_mid_run_loses_and_duplicates_nothing() {
     let mut db = test_db("terminate_worker");
