@@ -5,8 +5,8 @@
 //! Why: consecutive items live on the same heap page and the same primary-key leaf. With
 //! every worker at the front, every claim, row lock and mark-done of the run went through
 //! the one page and the one leaf the others were changing too, and on 16 cores 8 workers
-//! did 2.4 times what one did, 16 workers less than 4 (LWLock BufferContent, half of
-//! their time; `bash bench/run.sh scaling`). In lanes each worker changes pages of its
+//! did 2.4-2.7 times what one did, 16 workers 1.3-1.5 times (LWLock BufferContent, half
+//! of their time; `bash bench/run.sh scaling`). In lanes each worker changes pages of its
 //! own.
 //!
 //! The price is order: items are taken in priority order lane by lane, so the run's
@@ -38,8 +38,8 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiError};
 
 use super::error::Bookkeeping;
 use super::queue::{
-    ClaimScope, ClaimedItem, PlainClaim, Queue, RESCAN_INTERVAL, int4, int8, plain_claim_args,
-    plain_claim_sql,
+    ClaimScope, Claimant, ClaimedItem, PlainClaim, Queue, RESCAN_INTERVAL, int4, int8,
+    plain_claim_args, plain_claim_sql,
 };
 use crate::columns::Columns;
 use crate::item_status::item_status;
@@ -143,10 +143,13 @@ impl Queue {
         statements: &LaneStatements,
         args: &PlainClaim,
         cursor: &mut LaneCursor,
-        run: &RunState,
-        place: usize,
-        size: i64,
+        claimant: &Claimant<'_>,
     ) -> Bookkeeping<Vec<ClaimedItem>> {
+        let Claimant {
+            run,
+            place,
+            lane_size: size,
+        } = *claimant;
         let task_id = args.task_id;
         // A batch (items_per_commit) fits in one lane.
         let size = size.max(args.limit);

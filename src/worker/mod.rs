@@ -24,7 +24,7 @@ pub use args::WorkerArgs;
 use error::{Bookkeeping, BookkeepingError, Cause};
 use inflight::InFlightSlot;
 use item::{ItemOutcome, Targets};
-use queue::{ClaimCursor, ClaimedItem, Queue};
+use queue::{ClaimCursor, Claimant, ClaimedItem, Queue};
 use throttle::{GATE_RECHECK, Throttle};
 
 use crate::always_on::{self, Seat};
@@ -454,15 +454,17 @@ impl Worker {
     ) -> Bookkeeping<(Vec<ClaimedItem>, Vec<Attempt>, Tally)> {
         let flushed = self.flush_tally_if_due()?;
         let place = self.args.place as usize;
-        let lane_size = self.lane_size();
+        let claimant = Claimant {
+            run: self.shared.state(),
+            place,
+            lane_size: self.lane_size(),
+        };
         let mut items = self.queue.claim(
             self.task.id,
             self.args.run_id,
             limit,
             &mut self.claim_cursor,
-            self.shared.state(),
-            place,
-            lane_size,
+            &claimant,
         )?;
         // Until mark_idle, after this transaction ends.
         self.shared

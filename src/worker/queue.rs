@@ -46,6 +46,15 @@ pub struct ClaimedItem {
     pub waited: f64,
 }
 
+/// The worker that claims: its run's shared state, its place in the run, and the size of
+/// its next lane (0: it claims at the front of the queue, see `lanes`).
+#[derive(Clone, Copy)]
+pub struct Claimant<'a> {
+    pub run: &'a RunState,
+    pub place: usize,
+    pub lane_size: i64,
+}
+
 /// A claim of a plain task: whose, how many, and the items the run's other workers
 /// hold (`RunState::held_by_others`).
 pub(super) struct PlainClaim {
@@ -559,27 +568,29 @@ impl Queue {
     }
 
     /// Claims up to `limit` due items (one, from the next group, for sequential groups).
-    /// A plain task's run with lanes (`lane_size` > 0) claims in lanes (`lanes`); the
+    /// A plain task's worker with a lane size (`claimant`) claims in lanes (`lanes`); the
     /// others claim at the front of the queue: after the worker's cursor, or from the
     /// start when nothing is left after it or the cursor is older than `RESCAN_INTERVAL`;
     /// the cursor moves to the last item claimed. A plain task's claims there start after
-    /// the furthest item any worker of the run (`run`, the worker at `place`) claimed
+    /// the furthest item any other worker of the claimant's run claimed
     /// (unless the worker is sweeping up stragglers behind it, see
     /// `ClaimCursor::sweeping`) and pass over the items the others hold without trying to
     /// lock them (`plain_claim_sql`): with every worker at the front of the queue, a claim
     /// that started after its own last item read each item the others had claimed since,
     /// on the very heap page they were updating.
-    #[allow(clippy::too_many_arguments)]
     pub fn claim(
         &self,
         task_id: i32,
         run_id: i64,
         limit: i64,
         cursor: &mut ClaimCursor,
-        run: &RunState,
-        place: usize,
-        lane_size: i64,
+        claimant: &Claimant<'_>,
     ) -> Bookkeeping<Vec<ClaimedItem>> {
+        let Claimant {
+            run,
+            place,
+            lane_size,
+        } = *claimant;
         let plain = PlainClaim {
             task_id,
             limit,
@@ -591,7 +602,7 @@ impl Queue {
             },
         };
         if let Some(lanes) = self.claim.lanes.as_ref().filter(|_| lane_size > 0) {
-            return self.claim_in_lanes(lanes, &plain, &mut cursor.lanes, run, place, lane_size);
+            return self.claim_in_lanes(lanes, &plain, &mut cursor.lanes, claimant);
         }
         let reached = (!self.grouped)
             .then(|| run.reached_by_others(place))
