@@ -7,8 +7,8 @@ use std::time::Instant;
 use pgrx::JsonB;
 use pgrx::prelude::*;
 
+use super::claim::ClaimedItem;
 use super::discarding_plan::DiscardingPlan;
-use super::queue::ClaimedItem;
 use super::signals;
 use crate::error::SqlError;
 use crate::raised::RaisedError;

@@ -15,7 +15,7 @@
 //! have lanes of one and keep the exact order; runs with `max_items` take no lanes (a
 //! cycle must take exactly the best `max_items`).
 //!
-//! What a claim does, in this order (`Queue::claim_in_lanes`):
+//! What a claim does, in this order (`LaneStatements::claim`):
 //! 1. Once a second, and then on from what it found: a sweep for stragglers, items behind
 //!    the frontier (the end of the last lane handed out) and outside every lane: retries
 //!    fallen due, items planned since with a better priority, items a lane's owner
@@ -36,11 +36,11 @@ use std::time::{Duration, Instant};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiError};
 
-use super::error::Bookkeeping;
-use super::queue::{
-    ClaimScope, Claimant, ClaimedItem, PlainClaim, Queue, RESCAN_INTERVAL, int4, int8,
+use super::claim::{
+    ClaimScope, Claimant, ClaimedItem, PlainClaim, RESCAN_INTERVAL, RunsClaims, int4, int8,
     plain_claim_args, plain_claim_sql,
 };
+use super::error::Bookkeeping;
 use crate::columns::Columns;
 use crate::item_status::item_status;
 use crate::run_state::{Lane, RunState};
@@ -135,12 +135,12 @@ pub fn lane_size(most: i64, time_per_item: Option<Duration>) -> i64 {
     (fit as i64).clamp(1, most)
 }
 
-impl Queue {
-    /// Claims up to `limit` items of a plain task through lanes of up to `size`
-    /// positions (see the module's comment for the order of the steps).
-    pub(super) fn claim_in_lanes(
+impl LaneStatements {
+    /// Claims up to `args.limit` items of a plain task through `queue`, in lanes of up to
+    /// the claimant's lane size (see the module's comment for the order of the steps).
+    pub fn claim(
         &self,
-        statements: &LaneStatements,
+        queue: &impl RunsClaims,
         args: &PlainClaim,
         cursor: &mut LaneCursor,
         claimant: &Claimant<'_>,
@@ -169,8 +169,7 @@ impl Queue {
                 cursor.sweep_at
             };
             if let Some(from) = from {
-                let items =
-                    self.claim_with(&statements.sweep, &args.args(from, frontier, &lanes))?;
+                let items = queue.claim_with(&self.sweep, &args.args(from, frontier, &lanes))?;
                 cursor.sweep_at = items.last().map(|last| (last.priority, last.id));
                 if !items.is_empty() {
                     return Ok(items);
@@ -180,10 +179,8 @@ impl Queue {
 
         // 2. Its own lane.
         if let Some(lane) = cursor.lane {
-            let items = self.claim_with(
-                &statements.in_lane,
-                &args.args(cursor.lane_at, lane.end, &[]),
-            )?;
+            let items =
+                queue.claim_with(&self.in_lane, &args.args(cursor.lane_at, lane.end, &[]))?;
             if let Some(last) = items.last() {
                 cursor.lane_at = (last.priority, last.id);
                 return Ok(items);
@@ -195,7 +192,7 @@ impl Queue {
         for _ in 0..RESERVE_TRIES {
             let (version, frontier) = run.lane_frontier();
             let start = frontier.unwrap_or(QUEUE_START);
-            let Some(end) = self.lane_end(statements, task_id, start, size)? else {
+            let Some(end) = self.lane_end(queue, task_id, start, size)? else {
                 break;
             };
             let lane = Lane { start, end };
@@ -205,7 +202,7 @@ impl Queue {
                 cursor.leave(run, place);
                 continue; // another worker took the lane meanwhile
             }
-            let items = self.claim_with(&statements.in_lane, &args.args(start, end, &[]))?;
+            let items = queue.claim_with(&self.in_lane, &args.args(start, end, &[]))?;
             if let Some(last) = items.last() {
                 cursor.lane_at = (last.priority, last.id);
                 return Ok(items);
@@ -221,21 +218,21 @@ impl Queue {
             .map(|(_, lane)| lane.start)
             .min()
             .unwrap_or(QUEUE_START);
-        self.claim_after(args, help_from)
+        queue.claim_after(args, help_from)
     }
 
     /// The end of a new lane of up to `size` positions after `start` (see `LANE_END`).
     fn lane_end(
         &self,
-        statements: &LaneStatements,
+        queue: &impl RunsClaims,
         task_id: i32,
         start: (i64, i64),
         size: i64,
     ) -> Bookkeeping<Option<(i64, i64)>> {
-        self.run("lane", || {
+        queue.bookkeeping("lane", || {
             Spi::connect_mut(|client| {
                 let table = client.update(
-                    &statements.lane_end,
+                    &self.lane_end,
                     None,
                     &[task_id.into(), start.0.into(), start.1.into(), size.into()],
                 )?;

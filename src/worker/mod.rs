@@ -3,6 +3,7 @@
 
 pub mod args;
 mod citus;
+mod claim;
 mod discarding_plan;
 mod error;
 mod follow_up;
@@ -21,10 +22,11 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 pub use args::WorkerArgs;
+use claim::{Claimant, ClaimedItem};
 use error::{Bookkeeping, BookkeepingError, Cause};
 use inflight::InFlightSlot;
 use item::{ItemOutcome, Targets};
-use queue::{ClaimCursor, Claimant, ClaimedItem, Queue};
+use queue::{ClaimCursor, Queue};
 use throttle::{GATE_RECHECK, Throttle};
 
 use crate::always_on::{self, Seat};
