@@ -41,6 +41,10 @@ def build(cluster, conn, users):
         subprocess.run(["psql", *psql_args(cluster), "-X", "-q", "-v", "ON_ERROR_STOP=1",
                         "-v", f"users={users}", "-f", str(EXAMPLE / script)],
                        check=True, capture_output=True)
+    # As autovacuum would have by the time a refresh runs: without the visibility map the
+    # activity ranking's index-only scans of fact_actions made 3.4M heap fetches, 1 s of a
+    # 20,000-user refresh (0.3 s with it).
+    conn.execute("VACUUM ANALYZE dwh.dimension_users, dwh.fact_actions")
 
 
 def reset(conn):

@@ -514,6 +514,63 @@ fn task_owners_are_dependencies_for_drop_role_reassign_owned_and_drop_owned() {
     admin.batch_execute(&in_db(db, "DROP ROLE alice")).unwrap();
 }
 
+/// `DROP OWNED BY` the owner of a task whose workers are running: the DDL is not refused
+/// (drop_task refuses a running task; a role's drop should not depend on it), it does
+/// not deadlock with the workers, and the workers leave at their next claim, leaving
+/// nothing of the task behind.
+#[test]
+fn drop_owned_of_a_running_tasks_owner_sends_its_workers_off() {
+    let db = "tenant_drop_running";
+    let mut admin = tenants_db(db);
+    admin
+        .batch_execute(&in_db(
+            db,
+            "CREATE TABLE public.slow_done (k bigint);
+             GRANT INSERT ON public.slow_done TO PUBLIC;
+             CREATE PROCEDURE public.slow(k bigint) LANGUAGE sql AS
+               'INSERT INTO public.slow_done VALUES (k); SELECT pg_sleep(0.02)';",
+        ))
+        .unwrap();
+    let mut alice = connect(db, "alice");
+    alice
+        .batch_execute(
+            "SELECT chunkwise.create_task('slow', call => 'public.slow');
+             SELECT chunkwise.plan('slow', 'SELECT generate_series(1, 2000)::bigint AS key');",
+        )
+        .unwrap();
+    let _run_id: i64 = one(&mut alice, "SELECT chunkwise.start('slow', 4)");
+    wait_for("the run to be under way", Duration::from_secs(60), || {
+        let done: i64 = one(&mut admin, "SELECT count(*) FROM public.slow_done");
+        (done >= 20).then_some(())
+    });
+    assert!(
+        !live_workers(&mut admin).is_empty(),
+        "the workers are running"
+    );
+
+    admin
+        .batch_execute(&in_db(db, "DROP OWNED BY alice"))
+        .expect("DROP OWNED goes through while the task's workers run");
+    wait_for("the workers to leave", Duration::from_secs(30), || {
+        live_workers(&mut admin).is_empty().then_some(())
+    });
+    let left: i64 = one(
+        &mut admin,
+        "SELECT (SELECT count(*) FROM chunkwise.tasks) + (SELECT count(*) FROM chunkwise.items) \
+              + (SELECT count(*) FROM chunkwise.runs)",
+    );
+    assert_eq!(left, 0, "nothing of the task is left");
+    let done: i64 = one(&mut admin, "SELECT count(*) FROM public.slow_done");
+    assert!(
+        done < 2000,
+        "the workers stopped with the task ({done} of 2000 ran)"
+    );
+    drop(alice);
+    admin
+        .batch_execute(&in_db(db, "DROP ROLE alice"))
+        .expect("nothing is left of the owner");
+}
+
 #[test]
 fn another_databases_run_with_the_same_id_is_not_this_ones() {
     let mut a = test_db("tenant_db_a");
