@@ -156,7 +156,6 @@ impl LaneStatements {
         // 1. Stragglers behind the frontier, outside every lane. The lanes are read after
         // the frontier: a lane is published before the frontier moves past it.
         if let (_, Some(frontier)) = run.lane_frontier() {
-            let lanes: Vec<Lane> = run.lanes().into_iter().map(|(_, lane)| lane).collect();
             let due = cursor
                 .swept_at
                 .is_none_or(|at| at.elapsed() >= RESCAN_INTERVAL);
@@ -169,6 +168,7 @@ impl LaneStatements {
                 cursor.sweep_at
             };
             if let Some(from) = from {
+                let lanes: Vec<Lane> = run.lanes().into_iter().map(|(_, lane)| lane).collect();
                 let items = queue.claim_with(&self.sweep, &args.args(from, frontier, &lanes))?;
                 cursor.sweep_at = items.last().map(|last| (last.priority, last.id));
                 if !items.is_empty() {
