@@ -56,37 +56,6 @@ impl Tally {
     }
 }
 
-/// A queue position one worker writes and the others read, without a lock: the item is
-/// cleared while the priority changes, and a reader takes the pair only when it read the
-/// same nonzero item before and after the priority (item ids start at 1).
-#[repr(C)]
-struct Reached {
-    priority: AtomicI64,
-    item: AtomicI64,
-}
-
-impl Reached {
-    const fn new() -> Reached {
-        Reached {
-            priority: AtomicI64::new(0),
-            item: AtomicI64::new(0),
-        }
-    }
-
-    fn set(&self, (priority, item): (i64, i64)) {
-        self.item.store(0, Ordering::SeqCst);
-        self.priority.store(priority, Ordering::SeqCst);
-        self.item.store(item, Ordering::SeqCst);
-    }
-
-    fn get(&self) -> Option<(i64, i64)> {
-        let before = self.item.load(Ordering::SeqCst);
-        let priority = self.priority.load(Ordering::SeqCst);
-        let after = self.item.load(Ordering::SeqCst);
-        (before != 0 && before == after).then_some((priority, before))
-    }
-}
-
 /// A few words one process writes as a whole and others read as a whole, without a
 /// lock (a sequence lock): the sequence is odd while a write is under way, and a reader
 /// takes the words only when it read the same even sequence before and after them.
@@ -179,7 +148,7 @@ pub struct RunState {
     holding: [AtomicI64; MAX_WORKERS_LIMIT as usize],
     /// The queue position (priority, item_id) of the last item the worker at each place
     /// claimed (see `reach`): a claim starts after the furthest any other worker got.
-    reached: [Reached; MAX_WORKERS_LIMIT as usize],
+    reached: [Versioned<2>; MAX_WORKERS_LIMIT as usize],
     /// Where the last lane handed out ends (see `advance_lane_frontier`): (priority, item).
     lane_frontier: Versioned<2>,
     /// The lane the worker at each place works in: (1, start, end) or (0, ..): none.
@@ -205,7 +174,7 @@ impl RunState {
             workers_exited: AtomicI32::new(0),
             workers_gave_up: AtomicI32::new(0),
             holding: [const { AtomicI64::new(0) }; MAX_WORKERS_LIMIT as usize],
-            reached: [const { Reached::new() }; MAX_WORKERS_LIMIT as usize],
+            reached: [const { Versioned::new() }; MAX_WORKERS_LIMIT as usize],
             lane_frontier: Versioned::new(),
             lanes: [const { Versioned::new() }; MAX_WORKERS_LIMIT as usize],
             finish_announced: AtomicBool::new(false),
@@ -304,7 +273,7 @@ impl RunState {
     /// The worker at `place` claimed up to `position` (priority, item_id) of the queue.
     pub fn reach(&self, place: usize, position: (i64, i64)) {
         if let Some(reached) = self.reached.get(place) {
-            reached.set(position);
+            reached.write([position.0, position.1]);
         }
     }
 
@@ -313,7 +282,10 @@ impl RunState {
     /// claim, so a claim that starts after it reads none of that (see `Queue::claim`).
     pub fn reached_by_others(&self, place: usize) -> Option<(i64, i64)> {
         self.other_places(place)
-            .filter_map(|other| self.reached[other].get())
+            .filter_map(|other| match self.reached[other].read() {
+                Some((version, [priority, item])) if version > 0 => Some((priority, item)),
+                _ => None, // never written, or a write under way
+            })
             .max()
     }
 

@@ -163,7 +163,7 @@ pub(super) fn plain_claim_sql(scope: ClaimScope) -> String {
 }
 
 /// Which part of the queue a claim of a plain task reads (see `plain_claim_sql`).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub(super) struct ClaimScope {
     /// After the position ($4, $5).
     pub after_cursor: bool,
