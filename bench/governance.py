@@ -113,7 +113,8 @@ def run(cluster, args):
                          f", max_rate => {rate}", seconds))
     # The same rows per second in chunks a hundredth the size: each chunk leaves a
     # hundredth as much WAL for the OLTP commits beside it to flush (a tenth the size did
-    # worse than either: ten times the chunks, each still long enough to be met).
+    # worse than whole chunks in two of three runs: ten times the chunks, each still long
+    # enough to be met).
     small = max(args.chunk_rows // 100, 1)
     results.append(phase(cluster, conn, args,
                          f"beside the upsert, {small:,}-row chunks, max_rate => {rate * 100:g}",
