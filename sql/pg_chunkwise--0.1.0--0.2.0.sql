@@ -464,3 +464,37 @@ SELECT r.run_id,
  GROUP BY r.run_id, t.task, 3;
 
 GRANT SELECT ON chunkwise.run_throughput TO PUBLIC;
+
+-- run_cycle commits while it waits for its run (a second at a time), so that a cycle
+-- holds no snapshot, nor the cluster's xmin horizon, for the length of its run:
+-- _cycle_run (start and wait in one statement) becomes _cycle_start and _cycle_wait.
+CREATE OR REPLACE PROCEDURE chunkwise.run_cycle(task text)
+LANGUAGE plpgsql AS $procedure$
+BEGIN
+    IF chunkwise._cycle_begin(task) THEN
+        COMMIT;
+        IF chunkwise._cycle_start(task) THEN
+            LOOP
+                COMMIT;
+                EXIT WHEN chunkwise._cycle_wait(task);
+            END LOOP;
+        END IF;
+    END IF;
+END
+$procedure$;
+
+DROP FUNCTION chunkwise._cycle_run(text);
+
+CREATE FUNCTION chunkwise."_cycle_start"(
+	"task" TEXT /* Option < & str > */
+) RETURNS bool /* bool */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'cycle_start_wrapper';
+
+CREATE FUNCTION chunkwise."_cycle_wait"(
+	"task" TEXT /* Option < & str > */
+) RETURNS bool /* bool */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'cycle_wait_wrapper';

@@ -18,7 +18,7 @@ use crate::retention;
 use crate::run_state::{RunState, SharedRun};
 use crate::security::{as_extension_owner, ensure_owner_can_run, ensure_owner_may_execute};
 use crate::target::Target;
-use crate::transaction::without_keeping_locks;
+use crate::transaction::{SessionMemory, without_keeping_locks};
 use crate::worker::args::WorkerArgs;
 
 /// What `chunkwise.run()` returns.
@@ -51,14 +51,84 @@ const STARTUP_POLL: Duration = Duration::from_millis(5);
 /// Workers a run gets when neither run() nor the task says.
 pub const DEFAULT_WORKERS: i32 = 2;
 
+/// How long the launcher keeps what it needs to watch a run: its mapping of the run's
+/// shared memory and the handles of its workers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// For the launching statement (`run()`).
+    Statement,
+    /// Across transactions, until the run is dropped: a cycle commits while it waits, so
+    /// as to hold no snapshot for the length of its run.
+    Session,
+}
+
 /// A run whose workers have been launched.
-struct LaunchedRun {
+pub struct LaunchedRun {
     run_id: i64,
     shared: SharedRun,
     handles: Vec<DynamicBackgroundWorker>,
     /// Items the run expects to handle (backlog, capped by max_items).
     total: i64,
     started: Instant,
+    /// When the next progress NOTICE is due.
+    next_report: Instant,
+    /// Where the handles live when the run is kept for the session; dropped after them.
+    _memory: Option<SessionMemory>,
+}
+
+impl LaunchedRun {
+    /// Waits until every worker has exited, or for at most `budget`, reporting progress;
+    /// true once they all have. If the caller's statement is cancelled, the workers are
+    /// told to stop after their current item and the cancel is re-raised.
+    pub fn wait_for_workers(&mut self, task: &Task, budget: Option<Duration>) -> bool {
+        let deadline = budget.map(|budget| Instant::now() + budget);
+        let interval = Duration::from_secs(gucs::progress_interval_secs().max(0) as u64);
+        let state = self.shared.state();
+        let mut next_report = self.next_report;
+        let ended = PgTryBuilder::new(AssertUnwindSafe(|| {
+            loop {
+                if all_stopped(&self.handles) {
+                    return true;
+                }
+                let now = Instant::now();
+                if deadline.is_some_and(|deadline| now >= deadline) {
+                    return false;
+                }
+                wait_on_latch(deadline.map_or(POLL, |deadline| POLL.min(deadline - now)));
+                if !interval.is_zero() && Instant::now() >= next_report {
+                    report_progress(task, self.run_id, state, self.total, self.started);
+                    next_report += interval;
+                }
+            }
+        }))
+        .catch_others(|caught| {
+            state.cancel();
+            caught.rethrow()
+        })
+        .execute();
+        self.next_report = next_report;
+        ended
+    }
+
+    /// Tells the workers to stop after their current item.
+    pub fn cancel(&self) {
+        self.shared.state().cancel();
+    }
+
+    /// What the run did, once its workers have exited: an error if none of them got to
+    /// work, a WARNING if some ended without finishing.
+    pub fn summary(&self, task: &Task) -> SqlResult<RunSummary> {
+        ensure_some_worker_started(self)?;
+        warn_about_lost_workers(task, self)?;
+        let tally = self.shared.state().tally();
+        Ok(RunSummary {
+            run_id: Some(self.run_id),
+            processed: tally.processed,
+            failed: tally.failed,
+            dead: tally.dead,
+            seconds: self.started.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 /// Runs the task and waits for its workers: `chunkwise.run()`.
@@ -67,20 +137,11 @@ pub fn run_task(
     workers: Option<i32>,
     max_items: Option<i64>,
 ) -> SqlResult<RunSummary> {
-    let Some(run) = launch_run(task, workers, max_items)? else {
+    let Some(mut run) = launch_run(task, workers, max_items, Keep::Statement)? else {
         return Ok(RunSummary::nothing_run());
     };
-    wait_for_workers(task, &run);
-    ensure_some_worker_started(&run)?;
-    warn_about_lost_workers(task, &run)?;
-    let tally = run.shared.state().tally();
-    Ok(RunSummary {
-        run_id: Some(run.run_id),
-        processed: tally.processed,
-        failed: tally.failed,
-        dead: tally.dead,
-        seconds: run.started.elapsed().as_secs_f64(),
-    })
+    run.wait_for_workers(task, None);
+    run.summary(task)
 }
 
 /// Starts the task's workers and returns once they are under way (`chunkwise.start()`);
@@ -90,7 +151,7 @@ pub fn start_task(
     workers: Option<i32>,
     max_items: Option<i64>,
 ) -> SqlResult<Option<i64>> {
-    let Some(run) = launch_run(task, workers, max_items)? else {
+    let Some(run) = launch_run(task, workers, max_items, Keep::Statement)? else {
         return Ok(None);
     };
     // The run's shared memory lives while a process maps it: this backend lets go when
@@ -102,16 +163,25 @@ pub fn start_task(
 /// Checks, reserves worker slots and launches the workers; `None` (with a NOTICE) when
 /// the task is paused or has nothing pending. The checks and counts run without keeping
 /// their locks on the queue tables (see `transaction`): the caller is about to wait.
-fn launch_run(
+pub fn launch_run(
     task: &Task,
     workers: Option<i32>,
     max_items: Option<i64>,
+    keep: Keep,
 ) -> SqlResult<Option<LaunchedRun>> {
-    // Made outside the subtransaction: its mapping belongs to the caller's statement.
+    // Made outside the subtransaction: its mapping belongs to the caller's statement,
+    // or to the session.
     let shared = SharedRun::create(max_items);
-    let Some(launched) =
-        without_keeping_locks(|| launch_workers_for(task, workers, max_items, &shared))?
-    else {
+    let memory = (keep == Keep::Session).then(|| {
+        shared.keep_for_session();
+        SessionMemory::new()
+    });
+    let launch = || without_keeping_locks(|| launch_workers_for(task, workers, max_items, &shared));
+    let launched = match &memory {
+        Some(memory) => memory.allocating(launch)?,
+        None => launch()?,
+    };
+    let Some(launched) = launched else {
         return Ok(None);
     };
     if shared.state().set_launched(launched.handles.len() as i32) {
@@ -122,12 +192,15 @@ fn launch_run(
     wait_until_under_way(&shared, &launched.handles);
     // The workers now show in pg_stat_activity, where the next launcher counts them.
     drop(launched.launch_lock);
+    let interval = Duration::from_secs(gucs::progress_interval_secs().max(0) as u64);
     Ok(Some(LaunchedRun {
         run_id: launched.run_id,
         shared,
         handles: launched.handles,
         total: launched.total,
         started: launched.started,
+        next_report: launched.started + interval,
+        _memory: memory,
     }))
 }
 
@@ -473,29 +546,6 @@ pub fn is_stopped(handle: &DynamicBackgroundWorker) -> bool {
 
 fn all_stopped(handles: &[DynamicBackgroundWorker]) -> bool {
     handles.iter().all(is_stopped)
-}
-
-/// Waits until every worker has exited, reporting progress. If the caller's statement is
-/// cancelled, the workers are told to stop after their current item and the cancel is
-/// re-raised.
-fn wait_for_workers(task: &Task, run: &LaunchedRun) {
-    let state = run.shared.state();
-    let interval = Duration::from_secs(gucs::progress_interval_secs().max(0) as u64);
-    let mut next_report = run.started + interval;
-    PgTryBuilder::new(AssertUnwindSafe(|| {
-        while !all_stopped(&run.handles) {
-            wait_on_latch(POLL);
-            if !interval.is_zero() && Instant::now() >= next_report {
-                report_progress(task, run.run_id, state, run.total, run.started);
-                next_report += interval;
-            }
-        }
-    }))
-    .catch_others(|caught| {
-        state.cancel();
-        caught.rethrow()
-    })
-    .execute();
 }
 
 /// Sleeps on this backend's latch for at most `timeout`, then serves interrupts (a

@@ -409,6 +409,16 @@ impl SharedRun {
         SharedRun::Segment(segment)
     }
 
+    /// Keeps the mapping past the end of the transaction that made it, until this value
+    /// is dropped (or the session ends): a cycle waits for its run across commits.
+    pub fn keep_for_session(&self) {
+        if let SharedRun::Segment(segment) = self {
+            // SAFETY: `segment` is this value's own live mapping; unpinned by `drop`'s
+            // dsm_detach.
+            unsafe { pg_sys::dsm_pin_mapping(*segment) };
+        }
+    }
+
     /// The state of a worker of an always-on pool: nobody else reads it (the pool's
     /// members are counted in the pool registry, which decides who announces a run's
     /// end), so it lives in the worker's own memory.

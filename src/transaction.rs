@@ -373,3 +373,47 @@ pub fn transaction_ended(event: pg_sys::XactEvent::Type) -> bool {
             | pg_sys::XactEvent::XACT_EVENT_PREPARE
     )
 }
+
+/// A memory context of the session's own, deleted when dropped: for what must outlive
+/// the transaction that makes it (the worker handles of a cycle's run, which the cycle
+/// waits for across the commits of its procedure).
+pub struct SessionMemory(pg_sys::MemoryContext);
+
+impl SessionMemory {
+    pub fn new() -> SessionMemory {
+        // SAFETY: a child of TopMemoryContext with a static name; deleted in `drop`.
+        SessionMemory(unsafe {
+            pg_sys::AllocSetContextCreateExtended(
+                pg_sys::TopMemoryContext,
+                c"chunkwise run".as_ptr(),
+                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+            )
+        })
+    }
+
+    /// Runs `f` with this context as the current one (what it pallocs lives here), and
+    /// returns to the caller's context afterwards, also when `f` raises.
+    pub fn allocating<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(pg_sys::MemoryContext);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                // SAFETY: the caller's context, current when `allocating` began, outlives
+                // the call.
+                unsafe { pg_sys::MemoryContextSwitchTo(self.0) };
+            }
+        }
+        // SAFETY: this context lives until `self` is dropped, after the call.
+        let _restore = Restore(unsafe { pg_sys::MemoryContextSwitchTo(self.0) });
+        f()
+    }
+}
+
+impl Drop for SessionMemory {
+    fn drop(&mut self) {
+        // SAFETY: deletes the context made in `new`; nothing in it is used afterwards (its
+        // owner drops what lives in it first). Never the current one: `allocating` left it.
+        unsafe { pg_sys::MemoryContextDelete(self.0) };
+    }
+}

@@ -148,6 +148,105 @@ fn a_second_concurrent_cycle_returns_at_once_and_does_no_work() {
     assert_eq!(code, "25001");
 }
 
+/// A cycle commits while it waits for its workers: VACUUM can remove a row deleted
+/// while the cycle's run is under way. A cycle that waited in one statement held a
+/// snapshot from before the delete until its run ended, and the row stayed "dead but not
+/// yet removable" all that time.
+#[test]
+fn vacuum_removes_rows_deleted_while_a_cycle_runs() {
+    let mut db = test_db("cycle_horizon");
+    datamart(&mut db, 100.0, None, 2);
+    db.batch_execute(
+        "CREATE TABLE gone (id int) WITH (autovacuum_enabled = false);
+         INSERT INTO gone VALUES (1);",
+    )
+    .unwrap();
+    let cycle = std::thread::spawn(|| {
+        let mut client = Cluster::get().connect("cycle_horizon");
+        client
+            .batch_execute("CALL chunkwise.run_cycle('dm')")
+            .unwrap();
+    });
+    wait_for("the cycle's first items", Duration::from_secs(30), || {
+        let refreshed: i64 = one(&mut db, "SELECT count(*) FROM users WHERE refreshed = 1");
+        (refreshed > 0).then_some(())
+    });
+    db.batch_execute("DELETE FROM gone").unwrap();
+    let removed_while_running = wait_for(
+        "VACUUM to remove the deleted row, or the cycle to end",
+        Duration::from_secs(60),
+        || {
+            db.batch_execute("VACUUM gone").unwrap();
+            let (dead, running): (i64, i64) = db
+                .query_one(
+                    "SELECT (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'gone'),
+                            (SELECT count(*) FROM chunkwise.runs WHERE state = 'running')",
+                    &[],
+                )
+                .map(|r| (r.get(0), r.get(1)))
+                .unwrap();
+            match (dead, running) {
+                (0, 1) => Some(true),
+                (_, 0) => Some(false),
+                _ => None,
+            }
+        },
+    );
+    cycle.join().unwrap();
+    assert!(
+        removed_while_running,
+        "the row deleted during the cycle stayed unremovable until its run ended"
+    );
+    let refreshed: i64 = one(&mut db, "SELECT count(*) FROM users WHERE refreshed = 1");
+    assert_eq!(refreshed, 100, "the cycle did its 100 users");
+}
+
+/// A cancelled cycle stops its workers after their current item, as a cancelled run()
+/// does, and lets its lock go: the same session's next cycle runs.
+#[test]
+fn a_cancelled_cycle_stops_its_workers_and_the_next_cycle_runs() {
+    let mut db = test_db("cycle_cancel");
+    datamart(&mut db, 50.0, None, 2);
+    let mut caller = Cluster::get().connect("cycle_cancel");
+    let cancel = caller.cancel_token();
+    let cycle = std::thread::spawn(move || {
+        let ended = caller.batch_execute("CALL chunkwise.run_cycle('dm')");
+        (caller, ended)
+    });
+    wait_for("the cycle's first items", Duration::from_secs(30), || {
+        let refreshed: i64 = one(&mut db, "SELECT count(*) FROM users WHERE refreshed = 1");
+        (refreshed > 0).then_some(())
+    });
+    cancel.cancel_query(postgres::NoTls).unwrap();
+    let (mut caller, ended) = cycle.join().unwrap();
+    let (code, _, _) = sql_error(ended);
+    assert_eq!(code, "57014");
+    let state = wait_for("the cancelled run to end", Duration::from_secs(30), || {
+        let state: String = one(&mut db, "SELECT state FROM chunkwise.runs WHERE run_id = 1");
+        (state != "running").then_some(state)
+    });
+    assert_eq!(state, "cancelled");
+    let first: i64 = one(&mut db, "SELECT count(*) FROM users WHERE refreshed = 1");
+    assert!(first < 100, "cancelled before the end of its 100 users");
+
+    caller
+        .batch_execute("CALL chunkwise.run_cycle('dm')")
+        .unwrap();
+    let (runs, over): (i64, i64) = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM chunkwise.runs WHERE state = 'finished'),
+                    (SELECT count(*) FROM users WHERE refreshed > 1)",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        (runs, over),
+        (1, 0),
+        "the next cycle ran, and no user twice"
+    );
+}
+
 #[test]
 fn start_returns_a_run_id_at_once_and_wait_returns_the_finished_run() {
     let mut db = test_db("start_wait");
