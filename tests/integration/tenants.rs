@@ -429,6 +429,15 @@ fn planning_wide_rows_keeps_the_backend_small_and_refused_values_are_not_echoed(
     }
 }
 
+/// Rows of any task left in the extension's tables: tasks, items and run history.
+fn rows_of_any_task(admin: &mut Client) -> i64 {
+    one(
+        admin,
+        "SELECT (SELECT count(*) FROM chunkwise.tasks) + (SELECT count(*) FROM chunkwise.items) \
+              + (SELECT count(*) FROM chunkwise.run_history)",
+    )
+}
+
 #[test]
 fn task_owners_are_dependencies_for_drop_role_reassign_owned_and_drop_owned() {
     let db = "tenant_owners";
@@ -502,11 +511,7 @@ fn task_owners_are_dependencies_for_drop_role_reassign_owned_and_drop_owned() {
     admin
         .batch_execute(&in_db(db, "DROP OWNED BY alice"))
         .unwrap();
-    let left: i64 = one(
-        &mut admin,
-        "SELECT (SELECT count(*) FROM chunkwise.tasks) + (SELECT count(*) FROM chunkwise.items) \
-              + (SELECT count(*) FROM chunkwise.run_history)",
-    );
+    let left = rows_of_any_task(&mut admin);
     assert_eq!(
         left, 0,
         "DROP OWNED dropped the tasks with their queue and history"
@@ -554,11 +559,7 @@ fn drop_owned_of_a_running_tasks_owner_sends_its_workers_off() {
     wait_for("the workers to leave", Duration::from_secs(30), || {
         live_workers(&mut admin).is_empty().then_some(())
     });
-    let left: i64 = one(
-        &mut admin,
-        "SELECT (SELECT count(*) FROM chunkwise.tasks) + (SELECT count(*) FROM chunkwise.items) \
-              + (SELECT count(*) FROM chunkwise.runs)",
-    );
+    let left = rows_of_any_task(&mut admin);
     assert_eq!(left, 0, "nothing of the task is left");
     let done: i64 = one(&mut admin, "SELECT count(*) FROM public.slow_done");
     assert!(
