@@ -33,13 +33,35 @@ fn datamart(db: &mut Client, sleep_ms: f64, failing_user: Option<i64>, workers: 
     .unwrap();
 }
 
+/// Users refreshed exactly once so far.
+fn refreshed_once(db: &mut Client) -> i64 {
+    one(db, "SELECT count(*) FROM users WHERE refreshed = 1")
+}
+
+/// Waits until the cycle under way has refreshed its first users.
+fn wait_for_first_items(db: &mut Client) {
+    wait_for("the cycle's first items", Duration::from_secs(30), || {
+        (refreshed_once(db) > 0).then_some(())
+    });
+}
+
+/// `CALL chunkwise.run_cycle('dm')` in database `name`, from a thread of its own.
+fn cycle_in_background(name: &'static str) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut client = Cluster::get().connect(name);
+        client
+            .batch_execute("CALL chunkwise.run_cycle('dm')")
+            .unwrap();
+    })
+}
+
 #[test]
 fn a_cycle_limit_of_100_over_1000_items_takes_10_cycles_highest_priorities_first() {
     let mut db = test_db("cycle_limit");
     datamart(&mut db, 0.0, None, 2);
     for cycle in 1..=10 {
         db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
-        let refreshed: i64 = one(&mut db, "SELECT count(*) FROM users WHERE refreshed = 1");
+        let refreshed = refreshed_once(&mut db);
         assert_eq!(refreshed, 100 * cycle, "after cycle {cycle}");
     }
     db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
@@ -108,12 +130,7 @@ fn a_failed_item_is_retried_first_in_the_next_cycle() {
 fn a_second_concurrent_cycle_returns_at_once_and_does_no_work() {
     let mut db = test_db("cycle_overlap");
     datamart(&mut db, 30.0, None, 2);
-    let first = std::thread::spawn(|| {
-        let mut client = Cluster::get().connect("cycle_overlap");
-        client
-            .batch_execute("CALL chunkwise.run_cycle('dm')")
-            .unwrap();
-    });
+    let first = cycle_in_background("cycle_overlap");
     wait_for("the first cycle's run", Duration::from_secs(30), || {
         let running: i64 = one(
             &mut db,
@@ -161,16 +178,8 @@ fn vacuum_removes_rows_deleted_while_a_cycle_runs() {
          INSERT INTO gone VALUES (1);",
     )
     .unwrap();
-    let cycle = std::thread::spawn(|| {
-        let mut client = Cluster::get().connect("cycle_horizon");
-        client
-            .batch_execute("CALL chunkwise.run_cycle('dm')")
-            .unwrap();
-    });
-    wait_for("the cycle's first items", Duration::from_secs(30), || {
-        let refreshed: i64 = one(&mut db, "SELECT count(*) FROM users WHERE refreshed = 1");
-        (refreshed > 0).then_some(())
-    });
+    let cycle = cycle_in_background("cycle_horizon");
+    wait_for_first_items(&mut db);
     db.batch_execute("DELETE FROM gone").unwrap();
     let removed_while_running = wait_for(
         "VACUUM to remove the deleted row, or the cycle to end",
@@ -197,7 +206,7 @@ fn vacuum_removes_rows_deleted_while_a_cycle_runs() {
         removed_while_running,
         "the row deleted during the cycle stayed unremovable until its run ended"
     );
-    let refreshed: i64 = one(&mut db, "SELECT count(*) FROM users WHERE refreshed = 1");
+    let refreshed = refreshed_once(&mut db);
     assert_eq!(refreshed, 100, "the cycle did its 100 users");
 }
 
@@ -213,10 +222,7 @@ fn a_cancelled_cycle_stops_its_workers_and_the_next_cycle_runs() {
         let ended = caller.batch_execute("CALL chunkwise.run_cycle('dm')");
         (caller, ended)
     });
-    wait_for("the cycle's first items", Duration::from_secs(30), || {
-        let refreshed: i64 = one(&mut db, "SELECT count(*) FROM users WHERE refreshed = 1");
-        (refreshed > 0).then_some(())
-    });
+    wait_for_first_items(&mut db);
     cancel.cancel_query(postgres::NoTls).unwrap();
     let (mut caller, ended) = cycle.join().unwrap();
     let (code, _, _) = sql_error(ended);
@@ -226,7 +232,7 @@ fn a_cancelled_cycle_stops_its_workers_and_the_next_cycle_runs() {
         (state != "running").then_some(state)
     });
     assert_eq!(state, "cancelled");
-    let first: i64 = one(&mut db, "SELECT count(*) FROM users WHERE refreshed = 1");
+    let first = refreshed_once(&mut db);
     assert!(first < 100, "cancelled before the end of its 100 users");
 
     caller
