@@ -58,61 +58,35 @@ impl Drop for Cycle {
 
 thread_local! {
     static CYCLE: RefCell<Option<Cycle>> = const { RefCell::new(None) };
-    /// The subtransaction the cycle's latest step ran in (1: the top level): its abort, or
-    /// an enclosing one's, ends the cycle; those the step begins inside, newer, do not.
-    static STEP_SUBTRANSACTION: Cell<pg_sys::SubTransactionId> = const { Cell::new(0) };
-    static CALLBACKS_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Ends this session's cycle, if it is in one.
 fn end_cycle() {
-    STEP_SUBTRANSACTION.set(0);
     // Taken out first, dropped after the borrow: dropping unmaps the run's memory.
     let cycle = CYCLE.with_borrow_mut(Option::take);
     drop(cycle);
 }
 
-/// Marks the cycle's current step: an abort of the (sub)transaction it runs in ends it.
-fn step_in_this_subtransaction() {
-    // SAFETY: reads the current subtransaction's id.
-    STEP_SUBTRANSACTION.set(unsafe { pg_sys::GetCurrentSubTransactionId() });
-}
-
-fn register_callbacks() {
-    if CALLBACKS_REGISTERED.replace(true) {
+fn register_callback() {
+    if CALLBACK_REGISTERED.replace(true) {
         return;
     }
-    // SAFETY: registers callbacks with 'static functions and no argument; they stay
+    // SAFETY: registers a callback with a 'static function and no argument; it stays
     // registered for the backend's life.
-    unsafe {
-        pg_sys::RegisterXactCallback(Some(at_abort), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(at_subtransaction_abort), std::ptr::null_mut());
-    }
+    unsafe { pg_sys::RegisterXactCallback(Some(at_abort), std::ptr::null_mut()) };
 }
 
-/// A transaction that aborts ends the cycle: the procedure stops with it.
+/// A transaction that aborts ends the cycle: the procedure stops with it. (Only its
+/// transactions at the top level can: a cycle is refused inside a transaction block,
+/// which an EXCEPTION block around the CALL also makes, and its other steps follow a
+/// COMMIT, which a procedure cannot do inside a subtransaction.)
 #[pg_guard]
 unsafe extern "C-unwind" fn at_abort(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     if matches!(
         event,
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
     ) {
-        end_cycle();
-    }
-}
-
-/// So does the abort of the subtransaction a step ran in (the procedure called in an
-/// EXCEPTION block, where its COMMIT fails), or of an enclosing one.
-#[pg_guard]
-unsafe extern "C-unwind" fn at_subtransaction_abort(
-    event: pg_sys::SubXactEvent::Type,
-    my_subid: pg_sys::SubTransactionId,
-    _parent_subid: pg_sys::SubTransactionId,
-    _arg: *mut std::ffi::c_void,
-) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB
-        && my_subid <= STEP_SUBTRANSACTION.get()
-    {
         end_cycle();
     }
 }
@@ -136,7 +110,6 @@ fn cycle_task(task: Option<&str>, running: bool) -> SqlResult<Task> {
         )
         .hint("Use CALL chunkwise.run_cycle(task)."));
     }
-    step_in_this_subtransaction();
     Ok(task)
 }
 
@@ -154,7 +127,7 @@ fn cycle_begin(task: Option<&str>) -> bool {
             )
             .hint("CALL it on its own: it commits its planning before its workers start."));
         }
-        register_callbacks();
+        register_callback();
         // A cycle this session left (its procedure ended without an abort) ends here.
         end_cycle();
         if !try_lock_cycle(task.id) {
@@ -168,7 +141,6 @@ fn cycle_begin(task: Option<&str>) -> bool {
             task_id: task.id,
             run: None,
         }));
-        step_in_this_subtransaction();
         if task.paused {
             end_cycle();
             notice!("task \"{}\" is paused; no cycle runs", task.name);

@@ -211,7 +211,8 @@ fn vacuum_removes_rows_deleted_while_a_cycle_runs() {
 }
 
 /// A cancelled cycle stops its workers after their current item, as a cancelled run()
-/// does, and lets its lock go: the same session's next cycle runs.
+/// does, and lets its lock go: the next cycle runs, from another session while the
+/// cancelled one is still open.
 #[test]
 fn a_cancelled_cycle_stops_its_workers_and_the_next_cycle_runs() {
     let mut db = test_db("cycle_cancel");
@@ -224,7 +225,7 @@ fn a_cancelled_cycle_stops_its_workers_and_the_next_cycle_runs() {
     });
     wait_for_first_items(&mut db);
     cancel.cancel_query(postgres::NoTls).unwrap();
-    let (mut caller, ended) = cycle.join().unwrap();
+    let (caller, ended) = cycle.join().unwrap();
     let (code, _, _) = sql_error(ended);
     assert_eq!(code, "57014");
     let state = wait_for("the cancelled run to end", Duration::from_secs(30), || {
@@ -235,9 +236,8 @@ fn a_cancelled_cycle_stops_its_workers_and_the_next_cycle_runs() {
     let first = refreshed_once(&mut db);
     assert!(first < 100, "cancelled before the end of its 100 users");
 
-    caller
-        .batch_execute("CALL chunkwise.run_cycle('dm')")
-        .unwrap();
+    db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
+    drop(caller);
     let (runs, over): (i64, i64) = db
         .query_one(
             "SELECT (SELECT count(*) FROM chunkwise.runs WHERE state = 'finished'),
@@ -251,6 +251,30 @@ fn a_cancelled_cycle_stops_its_workers_and_the_next_cycle_runs() {
         (1, 0),
         "the next cycle ran, and no user twice"
     );
+}
+
+/// A cycle whose planning fails raises the error and lets its lock go: the next cycle,
+/// with the source mended, runs from another session while the first is still open.
+#[test]
+fn a_cycle_whose_source_fails_leaves_no_lock_behind() {
+    let mut db = test_db("cycle_source_fails");
+    datamart(&mut db, 0.0, None, 2);
+    db.batch_execute(
+        "SELECT chunkwise.alter_task('dm', source => 'SELECT id AS key, seen AS last_activity, actions \
+           FROM users WHERE 1 / (refreshed - refreshed) = 1')",
+    )
+    .unwrap();
+    let mut failing = Cluster::get().connect("cycle_source_fails");
+    let (code, _, _) = sql_error(failing.batch_execute("CALL chunkwise.run_cycle('dm')"));
+    assert_eq!(code, "22012", "the source's own error");
+    db.batch_execute(
+        "SELECT chunkwise.alter_task('dm', source => 'SELECT id AS key, seen AS last_activity, actions \
+           FROM users WHERE refreshed = 0')",
+    )
+    .unwrap();
+    db.batch_execute("CALL chunkwise.run_cycle('dm')").unwrap();
+    assert_eq!(refreshed_once(&mut db), 100, "the next cycle ran");
+    drop(failing);
 }
 
 #[test]
