@@ -153,6 +153,10 @@ pub struct RunState {
     lane_frontier: Versioned<2>,
     /// The lane the worker at each place works in: (1, start, end) or (0, ..): none.
     lanes: [Versioned<5>; MAX_WORKERS_LIMIT as usize],
+    /// A run with `max_items`: the position (priority, item) of its `max_items`-th due
+    /// pending item when its first lane was handed out; no claim of the run goes past it
+    /// (see `fix_limit_bound`).
+    limit_bound: Versioned<2>,
     /// Set by whoever announces the end of the run (NOTIFY), so that it is announced once.
     finish_announced: AtomicBool,
     cancel: AtomicBool,
@@ -177,6 +181,7 @@ impl RunState {
             reached: [const { Versioned::new() }; MAX_WORKERS_LIMIT as usize],
             lane_frontier: Versioned::new(),
             lanes: [const { Versioned::new() }; MAX_WORKERS_LIMIT as usize],
+            limit_bound: Versioned::new(),
             finish_announced: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             rate: SharedRateSchedule::default(),
@@ -199,6 +204,31 @@ impl RunState {
     /// Whether the run has a `max_items` limit.
     pub fn limited(&self) -> bool {
         self.max_items > 0
+    }
+
+    /// The run's `max_items` (0: no limit).
+    pub fn max_items(&self) -> i64 {
+        self.max_items
+    }
+
+    /// The last position a run with `max_items` may claim, once fixed (`None`: not yet).
+    pub fn limit_bound(&self) -> Option<(i64, i64)> {
+        loop {
+            match self.limit_bound.read() {
+                Some((0, _)) => return None,
+                Some((_, [priority, item])) => return Some((priority, item)),
+                None => std::hint::spin_loop(), // being fixed right now
+            }
+        }
+    }
+
+    /// Fixes the last position the run may claim to `bound` unless another worker fixed
+    /// it first, and returns the one fixed: every worker of the run keeps to the same.
+    pub fn fix_limit_bound(&self, bound: (i64, i64)) -> (i64, i64) {
+        if self.limit_bound.write_if_unchanged(0, [bound.0, bound.1]) {
+            return bound;
+        }
+        self.limit_bound().unwrap_or(bound)
     }
 
     /// Gives back reservations that found no item.
@@ -516,6 +546,17 @@ mod tests {
         assert_eq!(frontier, Some((0, 64)));
         assert!(state.advance_lane_frontier(again, (1, 3)));
         assert_eq!(state.lane_frontier().1, Some((1, 3)));
+    }
+
+    #[test]
+    fn the_first_limit_bound_fixed_holds_for_every_worker() {
+        let state = RunState::new(Some(1000));
+        assert_eq!(state.limit_bound(), None, "not fixed yet");
+        assert_eq!(state.fix_limit_bound((0, 1000)), (0, 1000));
+        // A worker that found another bound (more items planned meanwhile) keeps to the
+        // one fixed first.
+        assert_eq!(state.fix_limit_bound((0, 1200)), (0, 1000));
+        assert_eq!(state.limit_bound(), Some((0, 1000)));
     }
 
     #[test]

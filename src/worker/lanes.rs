@@ -12,8 +12,14 @@
 //! The price is order: items are taken in priority order lane by lane, so the run's
 //! workers are at most (workers x lane) positions apart. A lane holds about
 //! `LANE_WORK` of the worker's items (at most `chunkwise.lane_size`), so slow items
-//! have lanes of one and keep the exact order; runs with `max_items` take no lanes (a
-//! cycle must take exactly the best `max_items`).
+//! have lanes of one and keep the exact order.
+//!
+//! A run with `max_items` (a cycle) must take the best `max_items` items, not the first
+//! `max_items` its workers happened to claim across their lanes: its first lane fixes
+//! the position of the `max_items`-th due pending item (`RunState::fix_limit_bound`),
+//! and no lane, sweep or helping claim of the run goes past it. Items planned during the
+//! run with a better priority are still inside; one held elsewhere for the whole run
+//! leaves the run one item short, for the next cycle, rather than taking one beyond.
 //!
 //! What a claim does, in this order (`LaneStatements::claim`):
 //! 1. Once a second, and then on from what it found: a sweep for stragglers, items behind
@@ -153,6 +159,14 @@ impl LaneStatements {
         let task_id = args.task_id;
         // A batch (items_per_commit) fits in one lane.
         let size = size.max(args.limit);
+        let bound = if run.limited() {
+            match self.limit_bound(queue, run, task_id)? {
+                Some(bound) => Some(bound),
+                None => return Ok(Vec::new()), // nothing was due when the run began
+            }
+        } else {
+            None
+        };
         // 1. Stragglers behind the frontier, outside every lane. The lanes are read after
         // the frontier: a lane is published before the frontier moves past it.
         if let (_, Some(frontier)) = run.lane_frontier() {
@@ -192,9 +206,13 @@ impl LaneStatements {
         for _ in 0..RESERVE_TRIES {
             let (version, frontier) = run.lane_frontier();
             let start = frontier.unwrap_or(QUEUE_START);
+            if bound.is_some_and(|bound| start >= bound) {
+                break;
+            }
             let Some(end) = self.lane_end(queue, task_id, start, size)? else {
                 break;
             };
+            let end = bound.map_or(end, |bound| end.min(bound));
             let lane = Lane { start, end };
             run.work_in_lane(place, Some(lane));
             cursor.lane = Some(lane);
@@ -218,7 +236,26 @@ impl LaneStatements {
             .map(|(_, lane)| lane.start)
             .min()
             .unwrap_or(QUEUE_START);
-        queue.claim_after(args, help_from)
+        match bound {
+            Some(bound) => queue.claim_with(&self.in_lane, &args.args(help_from, bound, &[])),
+            None => queue.claim_after(args, help_from),
+        }
+    }
+
+    /// The last position a run with `max_items` may claim: fixed by the first of its
+    /// workers to ask, at its `max_items`-th due pending item (or its last, if fewer are
+    /// due). `None` while none is due.
+    fn limit_bound(
+        &self,
+        queue: &impl RunsClaims,
+        run: &RunState,
+        task_id: i32,
+    ) -> Bookkeeping<Option<(i64, i64)>> {
+        if let Some(bound) = run.limit_bound() {
+            return Ok(Some(bound));
+        }
+        let found = self.lane_end(queue, task_id, QUEUE_START, run.max_items())?;
+        Ok(found.map(|bound| run.fix_limit_bound(bound)))
     }
 
     /// The end of a new lane of up to `size` positions after `start` (see `LANE_END`).

@@ -548,10 +548,9 @@ impl Worker {
     }
 
     /// How many positions the worker's next lane holds; 0: it claims at the front of the
-    /// queue (a run with `max_items`, whose cycle takes exactly the best items, and pool
-    /// members, which share no run state).
+    /// queue (pool members, which share no run state).
     fn lane_size(&self) -> i64 {
-        if self.args.seat.is_some() || self.shared.state().limited() {
+        if self.args.seat.is_some() {
             return 0;
         }
         lanes::lane_size(gucs::lane_size(), self.time_per_item)

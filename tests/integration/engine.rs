@@ -95,6 +95,50 @@ fn workers_take_lanes_of_their_own_and_stay_near_priority_order() {
     );
 }
 
+/// A run with `max_items` takes lanes too, and still exactly the best `max_items` items:
+/// four workers in lanes of up to 64 take the 1,000 best-ranked of 4,000, in two runs
+/// the next 1,000, however their lanes fall.
+#[test]
+fn a_run_with_max_items_in_lanes_takes_exactly_the_best_items() {
+    const ITEMS: i64 = 4_000;
+    let mut db = test_db("lanes_limited");
+    db.batch_execute(&format!(
+        "CREATE TABLE done_by (k bigint, pid int DEFAULT pg_backend_pid(),
+                               seq bigserial PRIMARY KEY);
+         SELECT chunkwise.create_task('laned', statement => 'INSERT INTO done_by (k) VALUES ($1)');
+         SELECT chunkwise.plan('laned',
+                'SELECT g AS key, -g AS priority FROM generate_series(1, {ITEMS}) g');"
+    ))
+    .unwrap();
+    for (cycle, best) in [(1, ITEMS - 999..=ITEMS), (2, ITEMS - 1999..=ITEMS - 1000)] {
+        let (_, processed, _, _) = run(&mut db, "SELECT * FROM chunkwise.run('laned', 4, 1000)");
+        assert_eq!(processed, 1_000, "run {cycle}");
+        let (lowest, highest, count, workers): (i64, i64, i64, i64) = db
+            .query_one(
+                "SELECT min(k), max(k), count(DISTINCT k), count(DISTINCT pid) FROM done_by \
+                  WHERE seq > (SELECT coalesce(max(seq), 0) FROM done_by) - 1000",
+                &[],
+            )
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .unwrap();
+        assert_eq!(
+            (lowest, highest, count),
+            (*best.start(), *best.end(), 1_000),
+            "run {cycle} took exactly the best 1,000 left"
+        );
+        assert!(workers > 1, "run {cycle}: its workers shared the work");
+    }
+    let changes: i64 = one(
+        &mut db,
+        "SELECT count(*) FILTER (WHERE pid <> next_pid) FROM (
+           SELECT pid, lead(pid) OVER (ORDER BY k DESC) AS next_pid FROM done_by) walk",
+    );
+    assert!(
+        changes < 2_000 / 8,
+        "the worker changed {changes} times along 2,000 items in priority order: no lanes"
+    );
+}
+
 #[test]
 fn terminating_a_worker_mid_run_loses_and_duplicates_nothing() {
     let mut db = test_db("terminate_worker");
