@@ -82,7 +82,7 @@ impl LaunchedRun {
     /// told to stop after their current item and the cancel is re-raised.
     pub fn wait_for_workers(&mut self, task: &Task, budget: Option<Duration>) -> bool {
         let deadline = budget.map(|budget| Instant::now() + budget);
-        let interval = Duration::from_secs(gucs::progress_interval_secs().max(0) as u64);
+        let interval = progress_interval();
         let state = self.shared.state();
         let mut next_report = self.next_report;
         let ended = PgTryBuilder::new(AssertUnwindSafe(|| {
@@ -192,7 +192,7 @@ pub fn launch_run(
     wait_until_under_way(&shared, &launched.handles);
     // The workers now show in pg_stat_activity, where the next launcher counts them.
     drop(launched.launch_lock);
-    let interval = Duration::from_secs(gucs::progress_interval_secs().max(0) as u64);
+    let interval = progress_interval();
     Ok(Some(LaunchedRun {
         run_id: launched.run_id,
         shared,
@@ -563,6 +563,12 @@ pub fn wait_on_latch(timeout: Duration) {
         pg_sys::ResetLatch(pg_sys::MyLatch);
     }
     check_for_interrupts!();
+}
+
+/// How often a waiting launcher reports progress (`chunkwise.progress_interval`; zero:
+/// never).
+fn progress_interval() -> Duration {
+    Duration::from_secs(gucs::progress_interval_secs().max(0) as u64)
 }
 
 fn report_progress(task: &Task, run_id: i64, state: &RunState, total: i64, started: Instant) {

@@ -217,7 +217,7 @@ impl RunState {
             match self.limit_bound.read() {
                 Some((0, _)) => return None,
                 Some((_, [priority, item])) => return Some((priority, item)),
-                None => std::hint::spin_loop(), // being fixed right now
+                None => std::thread::yield_now(), // being fixed right now
             }
         }
     }

@@ -46,6 +46,28 @@ fn every_item_runs_exactly_once_with_four_workers() {
     );
 }
 
+/// Task `laned`: `items` keys whose priorities run against them (priority order is not
+/// the order of planning), each recording in `done_by` which worker did it, in order.
+fn laned_task(db: &mut Client, items: i64) {
+    db.batch_execute(&format!(
+        "CREATE TABLE done_by (k bigint, pid int DEFAULT pg_backend_pid(),
+                               seq bigserial PRIMARY KEY);
+         SELECT chunkwise.create_task('laned', statement => 'INSERT INTO done_by (k) VALUES ($1)');
+         SELECT chunkwise.plan('laned',
+                'SELECT g AS key, -g AS priority FROM generate_series(1, {items}) g');"
+    ))
+    .unwrap();
+}
+
+/// Walking the items done in priority order, how often the worker that did them changes.
+fn worker_changes_along_the_ranking(db: &mut Client) -> i64 {
+    one(
+        db,
+        "SELECT count(*) FILTER (WHERE pid <> next_pid) FROM (
+           SELECT pid, lead(pid) OVER (ORDER BY k DESC) AS next_pid FROM done_by) walk",
+    )
+}
+
 /// Lanes (`chunkwise.lane_size`, 64 by default): each worker works through a stretch of
 /// the queue of its own, and the run stays near priority order. Priorities run against
 /// the keys, so that priority order is not the order of planning.
@@ -55,14 +77,7 @@ fn workers_take_lanes_of_their_own_and_stay_near_priority_order() {
     const WORKERS: i64 = 4;
     const LANE_SIZE: i64 = 64;
     let mut db = test_db("lanes");
-    db.batch_execute(&format!(
-        "CREATE TABLE done_by (k bigint, pid int DEFAULT pg_backend_pid(),
-                               seq bigserial PRIMARY KEY);
-         SELECT chunkwise.create_task('laned', statement => 'INSERT INTO done_by (k) VALUES ($1)');
-         SELECT chunkwise.plan('laned',
-                'SELECT g AS key, -g AS priority FROM generate_series(1, {ITEMS}) g');"
-    ))
-    .unwrap();
+    laned_task(&mut db, ITEMS);
     let (_, processed, _, _) = run(
         &mut db,
         &format!("SELECT * FROM chunkwise.run('laned', {WORKERS})"),
@@ -84,11 +99,7 @@ fn workers_take_lanes_of_their_own_and_stay_near_priority_order() {
     );
     // Walking the ranking, the worker changes only between lanes: at the front of the
     // queue, every worker claiming the next item, it changed at most positions.
-    let changes: i64 = one(
-        &mut db,
-        "SELECT count(*) FILTER (WHERE pid <> next_pid) FROM (
-           SELECT pid, lead(pid) OVER (ORDER BY k DESC) AS next_pid FROM done_by) walk",
-    );
+    let changes = worker_changes_along_the_ranking(&mut db);
     assert!(
         changes < ITEMS / 8,
         "the worker changed {changes} times along {ITEMS} items in priority order"
@@ -102,14 +113,7 @@ fn workers_take_lanes_of_their_own_and_stay_near_priority_order() {
 fn a_run_with_max_items_in_lanes_takes_exactly_the_best_items() {
     const ITEMS: i64 = 4_000;
     let mut db = test_db("lanes_limited");
-    db.batch_execute(&format!(
-        "CREATE TABLE done_by (k bigint, pid int DEFAULT pg_backend_pid(),
-                               seq bigserial PRIMARY KEY);
-         SELECT chunkwise.create_task('laned', statement => 'INSERT INTO done_by (k) VALUES ($1)');
-         SELECT chunkwise.plan('laned',
-                'SELECT g AS key, -g AS priority FROM generate_series(1, {ITEMS}) g');"
-    ))
-    .unwrap();
+    laned_task(&mut db, ITEMS);
     for (cycle, best) in [(1, ITEMS - 999..=ITEMS), (2, ITEMS - 1999..=ITEMS - 1000)] {
         let (_, processed, _, _) = run(&mut db, "SELECT * FROM chunkwise.run('laned', 4, 1000)");
         assert_eq!(processed, 1_000, "run {cycle}");
@@ -128,11 +132,7 @@ fn a_run_with_max_items_in_lanes_takes_exactly_the_best_items() {
         );
         assert!(workers > 1, "run {cycle}: its workers shared the work");
     }
-    let changes: i64 = one(
-        &mut db,
-        "SELECT count(*) FILTER (WHERE pid <> next_pid) FROM (
-           SELECT pid, lead(pid) OVER (ORDER BY k DESC) AS next_pid FROM done_by) walk",
-    );
+    let changes = worker_changes_along_the_ranking(&mut db);
     assert!(
         changes < 2_000 / 8,
         "the worker changed {changes} times along 2,000 items in priority order: no lanes"
