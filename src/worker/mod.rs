@@ -138,6 +138,9 @@ struct Worker {
     stop_requested: bool,
     /// Where its next claim starts.
     claim_cursor: ClaimCursor,
+    /// The `now()` of its last claim's transaction: which items that claim found not yet
+    /// due (see `Queue::seconds_to_next_retry`).
+    last_claim_at: Option<pg_sys::TimestampTz>,
     stopped_early: bool,
     /// Claims of the run's `max_items` the batch under way holds.
     reserved: i64,
@@ -212,6 +215,7 @@ impl Worker {
             tally: Tally::default(),
             stop_requested: false,
             claim_cursor: ClaimCursor::default(),
+            last_claim_at: None,
             time_per_item: None,
             stopped_early: false,
             reserved: 0,
@@ -461,6 +465,8 @@ impl Worker {
             place,
             lane_size: self.lane_size(),
         };
+        // SAFETY: reads this transaction's start time, the claim's now().
+        self.last_claim_at = Some(unsafe { pg_sys::GetCurrentTransactionStartTimestamp() });
         let mut items = self.queue.claim(
             self.task.id,
             self.args.run_id,
@@ -694,7 +700,9 @@ impl Worker {
     /// `chunkwise.retry_wait_max`. Returns false when the worker should exit.
     fn wait_for_retry(&mut self) -> Bookkeeping<bool> {
         let task_id = self.task.id;
-        let Some(seconds) = transaction(|| self.queue.seconds_to_next_retry(task_id))? else {
+        let claimed_at = self.last_claim_at;
+        let Some(seconds) = transaction(|| self.queue.seconds_to_next_retry(task_id, claimed_at))?
+        else {
             return Ok(false);
         };
         if seconds > f64::from(gucs::retry_wait_max_secs()) {
@@ -726,7 +734,8 @@ impl Worker {
     fn idle_in_pool(&mut self, seat: Seat) -> Bookkeeping<bool> {
         always_on::start_idling(seat);
         let task_id = self.task.id;
-        let next_due = transaction(|| self.queue.seconds_to_next_retry(task_id))?;
+        let claimed_at = self.last_claim_at;
+        let next_due = transaction(|| self.queue.seconds_to_next_retry(task_id, claimed_at))?;
         if next_due.is_some_and(|seconds| seconds <= 0.0) {
             always_on::stop_idling(seat);
             return Ok(true);

@@ -615,11 +615,23 @@ impl Queue {
         })
     }
 
-    /// Seconds until the earliest retry of the task falls due, if any is scheduled.
-    pub fn seconds_to_next_retry(&self, task_id: i32) -> Bookkeeping<Option<f64>> {
+    /// Seconds until the earliest retry of the task falls due, among the items that were
+    /// not yet due at the worker's last claim (`claimed_at`, that claim's `now()`; `None`:
+    /// this transaction's). One that fell due since comes back as 0 seconds or less, so
+    /// that the worker claims again at once instead of leaving the run with it pending
+    /// (with `now()` of this lookup instead, it fell between the two and was missed on a
+    /// busy machine). Items due before the claim and not taken by it (held elsewhere,
+    /// behind a group's head) are not waited for here.
+    pub fn seconds_to_next_retry(
+        &self,
+        task_id: i32,
+        claimed_at: Option<pg_sys::TimestampTz>,
+    ) -> Bookkeeping<Option<f64>> {
+        let claimed_at = claimed_at.and_then(|at| TimestampWithTimeZone::try_from(at).ok());
         self.run("retry lookup", || {
             Spi::connect(|client| {
-                let table = client.select(NEXT_RETRY, None, &[task_id.into()])?;
+                let table =
+                    client.select(NEXT_RETRY, None, &[task_id.into(), claimed_at.into()])?;
                 let row = table.into_iter().next().ok_or(Cause::NoRow)?;
                 Ok(row.optional("seconds")?)
             })
@@ -748,7 +760,7 @@ const NEXT_RETRY: &str = concat!(
     "SELECT extract(epoch FROM min(not_before) - clock_timestamp())::float8 AS seconds \
        FROM chunkwise.items WHERE task_id = $1 AND status = ",
     item_status!(pending),
-    " AND not_before > now()"
+    " AND not_before > coalesce($2, now())"
 );
 
 /// How a worker leaves its run.
