@@ -110,6 +110,10 @@ impl LaunchedRun {
         ended
     }
 
+    pub fn run_id(&self) -> i64 {
+        self.run_id
+    }
+
     /// Tells the workers to stop after their current item.
     pub fn cancel(&self) {
         self.shared.state().cancel();

@@ -192,33 +192,30 @@ fn cycle_start(task: Option<&str>) -> bool {
 #[pg_extern(name = "_cycle_wait", volatile, parallel_unsafe)]
 fn cycle_wait(task: Option<&str>) -> bool {
     let run = || -> SqlResult<bool> {
+        // `cycle_task` checked that this session's cycle has its run under way.
         let task = cycle_task(task, true)?;
         let ended = CYCLE.with_borrow_mut(|cycle| {
-            cycle
-                .as_mut()
-                .and_then(|cycle| cycle.run.as_mut())
-                .is_none_or(|run| run.wait_for_workers(&task, Some(WAIT_STEP)))
+            let cycle = cycle.as_mut()?;
+            let ended = cycle.run.as_mut()?.wait_for_workers(&task, Some(WAIT_STEP));
+            if ended { cycle.run.take() } else { None }
         });
-        if !ended {
+        let Some(run) = ended else {
             return Ok(false);
-        }
-        let run = CYCLE.with_borrow_mut(|cycle| cycle.as_mut().and_then(|cycle| cycle.run.take()));
+        };
         end_cycle();
-        let summary = run.map(|run| run.summary(&task)).transpose()?;
+        let summary = run.summary(&task)?;
         // The run's last worker started what the run asked for; what earlier settlings
         // asked for and nobody started (a crash between the two) starts here.
         start_requested(&requested_downstream(task.id)?)?;
-        if let Some(summary) = summary {
-            notice!(
-                "cycle of task \"{}\": run {} processed {}, {} failed attempts, {} dead, in {:.1} s",
-                task.name,
-                summary.run_id.unwrap_or_default(),
-                summary.processed,
-                summary.failed,
-                summary.dead,
-                summary.seconds
-            );
-        }
+        notice!(
+            "cycle of task \"{}\": run {} processed {}, {} failed attempts, {} dead, in {:.1} s",
+            task.name,
+            run.run_id(),
+            summary.processed,
+            summary.failed,
+            summary.dead,
+            summary.seconds
+        );
         Ok(true)
     };
     run().or_raise()
