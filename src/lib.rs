@@ -15,6 +15,7 @@ mod governance;
 mod gucs;
 mod item_status;
 mod kept_plans;
+mod latch;
 mod launcher;
 mod locks;
 mod notify;

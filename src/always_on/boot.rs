@@ -16,6 +16,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use super::registry;
+use crate::latch;
 use crate::launcher::is_stopped;
 
 /// The launcher restarts this long after it exits (it only exits at shutdown or on an
@@ -74,7 +75,8 @@ pub extern "C-unwind" fn chunkwise_launcher_main(_arg: pg_sys::Datum) {
         // Supervisors that stop wake this latch (bgw_notify_pid), so do requests; only a
         // start that failed, or databases waiting for a seat, make it look again by time.
         let timeout = (failed || !not_yet_seated.is_empty()).then_some(RETRY_START);
-        if !BackgroundWorker::wait_latch(timeout) {
+        latch::nap(timeout);
+        if BackgroundWorker::sigterm_received() {
             return;
         }
     }

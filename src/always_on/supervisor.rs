@@ -14,6 +14,7 @@ use super::registry::{self, Seat};
 use crate::columns::Columns;
 use crate::error::SqlResult;
 use crate::item_status::item_status;
+use crate::latch;
 use crate::launcher::{DEFAULT_WORKERS, is_stopped, launch_worker, next_run_id, room_for_workers};
 use crate::pipeline::downstream::start_requested;
 use crate::pipeline::settle::settle_database;
@@ -127,7 +128,8 @@ pub extern "C-unwind" fn chunkwise_supervisor_main(arg: pg_sys::Datum) {
                 Some(ERROR_BACKOFF)
             }
         };
-        if !BackgroundWorker::wait_latch(timeout) {
+        latch::nap(timeout);
+        if BackgroundWorker::sigterm_received() {
             return;
         }
     }

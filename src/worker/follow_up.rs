@@ -18,6 +18,7 @@ use super::{WorkerArgs, report_waiting, signals};
 use crate::catalog::Task;
 use crate::error::SqlResult;
 use crate::gucs;
+use crate::latch;
 use crate::notify;
 use crate::pipeline::downstream::start_requested;
 use crate::pipeline::settle::{Settler, next_callback_retry, settle_runs};
@@ -77,9 +78,8 @@ fn settle_after(task: &Task, run_id: i64, mut announce: bool) {
             "task {}: waiting {retry_in:.1} s to retry a callback",
             task.name
         ));
-        let alive =
-            BackgroundWorker::wait_latch(Some(Duration::from_secs_f64(retry_in.max(0.001))));
-        if !alive || signals::stop_signalled() {
+        latch::nap(Some(Duration::from_secs_f64(retry_in.max(0.0))));
+        if signals::stop_signalled() {
             return;
         }
     }

@@ -9,8 +9,8 @@ use pgrx::prelude::*;
 
 use super::claim::ClaimedItem;
 use super::discarding_plan::DiscardingPlan;
-use super::signals;
 use crate::error::SqlError;
+use crate::latch;
 use crate::raised::RaisedError;
 use crate::target::Target;
 use crate::transaction::{OnSuccess, StatementTimer, in_subtransaction};
@@ -85,7 +85,7 @@ impl Targets {
             let _timer = StatementTimer::arm(timeout_ms);
             self.run_targets(item)
         });
-        signals::forget_cancel();
+        latch::forget_cancel();
         // A session-level advisory lock outlives the subtransaction: one a target took and
         // kept would block every later item that wants it. Let them all go, as
         // pg_advisory_unlock_all() does. (The worker takes none of its own.)

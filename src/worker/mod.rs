@@ -33,6 +33,7 @@ use crate::always_on::{self, Seat};
 use crate::catalog::Task;
 use crate::governance::{now_micros, split_point};
 use crate::gucs;
+use crate::latch;
 use crate::notify;
 use crate::raised::RaisedError;
 use crate::retention;
@@ -272,10 +273,8 @@ impl Worker {
                         return;
                     }
                     self.report_bookkeeping_failure(&error, "it tries again");
-                    if !BackgroundWorker::wait_latch(Some(bookkeeping_nap(errors_in_a_row))) {
-                        return;
-                    }
-                    signals::forget_cancel();
+                    // (A SIGTERM meanwhile: the next step exits.)
+                    latch::nap(Some(bookkeeping_nap(errors_in_a_row)));
                 }
             }
         }
@@ -315,7 +314,7 @@ impl Worker {
                 Cause::Raised(raised),
             )),
         };
-        signals::forget_cancel();
+        latch::forget_cancel();
         if outcome.is_err() {
             // The step's items rolled back: pending again, with no attempt counted.
             self.give_back_reserved(0);
@@ -364,9 +363,7 @@ impl Worker {
             // An empty claim ends the run only when no due work is left: what other
             // workers (or transactions) hold now is claimable once they let go.
             if self.due_work_held_elsewhere()? {
-                if !BackgroundWorker::wait_latch(Some(HELD_WORK_NAP)) {
-                    return Ok(Step::Exit);
-                }
+                latch::nap(Some(HELD_WORK_NAP));
                 return Ok(Step::Continue);
             }
             let go_on = match self.args.seat {
@@ -622,9 +619,8 @@ impl Worker {
                 "task {}: throttled by {reason}; {} items done",
                 self.task.name, self.tally.processed
             ));
-            if !BackgroundWorker::wait_latch(Some(wait.max(Duration::from_micros(100))))
-                || transaction(|| self.stop_between_items(&mut last_stop_check))?
-            {
+            latch::nap(Some(wait));
+            if transaction(|| self.stop_between_items(&mut last_stop_check))? {
                 self.stopped_early = true;
                 return Ok(false);
             }
@@ -713,8 +709,8 @@ impl Worker {
             let nap = deadline
                 .saturating_duration_since(Instant::now())
                 .min(RETRY_POLL);
-            if !BackgroundWorker::wait_latch(Some(nap.max(Duration::from_millis(1))))
-                || self.should_stop()
+            latch::nap(Some(nap));
+            if self.should_stop()
                 || transaction(|| self.queue.stop_requested(task_id, self.args.run_id))?
             {
                 self.stopped_early = true;
@@ -750,10 +746,10 @@ impl Worker {
             "task {}: idle, waiting for items; {} items done",
             self.task.name, self.tally.processed
         ));
-        let alive = BackgroundWorker::wait_latch(Some(nap.max(Duration::from_millis(1))));
+        latch::nap(Some(nap));
         // (Whether it must leave, the next step looks first.)
         let woken = always_on::stop_idling(seat);
-        if !alive || self.should_stop() {
+        if self.should_stop() {
             self.stopped_early = true;
             return Ok(false);
         }

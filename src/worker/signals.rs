@@ -72,13 +72,3 @@ pub fn stop_signalled() -> bool {
     // SAFETY: reads a flag that `stop_worker` sets.
     unsafe { std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() != 0 }
 }
-
-/// Drops a cancel that arrived after the statement it was meant for (the item, or a
-/// nap): it would otherwise hit the worker's next bookkeeping statement instead. A
-/// SIGTERM's cancel is kept: it also stops the worker.
-pub fn forget_cancel() {
-    if !stop_signalled() {
-        // SAFETY: backend-local interrupt state, cleared as ProcessInterrupts does.
-        unsafe { std::ptr::addr_of_mut!(pg_sys::QueryCancelPending).write_volatile(0) };
-    }
-}

@@ -10,9 +10,9 @@ use pgrx::prelude::*;
 
 use super::error::Bookkeeping;
 use super::queue::Queue;
-use super::signals;
 use crate::governance::pause_when::{self, Answer};
 use crate::governance::{Governance, load_per_core};
+use crate::latch;
 use crate::transaction::StatementTimer;
 
 /// How often running workers read the task's governance options again: `alter_task`
@@ -140,7 +140,7 @@ impl Throttle {
         let timer = StatementTimer::arm(Some(PAUSE_WHEN_TIMEOUT_MS));
         let answer = pause_when::evaluate(query);
         drop(timer);
-        signals::forget_cancel();
+        latch::forget_cancel();
         match answer {
             Ok(Answer::Go) => {
                 self.logged_error = None;

@@ -107,6 +107,62 @@ fn items_enqueued_singly_in_bursts_and_by_plan_are_done_once_with_no_run_call() 
     assert!(metrics.contains("chunkwise_pool_workers{task=\"live\"}"));
 }
 
+/// The pids of this cluster's processes of `backend_type`, in order.
+fn pids_of(db: &mut Client, backend_type: &str) -> Vec<i32> {
+    db.query(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = $1 ORDER BY pid",
+        &[&backend_type],
+    )
+    .unwrap()
+    .iter()
+    .map(|row| row.get(0))
+    .collect()
+}
+
+/// A DBA's `pg_cancel_backend` reaches the launcher, the supervisor and an idle pool
+/// member while they sleep: each drops it and goes on, with nothing to report (an idle
+/// member once reported it as a failure of its bookkeeping).
+#[test]
+fn a_cancel_ends_no_sleeping_launcher_supervisor_or_pool_member() {
+    let mut db = test_db("always_on_cancel");
+    recorder(&mut db, "cancelled", ", workers => 2, min_workers => 1");
+    wait_for_pool(&mut db, "cancelled", 1);
+    let kinds = [
+        "chunkwise launcher",
+        "chunkwise supervisor",
+        "chunkwise worker",
+    ];
+    let before: Vec<Vec<i32>> = kinds.iter().map(|kind| pids_of(&mut db, kind)).collect();
+    for (kind, pids) in kinds.iter().zip(&before) {
+        assert!(!pids.is_empty(), "a {kind} is running");
+        for pid in pids {
+            let sent: bool = db
+                .query_one("SELECT pg_cancel_backend($1)", &[pid])
+                .unwrap()
+                .get(0);
+            assert!(sent, "the cancel reached the {kind} {pid}");
+        }
+    }
+    for key in 1..=20_i64 {
+        db.execute("SELECT chunkwise.enqueue('cancelled', $1)", &[&key])
+            .unwrap();
+    }
+    wait_for_logged(&mut db, 20);
+    assert_eq!(logged(&mut db), (20, 20));
+    for (kind, pids) in kinds.iter().zip(&before) {
+        let now = pids_of(&mut db, kind);
+        assert!(
+            pids.iter().all(|pid| now.contains(pid)),
+            "every {kind} cancelled is still running: {pids:?} then, {now:?} now"
+        );
+    }
+    let log = Cluster::get().server_log();
+    assert!(
+        !log.contains("pg_chunkwise worker of task \"cancelled\""),
+        "the pool reported nothing: {log}"
+    );
+}
+
 #[test]
 fn the_pool_grows_with_a_backlog_and_shrinks_to_min_workers_when_idle() {
     let mut db = test_db("always_on_elastic");

@@ -1,0 +1,58 @@
+//! Naps of the extension's background processes (run workers, supervisors, the boot
+//! worker) on their latch, safe from a cancel.
+//!
+//! pgrx's `BackgroundWorker::wait_latch` processes interrupts when it wakes
+//! (`CHECK_FOR_INTERRUPTS`). A `pg_cancel_backend` that reached a process while it napped
+//! then raised "canceling statement due to user request" between statements: a run
+//! worker napping after a failed bookkeeping step, outside its error handling, ended
+//! (its run then showed as interrupted; the integration suite's cancel test caught it
+//! under CPU contention), and an idle pool member reported the cancel as a failure of its
+//! bookkeeping. A nap here drops such a cancel instead: it was meant for no statement.
+
+use std::ffi::c_long;
+use std::time::Duration;
+
+use pgrx::pg_sys;
+
+/// Sleeps on the process latch until it is set or `timeout` passes (`None`: until it is
+/// set), then drops a cancel that arrived meanwhile (`forget_cancel`). It processes no
+/// other interrupt either: the next statement does. The process exits if the postmaster
+/// died, as PostgreSQL's own background processes do. The caller looks at its own stop
+/// flag afterwards (SIGTERM).
+pub fn nap(timeout: Option<Duration>) {
+    let (events, millis) = match timeout {
+        // Whole milliseconds, rounded up: a wait of less than one would not sleep at all,
+        // and callers that wait for a time loop until it has come.
+        Some(timeout) => (
+            pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH,
+            c_long::try_from(timeout.as_micros().div_ceil(1_000)).unwrap_or(c_long::MAX),
+        ),
+        None => (pg_sys::WL_LATCH_SET | pg_sys::WL_EXIT_ON_PM_DEATH, -1),
+    };
+    // SAFETY: waits on this process's own latch, as PostgreSQL's background processes
+    // do; the latch is reset before anything it announced is looked at.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            events as i32,
+            millis,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    forget_cancel();
+}
+
+/// Drops a cancel that arrived after the statement it was meant for (an item, a nap): it
+/// would otherwise hit the process's next statement instead. A cancel set together with a
+/// shutdown request is kept: a run worker's SIGTERM sets both, to interrupt the statement
+/// under way, and it stops the worker (`worker::signals`).
+pub fn forget_cancel() {
+    // SAFETY: backend-local interrupt flags of type sig_atomic_t, read and cleared as
+    // ProcessInterrupts does.
+    unsafe {
+        if std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() == 0 {
+            std::ptr::addr_of_mut!(pg_sys::QueryCancelPending).write_volatile(0);
+        }
+    }
+}
