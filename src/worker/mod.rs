@@ -99,7 +99,13 @@ pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
     };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(args.database), Some(args.owner));
 
-    let mut worker = match transaction(|| Worker::start(args, shared)) {
+    // An ERROR (a cancel too) is caught here as in the loop's steps: uncaught, it would
+    // end the process without the warning.
+    // SAFETY: reads the memory context the worker starts in, to return to after an ERROR.
+    let memory = unsafe { pg_sys::CurrentMemoryContext };
+    let started = aborting_on_error(memory, || transaction(|| Worker::start(args, shared)))
+        .unwrap_or_else(|raised| Err(BookkeepingError::new("start", Cause::Raised(raised))));
+    let mut worker = match started {
         Ok(Some(worker)) => worker,
         Ok(None) => return,
         Err(error) => {
@@ -252,16 +258,35 @@ impl Worker {
     /// run and item, and leaves without counting itself as finished: the run then shows
     /// as interrupted, and `run()` warns. The other workers go on with the work.
     fn run(&mut self) {
-        let mut errors_in_a_row = 0;
         loop {
-            match self.guarded_step() {
-                Ok(Step::Continue) => errors_in_a_row = 0,
+            match self.retrying(Self::step) {
+                Ok(Step::Continue) => {}
                 Ok(Step::Exit) => return,
-                Err(_) if self.should_stop() => {
+                Err(Unfinished::Stopped(_)) => {
                     // SIGTERM's cancel, or the launcher's, interrupted the bookkeeping.
                     self.stopped_early = true;
                     return;
                 }
+                Err(Unfinished::GaveUp) => {
+                    self.gave_up = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs `step` (see `guarded`) until it succeeds: after an error the worker says so,
+    /// naps (`bookkeeping_nap`) and tries again, `BOOKKEEPING_RETRIES` times at most.
+    /// An error while the worker is told to stop ends it at once.
+    fn retrying<R>(
+        &mut self,
+        mut step: impl FnMut(&mut Self) -> Bookkeeping<R>,
+    ) -> Result<R, Unfinished> {
+        let mut errors_in_a_row = 0;
+        loop {
+            match self.guarded(&mut step) {
+                Ok(done) => return Ok(done),
+                Err(error) if self.should_stop() => return Err(Unfinished::Stopped(error)),
                 Err(error) => {
                     errors_in_a_row += 1;
                     if errors_in_a_row > BOOKKEEPING_RETRIES {
@@ -269,11 +294,10 @@ impl Worker {
                             &error,
                             &format!("it gives up after {BOOKKEEPING_RETRIES} tries"),
                         );
-                        self.gave_up = true;
-                        return;
+                        return Err(Unfinished::GaveUp);
                     }
                     self.report_bookkeeping_failure(&error, "it tries again");
-                    // (A SIGTERM meanwhile: the next step exits.)
+                    // (A SIGTERM meanwhile: the next try, or step, sees it.)
                     latch::nap(Some(bookkeeping_nap(errors_in_a_row)));
                 }
             }
@@ -299,13 +323,14 @@ impl Worker {
             .report(PgLogLevel::WARNING);
     }
 
-    /// One step of the loop. Its errors come back here, the one place that decides what
-    /// becomes of them (see `run`): an ERROR raised in it was caught and its transaction
-    /// rolled back; an error it returned was rolled back where it arose.
-    fn guarded_step(&mut self) -> Bookkeeping<Step> {
+    /// One step of the worker (a step of its loop, its leaving). Its errors come back
+    /// here, and `retrying` decides what becomes of them: an ERROR raised in it (a cancel
+    /// too) was caught and its transaction rolled back; an error it returned was rolled
+    /// back where it arose.
+    fn guarded<R>(&mut self, step: impl FnOnce(&mut Self) -> Bookkeeping<R>) -> Bookkeeping<R> {
         // SAFETY: reads the memory context the loop runs in, to return to after an ERROR.
         let memory = unsafe { pg_sys::CurrentMemoryContext };
-        let outcome = match aborting_on_error(memory, || self.step()) {
+        let outcome = match aborting_on_error(memory, || step(self)) {
             Ok(stepped) => stepped,
             Err(raised) => Err(BookkeepingError::new(
                 self.queue
@@ -763,29 +788,54 @@ impl Worker {
     }
 
     /// Adds this worker's figures to the run's row; the last worker out announces the
-    /// end of the run and then settles it (see `follow_up`). If leaving fails, the worker
-    /// says so and leaves uncounted: the run then shows as interrupted, as after any
-    /// worker lost, and the task's next run or cycle settles it.
-    fn finish(self) {
+    /// end of the run and then settles it (see `follow_up`). Leaving is retried as the
+    /// loop's steps are (a cancel that hit it once ended the worker uncounted). If it
+    /// keeps failing, the worker says so and leaves uncounted: the run then shows as
+    /// interrupted, as after any worker lost, and the task's next run or cycle settles it.
+    fn finish(mut self) {
+        self.claim_cursor
+            .reset(self.shared.state(), self.args.place as usize);
+        // Counted out of the run (or pool) once, whichever try of the leaving does it.
+        let mut last_out = None;
+        let left = self.retrying(|worker| worker.leave(&mut last_out));
+        let Worker {
+            args, task, shared, ..
+        } = self;
+        // The run's shared state is not needed past this point: let it go before any
+        // follow-up, which may create and drop run segments of its own (downstream runs).
+        drop(shared);
+        match left {
+            Ok(true) => follow_up::follow_up(&task, args.run_id),
+            Ok(false) | Err(Unfinished::GaveUp) => {} // (said so when it gave up)
+            Err(Unfinished::Stopped(error)) => warning!(
+                "pg_chunkwise worker of task \"{}\", run {}: it could not leave its run cleanly [SQLSTATE {}]: {error}",
+                task.name,
+                args.run_id,
+                error.sqlstate()
+            ),
+        }
+    }
+
+    /// Adds the worker's last figures to the run's row and counts it out (once:
+    /// `last_out` keeps whether it was the last out, for a try after a failed one).
+    /// Returns whether it was the last out, which then announced the run's end.
+    fn leave(&self, last_out: &mut Option<bool>) -> Bookkeeping<bool> {
         let Worker {
             args,
-            task,
             shared,
             queue,
             tally,
             flushed,
             stopped_early,
             gave_up,
-            mut claim_cursor,
             ..
         } = self;
-        claim_cursor.reset(shared.state(), args.place as usize);
-        let left = transaction(|| {
-            queue.unregister_worker(&args, &tally.since(&flushed), stopped_early, gave_up)?;
-            let last_out = match args.seat {
+        transaction(|| {
+            queue.unregister_worker(args, &tally.since(flushed), *stopped_early, *gave_up)?;
+            let last_out = *last_out.get_or_insert_with(|| match args.seat {
                 Some(seat) => always_on::leave(seat),
-                None => shared.state().worker_exited(gave_up),
-            };
+                None => shared.state().worker_exited(*gave_up),
+            });
             if last_out {
                 let announce = || -> Result<(), Cause> {
                     notify::run_finished(args.run_id)?;
@@ -796,21 +846,16 @@ impl Worker {
                     .map_err(|cause| BookkeepingError::new("announce the run's end", cause))?;
             }
             Ok(last_out)
-        });
-        // The run's shared state is not needed past this point: let it go before any
-        // follow-up, which may create and drop run segments of its own (downstream runs).
-        drop(shared);
-        match left {
-            Ok(true) => follow_up::follow_up(&task, args.run_id),
-            Ok(false) => {}
-            Err(error) => warning!(
-                "pg_chunkwise worker of task \"{}\", run {}: it could not leave its run cleanly [SQLSTATE {}]: {error}",
-                task.name,
-                args.run_id,
-                error.sqlstate()
-            ),
-        }
+        })
     }
+}
+
+/// How a worker's step that kept failing ended (see `Worker::retrying`).
+enum Unfinished {
+    /// It was told to stop (SIGTERM, the launcher's cancel); the last error.
+    Stopped(BookkeepingError),
+    /// It failed `BOOKKEEPING_RETRIES` times more (said so in the log).
+    GaveUp,
 }
 
 /// The nap after the `errors_in_a_row`-th bookkeeping error in a row: `BOOKKEEPING_NAP`,

@@ -275,3 +275,60 @@ fn a_worker_rides_out_errors_in_its_own_bookkeeping() {
     );
     assert_eq!(counter_histogram(&mut db), vec![(1, 200)]);
 }
+
+/// A cancel that reaches a worker while it leaves its run (here it waits for a lock a
+/// DBA holds on the workers' session table) makes it try again: it leaves counted and
+/// the run finishes. (Such a cancel once ended the worker uncounted, its run interrupted.)
+#[test]
+fn a_cancel_while_a_worker_leaves_its_run_is_ridden_out() {
+    let mut db = test_db("cancel_leaving");
+    bump_task(&mut db, 50, 20.0);
+    let run_id: i64 = one(&mut db, "SELECT chunkwise.start('bump', workers => 1)");
+    let pid = busy_worker(&mut db);
+    let mut dba = Cluster::get().connect("cancel_leaving");
+    dba.batch_execute("BEGIN; LOCK TABLE chunkwise.worker_sessions IN SHARE MODE")
+        .unwrap();
+    wait_for(
+        "the worker to wait for the lock as it leaves",
+        Duration::from_secs(60),
+        || {
+            db.query(
+                "SELECT FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                &[&pid],
+            )
+            .unwrap()
+            .first()
+            .map(|_| ())
+        },
+    );
+    db.execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
+    wait_for(
+        "the worker to say that its leaving failed",
+        Duration::from_secs(60),
+        || {
+            Cluster::get()
+                .server_log()
+                .contains(&format!(
+                    "pg_chunkwise worker of task \"bump\", run {run_id}: its bookkeeping failed"
+                ))
+                .then_some(())
+        },
+    );
+    dba.batch_execute("COMMIT").unwrap();
+    wait_for_no_workers(&mut db);
+    let row = db
+        .query_one(
+            "SELECT state, workers_exited, processed FROM chunkwise.runs WHERE run_id = $1",
+            &[&run_id],
+        )
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, &str>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, i64>(2)
+        ),
+        ("finished", 1, 50)
+    );
+    assert_eq!(counter_histogram(&mut db), vec![(1, 50)]);
+}
