@@ -33,6 +33,44 @@ fn wait_for_no_workers(db: &mut Client) {
     });
 }
 
+/// Waits for the server log to say that a worker of task `bump`'s run `run_id` failed
+/// in its bookkeeping.
+fn wait_for_bookkeeping_failure(run_id: i64) {
+    wait_for(
+        "the worker to report a failure of its bookkeeping",
+        Duration::from_secs(60),
+        || {
+            Cluster::get()
+                .server_log()
+                .contains(&format!(
+                    "pg_chunkwise worker of task \"bump\", run {run_id}: its bookkeeping failed"
+                ))
+                .then_some(())
+        },
+    );
+}
+
+/// Once the workers are gone: run `run_id` finished, its one worker counted out, all of
+/// its `keys` items done and each counter bumped once.
+fn assert_finished_by_one_worker(db: &mut Client, run_id: i64, keys: i64) {
+    wait_for_no_workers(db);
+    let row = db
+        .query_one(
+            "SELECT state, workers_exited, processed FROM chunkwise.runs WHERE run_id = $1",
+            &[&run_id],
+        )
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, &str>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, i64>(2)
+        ),
+        ("finished", 1, keys)
+    );
+    assert_eq!(counter_histogram(db), vec![(1, keys)]);
+}
+
 /// A long item; SIGTERM must not wait for it.
 fn sleeper_task(db: &mut Client, items: i64) {
     db.batch_execute(&format!(
@@ -229,18 +267,7 @@ fn a_worker_rides_out_errors_in_its_own_bookkeeping() {
         "SET lock_timeout = 0; BEGIN; LOCK TABLE chunkwise.items IN ACCESS EXCLUSIVE MODE",
     )
     .unwrap();
-    wait_for(
-        "the worker to report a failed claim",
-        Duration::from_secs(60),
-        || {
-            Cluster::get()
-                .server_log()
-                .contains(&format!(
-                    "pg_chunkwise worker of task \"bump\", run {run_id}: its bookkeeping failed"
-                ))
-                .then_some(())
-        },
-    );
+    wait_for_bookkeeping_failure(run_id);
     let napping = wait_for(
         "the worker to nap after its failed claim",
         Duration::from_secs(60),
@@ -258,22 +285,7 @@ fn a_worker_rides_out_errors_in_its_own_bookkeeping() {
     db.execute("SELECT pg_cancel_backend($1)", &[&napping])
         .unwrap();
     dba.batch_execute("COMMIT").unwrap();
-    wait_for_no_workers(&mut db);
-    let row = db
-        .query_one(
-            "SELECT state, workers_exited, processed FROM chunkwise.runs WHERE run_id = $1",
-            &[&run_id],
-        )
-        .unwrap();
-    assert_eq!(
-        (
-            row.get::<_, &str>(0),
-            row.get::<_, i32>(1),
-            row.get::<_, i64>(2)
-        ),
-        ("finished", 1, 200)
-    );
-    assert_eq!(counter_histogram(&mut db), vec![(1, 200)]);
+    assert_finished_by_one_worker(&mut db, run_id, 200);
 }
 
 /// A cancel that reaches a worker while it leaves its run (here it waits for a lock a
@@ -302,33 +314,7 @@ fn a_cancel_while_a_worker_leaves_its_run_is_ridden_out() {
         },
     );
     db.execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
-    wait_for(
-        "the worker to say that its leaving failed",
-        Duration::from_secs(60),
-        || {
-            Cluster::get()
-                .server_log()
-                .contains(&format!(
-                    "pg_chunkwise worker of task \"bump\", run {run_id}: its bookkeeping failed"
-                ))
-                .then_some(())
-        },
-    );
+    wait_for_bookkeeping_failure(run_id);
     dba.batch_execute("COMMIT").unwrap();
-    wait_for_no_workers(&mut db);
-    let row = db
-        .query_one(
-            "SELECT state, workers_exited, processed FROM chunkwise.runs WHERE run_id = $1",
-            &[&run_id],
-        )
-        .unwrap();
-    assert_eq!(
-        (
-            row.get::<_, &str>(0),
-            row.get::<_, i32>(1),
-            row.get::<_, i64>(2)
-        ),
-        ("finished", 1, 50)
-    );
-    assert_eq!(counter_histogram(&mut db), vec![(1, 50)]);
+    assert_finished_by_one_worker(&mut db, run_id, 50);
 }
