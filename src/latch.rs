@@ -15,10 +15,12 @@ use std::time::Duration;
 use pgrx::pg_sys;
 
 /// Sleeps on the process latch until it is set or `timeout` passes (`None`: until it is
-/// set), then drops a cancel that arrived meanwhile (`forget_cancel`). It processes no
-/// other interrupt either: the next statement does. The process exits if the postmaster
-/// died, as PostgreSQL's own background processes do. The caller looks at its own stop
-/// flag afterwards (SIGTERM).
+/// set), then drops a cancel that arrived meanwhile (`forget_cancel`) and processes the
+/// other interrupts (a ProcSignal barrier that `DROP DATABASE` waits for, a request to
+/// log memory contexts) with cancels held off: one that is kept, or comes in meanwhile,
+/// waits for the next statement. The process exits if the postmaster died, as
+/// PostgreSQL's own background processes do. The caller looks at its own stop flag
+/// afterwards (SIGTERM).
 pub fn nap(timeout: Option<Duration>) {
     let (events, millis) = match timeout {
         // Whole milliseconds, rounded up: a wait of less than one would not sleep at all,
@@ -41,6 +43,13 @@ pub fn nap(timeout: Option<Duration>) {
         pg_sys::ResetLatch(pg_sys::MyLatch);
     }
     forget_cancel();
+    // SAFETY: HOLD_CANCEL_INTERRUPTS around CHECK_FOR_INTERRUPTS, as PostgreSQL's own code
+    // holds cancels off; an ERROR raised inside resets the count (errfinish).
+    unsafe {
+        pg_sys::QueryCancelHoldoffCount += 1;
+        pg_sys::check_for_interrupts!();
+        pg_sys::QueryCancelHoldoffCount -= 1;
+    }
 }
 
 /// Drops a cancel that arrived after the statement it was meant for (an item, a nap): it
