@@ -57,11 +57,16 @@ pub fn nap(timeout: Option<Duration>) {
 /// shutdown request is kept: a run worker's SIGTERM sets both, to interrupt the statement
 /// under way, and it stops the worker (`worker::signals`).
 pub fn forget_cancel() {
-    // SAFETY: backend-local interrupt flags of type sig_atomic_t, read and cleared as
-    // ProcessInterrupts does.
-    unsafe {
-        if std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() == 0 {
-            std::ptr::addr_of_mut!(pg_sys::QueryCancelPending).write_volatile(0);
-        }
+    if !shutdown_requested() {
+        // SAFETY: a backend-local interrupt flag of type sig_atomic_t, cleared as
+        // ProcessInterrupts does.
+        unsafe { std::ptr::addr_of_mut!(pg_sys::QueryCancelPending).write_volatile(0) };
     }
+}
+
+/// Whether a shutdown was requested of this process (`ShutdownRequestPending`; a run
+/// worker's SIGTERM handler sets it, see `worker::signals`).
+pub fn shutdown_requested() -> bool {
+    // SAFETY: reads a backend-local flag of type sig_atomic_t that signal handlers set.
+    unsafe { std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() != 0 }
 }

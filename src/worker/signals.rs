@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use pgrx::pg_sys;
 
+use crate::latch;
+
 /// Installs `handler` for `signal`, as PostgreSQL's own processes do.
 ///
 /// # Safety
@@ -67,8 +69,7 @@ pub fn self_terminated() -> bool {
     SELF_TERMINATED.load(Ordering::SeqCst)
 }
 
-/// Whether SIGTERM asked the worker to stop.
+/// Whether SIGTERM asked the worker to stop (`stop_worker` requests a shutdown).
 pub fn stop_signalled() -> bool {
-    // SAFETY: reads a flag that `stop_worker` sets.
-    unsafe { std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() != 0 }
+    latch::shutdown_requested()
 }
