@@ -70,3 +70,31 @@ pub fn shutdown_requested() -> bool {
     // SAFETY: reads a backend-local flag of type sig_atomic_t that signal handlers set.
     unsafe { std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() != 0 }
 }
+
+/// Runs `report` (a WARNING, LOG or NOTICE line) with cancels held off.
+///
+/// PostgreSQL's `errfinish` processes interrupts after a line below ERROR, and pgrx's
+/// ereport calls it outside any guard: a cancel pending then raised an ERROR that jumped
+/// straight out of the Rust code to the process's top, past every error handler and
+/// destructor of ours. A run worker died that way right after a "failed on attempt"
+/// WARNING, still listed in its run's shared memory as holding its item, and the other
+/// workers waited for that item until the end of time. Held off, the cancel waits for
+/// the next statement, where it is caught like any other.
+pub fn cancels_held<R>(report: impl FnOnce() -> R) -> R {
+    // The count is put back as it was even if an ERROR in `report` reset it (errfinish
+    // zeroes it) or a panic unwinds.
+    struct Restore(u32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: a backend-local counter, put back to its value before `report`.
+            unsafe { pg_sys::QueryCancelHoldoffCount = self.0 };
+        }
+    }
+    // SAFETY: HOLD_CANCEL_INTERRUPTS on a backend-local counter.
+    let _restore = unsafe {
+        let before = pg_sys::QueryCancelHoldoffCount;
+        pg_sys::QueryCancelHoldoffCount = before + 1;
+        Restore(before)
+    };
+    report()
+}

@@ -11,6 +11,7 @@ use crate::catalog::Task;
 use crate::error::{SqlError, SqlResult};
 use crate::gucs;
 use crate::item_status::item_status;
+use crate::latch;
 use crate::locks::LaunchLock;
 use crate::notify;
 use crate::queued_in_transaction::queued_into;
@@ -241,12 +242,12 @@ fn launch_workers_for(
         .hint("Pass fewer workers, or raise chunkwise.max_workers."));
     }
     if task.paused {
-        notice!("task \"{}\" is paused; nothing runs", task.name);
+        latch::cancels_held(|| notice!("task \"{}\" is paused; nothing runs", task.name));
         return Ok(None);
     }
     let backlog = pending_backlog(task)?;
     if backlog == 0 {
-        notice!("task \"{}\" has no pending items", task.name);
+        latch::cancels_held(|| notice!("task \"{}\" has no pending items", task.name));
         return Ok(None);
     }
     let total = max_items.map_or(backlog, |m| m.min(backlog));
@@ -300,13 +301,15 @@ fn warn_about_lost_workers(task: &Task, run: &LaunchedRun) -> SqlResult<()> {
         return Ok(());
     }
     let left = pending_backlog(task)?;
-    warning!(
-        "{lost} of the {} workers of run {} of task \"{}\" ended without finishing (see the server log); \
+    latch::cancels_held(|| {
+        warning!(
+            "{lost} of the {} workers of run {} of task \"{}\" ended without finishing (see the server log); \
          {left} items are still pending: run the task again to finish them",
-        state.workers_attached(),
-        run.run_id,
-        task.name
-    );
+            state.workers_attached(),
+            run.run_id,
+            task.name
+        )
+    });
     Ok(())
 }
 
@@ -408,9 +411,11 @@ fn free_worker_slots(owner: pg_sys::Oid, wanted: i32) -> SqlResult<i32> {
         .hint("Wait for other runs to finish, or raise chunkwise.max_workers."));
     }
     if free < wanted {
-        warning!(
-            "only {free} of {wanted} workers can start: chunkwise.max_workers is {max} and {busy} are busy"
-        );
+        latch::cancels_held(|| {
+            warning!(
+                "only {free} of {wanted} workers can start: chunkwise.max_workers is {max} and {busy} are busy"
+            )
+        });
     }
     if let Some(share) = gucs::max_workers_per_role() {
         let role_free = (i64::from(share) - busy_for_owner).max(0) as i32;
@@ -425,10 +430,12 @@ fn free_worker_slots(owner: pg_sys::Oid, wanted: i32) -> SqlResult<i32> {
             .hint("Wait for the owner's other runs to finish, or raise chunkwise.max_workers_per_role."));
         }
         if role_free < free.min(wanted) {
-            warning!(
-                "only {role_free} of {wanted} workers can start: chunkwise.max_workers_per_role is {share} \
+            latch::cancels_held(|| {
+                warning!(
+                    "only {role_free} of {wanted} workers can start: chunkwise.max_workers_per_role is {share} \
                  and the task's owner has {busy_for_owner} running"
-            );
+                )
+            });
         }
         free = free.min(role_free);
     }
@@ -504,11 +511,13 @@ fn launch_workers(
         .hint("Raise max_worker_processes (needs a restart) or wait for other background workers to finish."));
     }
     if handles.len() < count as usize {
-        warning!(
-            "only {} of {count} workers could start: no more background worker slots (max_worker_processes = {})",
-            handles.len(),
-            max_worker_processes()
-        );
+        latch::cancels_held(|| {
+            warning!(
+                "only {} of {count} workers could start: no more background worker slots (max_worker_processes = {})",
+                handles.len(),
+                max_worker_processes()
+            )
+        });
     }
     Ok(handles)
 }
@@ -595,8 +604,10 @@ fn report_progress(task: &Task, run_id: i64, state: &RunState, total: i64, start
     } else {
         "unknown".to_string()
     };
-    notice!(
-        "task \"{}\" run {run_id}: {done}/{total} items ({percent:.0}%), {failed} failed attempts, {rate:.1} items/s, ETA {eta}",
-        task.name
-    );
+    latch::cancels_held(|| {
+        notice!(
+            "task \"{}\" run {run_id}: {done}/{total} items ({percent:.0}%), {failed} failed attempts, {rate:.1} items/s, ETA {eta}",
+            task.name
+        )
+    });
 }

@@ -120,11 +120,13 @@ pub extern "C-unwind" fn chunkwise_supervisor_main(arg: pg_sys::Datum) {
             // A request came in while it looked: look again at once.
             Ok(NextLook::Leave) => Some(Duration::ZERO),
             Err((sqlstate, message)) => {
-                warning!(
-                    "pg_chunkwise supervisor: its look at the always-on tasks failed [SQLSTATE {sqlstate}]: {message}; \
+                latch::cancels_held(|| {
+                    warning!(
+                        "pg_chunkwise supervisor: its look at the always-on tasks failed [SQLSTATE {sqlstate}]: {message}; \
                      it looks again in {} s",
-                    ERROR_BACKOFF.as_secs()
-                );
+                        ERROR_BACKOFF.as_secs()
+                    )
+                });
                 Some(ERROR_BACKOFF)
             }
         };
@@ -151,9 +153,11 @@ fn finish_pipelines() {
 fn in_own_transaction<R>(what: &str, body: impl FnOnce() -> SqlResult<R>) -> Option<R> {
     in_transaction_or_error(body)
         .map_err(|(sqlstate, message)| {
-            warning!(
-                "pg_chunkwise supervisor: it could not {what} [SQLSTATE {sqlstate}]: {message}"
-            )
+            latch::cancels_held(|| {
+                warning!(
+                    "pg_chunkwise supervisor: it could not {what} [SQLSTATE {sqlstate}]: {message}"
+                )
+            })
         })
         .ok()
 }
@@ -197,11 +201,13 @@ impl Supervisor {
             let Some(pool) =
                 registry::pool_for(self.database, task.id, task.min_workers, task.workers)
             else {
-                warning!(
-                    "pg_chunkwise: no pool slot is free for always-on task \"{}\" ({} always-on tasks at most)",
-                    task.name,
-                    registry::MAX_POOLS
-                );
+                latch::cancels_held(|| {
+                    warning!(
+                        "pg_chunkwise: no pool slot is free for always-on task \"{}\" ({} always-on tasks at most)",
+                        task.name,
+                        registry::MAX_POOLS
+                    )
+                });
                 continue;
             };
             if let Some(until) = self.backed_off(task.id) {

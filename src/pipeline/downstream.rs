@@ -7,6 +7,7 @@ use crate::api::planning::plan_source;
 use crate::catalog::Task;
 use crate::columns::Columns;
 use crate::error::SqlResult;
+use crate::latch;
 use crate::launcher::start_task;
 use crate::notify;
 use crate::security::as_extension_owner;
@@ -43,20 +44,24 @@ pub fn request_cycle(task_id: i32, upstream_run: i64) -> SqlResult<bool> {
         return Ok(false);
     };
     if let Some(waits) = waiting_for(task.id)? {
-        notice!(
-            "task \"{}\" does not start after run {upstream_run}: it waits for {waits}",
-            task.name
-        );
+        latch::cancels_held(|| {
+            notice!(
+                "task \"{}\" does not start after run {upstream_run}: it waits for {waits}",
+                task.name
+            )
+        });
         return Ok(false);
     }
     // A failing source holds this task back, not the settling of the run before it.
     if let Err(error) = in_subtransaction(OnSuccess::Keep, |_| plan_source(&task).map(drop)) {
-        warning!(
-            "task \"{}\" does not start after run {upstream_run}: planning from its source failed [SQLSTATE {}]: {}",
-            task.name,
-            error.sqlstate,
-            error.message
-        );
+        latch::cancels_held(|| {
+            warning!(
+                "task \"{}\" does not start after run {upstream_run}: planning from its source failed [SQLSTATE {}]: {}",
+                task.name,
+                error.sqlstate,
+                error.message
+            )
+        });
         return Ok(false);
     }
     notify::cycle_requested(task.id, upstream_run)?;
@@ -88,12 +93,14 @@ pub fn start_requested(task_ids: &[i32]) -> SqlResult<()> {
             Ok(Some(run_id)) => debug1!("task \"{}\": run {run_id} started", task.name),
             Ok(None) => {}
             Err(error) => {
-                warning!(
-                    "task \"{}\" could not start [SQLSTATE {}]: {}",
-                    task.name,
-                    error.sqlstate(),
-                    error.message()
-                );
+                latch::cancels_held(|| {
+                    warning!(
+                        "task \"{}\" could not start [SQLSTATE {}]: {}",
+                        task.name,
+                        error.sqlstate(),
+                        error.message()
+                    )
+                });
                 continue;
             }
         }

@@ -8,6 +8,7 @@ use super::downstream;
 use crate::catalog::Task;
 use crate::columns::Columns;
 use crate::error::{SqlError, SqlResult};
+use crate::latch;
 use crate::notify;
 use crate::security::{as_extension_owner, with_pinned_search_path};
 
@@ -189,18 +190,20 @@ fn settle_one(task: &Task, run: &OverRun) -> SqlResult<Vec<i32>> {
         };
         if let Err(error) = callback::call(proc, task.owner, &figures) {
             let gave_up = record_callback_failure(run.run_id, outcome, &error.message)?;
-            warning!(
-                "{name} of task \"{}\" failed for run {} [SQLSTATE {}]: {}{}",
-                task.name,
-                run.run_id,
-                error.sqlstate,
-                error.message,
-                if gave_up {
-                    "; no more attempts (max_attempts)"
-                } else {
-                    "; it is retried after the task's retry_backoff"
-                }
-            );
+            latch::cancels_held(|| {
+                warning!(
+                    "{name} of task \"{}\" failed for run {} [SQLSTATE {}]: {}{}",
+                    task.name,
+                    run.run_id,
+                    error.sqlstate,
+                    error.message,
+                    if gave_up {
+                        "; no more attempts (max_attempts)"
+                    } else {
+                        "; it is retried after the task's retry_backoff"
+                    }
+                )
+            });
             notify::callback_failed(run.run_id, name)?;
             return Ok(Vec::new());
         }

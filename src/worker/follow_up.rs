@@ -39,11 +39,13 @@ pub fn stand_in_for_the_last_worker(args: &WorkerArgs) {
     let Ok(Some(task)) = in_transaction_or_error(|| Task::by_id(args.task_id)) else {
         return;
     };
-    log!(
-        "pg_chunkwise worker of task \"{}\" started after the other workers of run {} had left; it settles the run in the last one's stead",
-        task.name,
-        args.run_id
-    );
+    latch::cancels_held(|| {
+        log!(
+            "pg_chunkwise worker of task \"{}\" started after the other workers of run {} had left; it settles the run in the last one's stead",
+            task.name,
+            args.run_id
+        )
+    });
     settle_after(&task, args.run_id, true);
 }
 
@@ -106,11 +108,11 @@ fn claim_unsettled(run_id: i64) -> SqlResult<bool> {
 fn committed<R>(task: &Task, what: &str, body: impl FnOnce() -> SqlResult<R>) -> Option<R> {
     in_transaction_or_error(body)
         .map_err(|(sqlstate, message)| {
-            warning!(
+            latch::cancels_held(|| warning!(
                 "pg_chunkwise worker of task \"{}\": it could not {what} [SQLSTATE {sqlstate}]: {message}; \
                  the task's next run or cycle does it",
                 task.name
-            )
+            ))
         })
         .ok()
 }

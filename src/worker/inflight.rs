@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, Ordering};
 
+use crate::latch;
 use pgrx::prelude::*;
 
 /// The folder in the data directory (every backend's working directory).
@@ -85,10 +86,12 @@ impl InFlightSlot {
         let file = match opened {
             Ok(file) => file,
             Err(e) => {
-                warning!(
-                    "pg_chunkwise cannot keep {}: {e}; a crash of the server during an item will not count as an attempt",
-                    path.display()
-                );
+                latch::cancels_held(|| {
+                    warning!(
+                        "pg_chunkwise cannot keep {}: {e}; a crash of the server during an item will not count as an attempt",
+                        path.display()
+                    )
+                });
                 return None;
             }
         };
@@ -135,7 +138,7 @@ impl InFlightSlot {
 
     fn report(&self, written: io::Result<()>) {
         if let Err(e) = written {
-            log!("pg_chunkwise could not write its in-flight file: {e}");
+            latch::cancels_held(|| log!("pg_chunkwise could not write its in-flight file: {e}"));
         }
     }
 }
@@ -201,7 +204,7 @@ pub fn take_crashed(database: pg_sys::Oid) -> Vec<CrashedItem> {
         let path = entry.path();
         let record = fs::read(&path).unwrap_or_default();
         if let Err(e) = fs::remove_file(&path) {
-            log!("pg_chunkwise could not remove {}: {e}", path.display());
+            latch::cancels_held(|| log!("pg_chunkwise could not remove {}: {e}", path.display()));
             continue;
         }
         if let Some(item) = crashed_item(pid, &record) {

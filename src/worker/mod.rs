@@ -68,7 +68,9 @@ pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
     signals::handle_sigterm();
     let Some(args) = WorkerArgs::decode(BackgroundWorker::get_extra()) else {
-        log!("pg_chunkwise worker started with malformed arguments; exiting");
+        latch::cancels_held(|| {
+            log!("pg_chunkwise worker started with malformed arguments; exiting")
+        });
         return;
     };
     let shared = match args.seat {
@@ -109,12 +111,14 @@ pub extern "C-unwind" fn chunkwise_worker_main(arg: pg_sys::Datum) {
         Ok(Some(worker)) => worker,
         Ok(None) => return,
         Err(error) => {
-            warning!(
-                "pg_chunkwise worker of task {}, run {}: it could not start: {error} [SQLSTATE {}]",
-                args.task_id,
-                args.run_id,
-                error.sqlstate()
-            );
+            latch::cancels_held(|| {
+                warning!(
+                    "pg_chunkwise worker of task {}, run {}: it could not start: {error} [SQLSTATE {}]",
+                    args.task_id,
+                    args.run_id,
+                    error.sqlstate()
+                )
+            });
             return;
         }
     };
@@ -175,20 +179,24 @@ impl Worker {
         let task = match Task::by_id(args.task_id) {
             Ok(Some(task)) => task,
             _ => {
-                log!(
-                    "pg_chunkwise task {} no longer exists; worker exits",
-                    args.task_id
-                );
+                latch::cancels_held(|| {
+                    log!(
+                        "pg_chunkwise task {} no longer exists; worker exits",
+                        args.task_id
+                    )
+                });
                 return Ok(None);
             }
         };
         let target = match Target::of_task(&task) {
             Ok(target) => target,
             Err(_) => {
-                warning!(
-                    "pg_chunkwise task \"{}\": its target procedure no longer fits; worker exits",
-                    task.name
-                );
+                latch::cancels_held(|| {
+                    warning!(
+                        "pg_chunkwise task \"{}\": its target procedure no longer fits; worker exits",
+                        task.name
+                    )
+                });
                 return Ok(None);
             }
         };
@@ -318,9 +326,9 @@ impl Worker {
             error.sqlstate(),
             error.cause,
         );
-        ErrorReport::new(PgSqlErrorCode::ERRCODE_WARNING, message, "pg_chunkwise")
-            .set_detail(format!("The statement that failed: {}.", error.statement))
-            .report(PgLogLevel::WARNING);
+        let report = ErrorReport::new(PgSqlErrorCode::ERRCODE_WARNING, message, "pg_chunkwise")
+            .set_detail(format!("The statement that failed: {}.", error.statement));
+        latch::cancels_held(|| report.report(PgLogLevel::WARNING));
     }
 
     /// One step of the worker (a step of its loop, its leaving). Its errors come back
@@ -438,14 +446,16 @@ impl Worker {
             }
             Ended::RolledBack(error) => return Err(error),
             Ended::CommitFailed((items, _, _), failure) if items.len() > 1 => {
-                warning!(
-                    "pg_chunkwise task \"{}\": the commit of a batch of {} items failed [SQLSTATE {}]: {}; \
+                latch::cancels_held(|| {
+                    warning!(
+                        "pg_chunkwise task \"{}\": the commit of a batch of {} items failed [SQLSTATE {}]: {}; \
                      running them one per transaction to find the item that fails",
-                    self.task.name,
-                    items.len(),
-                    failure.sqlstate,
-                    failure.message
-                );
+                        self.task.name,
+                        items.len(),
+                        failure.sqlstate,
+                        failure.message
+                    )
+                });
                 self.one_per_transaction = items.len();
                 self.claim_cursor
                     .reset(self.shared.state(), self.args.place as usize);
@@ -598,14 +608,16 @@ impl Worker {
         if let Some((at, hi)) = at
             && let Some(child) = self.queue.split(item, at, self.args.run_id)?
         {
-            log!(
-                "pg_chunkwise task \"{}\": item {} [{}, {hi}) ran past item_timeout; split into item {} [{}, {at}) and item {child} [{at}, {hi})",
-                self.task.name,
-                item.id,
-                item.key,
-                item.id,
-                item.key
-            );
+            latch::cancels_held(|| {
+                log!(
+                    "pg_chunkwise task \"{}\": item {} [{}, {hi}) ran past item_timeout; split into item {} [{}, {at}) and item {child} [{at}, {hi})",
+                    self.task.name,
+                    item.id,
+                    item.key,
+                    item.id,
+                    item.key
+                )
+            });
             return Ok(Attempt::Split);
         }
         self.queue.record_failure(item, failure, self.args.run_id)
@@ -807,12 +819,14 @@ impl Worker {
         match left {
             Ok(true) => follow_up::follow_up(&task, args.run_id),
             Ok(false) | Err(Unfinished::GaveUp) => {} // (said so when it gave up)
-            Err(Unfinished::Stopped(error)) => warning!(
-                "pg_chunkwise worker of task \"{}\", run {}: it could not leave its run cleanly [SQLSTATE {}]: {error}",
-                task.name,
-                args.run_id,
-                error.sqlstate()
-            ),
+            Err(Unfinished::Stopped(error)) => latch::cancels_held(|| {
+                warning!(
+                    "pg_chunkwise worker of task \"{}\", run {}: it could not leave its run cleanly [SQLSTATE {}]: {error}",
+                    task.name,
+                    args.run_id,
+                    error.sqlstate()
+                )
+            }),
         }
     }
 

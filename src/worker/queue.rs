@@ -21,6 +21,7 @@ use crate::catalog::Task;
 use crate::columns::Columns;
 use crate::governance::{GOVERNANCE_COLUMNS, Governance};
 use crate::item_status::item_status;
+use crate::latch;
 use crate::locks;
 use crate::notify;
 use crate::open_groups::close_items_of_groups;
@@ -265,10 +266,12 @@ impl CountedAttempt {
         if self.dead {
             notify::item_dead(run_id, item_id)
                 .map_err(|e| BookkeepingError::new("announce a dead item", e))?;
-            warning!("{said}; the item is dead (chunkwise.retry() makes it pending again)");
+            latch::cancels_held(|| {
+                warning!("{said}; the item is dead (chunkwise.retry() makes it pending again)")
+            });
             Ok(Attempt::Died)
         } else {
-            warning!("{said}; retry at {}", self.retry_at);
+            latch::cancels_held(|| warning!("{said}; retry at {}", self.retry_at));
             Ok(Attempt::Failed)
         }
     }

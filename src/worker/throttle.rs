@@ -157,9 +157,11 @@ impl Throttle {
                     raised.sqlstate, raised.message
                 );
                 if self.logged_error.as_deref() != Some(reason.as_str()) {
-                    warning!(
-                        "pg_chunkwise task \"{task}\": {reason}; its workers wait until it answers"
-                    );
+                    latch::cancels_held(|| {
+                        warning!(
+                            "pg_chunkwise task \"{task}\": {reason}; its workers wait until it answers"
+                        )
+                    });
                     self.logged_error = Some(reason.clone());
                 }
                 Some(reason)
