@@ -33,6 +33,15 @@ fn datamart(db: &mut Client, sleep_ms: f64, failing_user: Option<i64>, workers: 
     .unwrap();
 }
 
+/// Returns once `session`'s failed transaction has been rolled back: PostgreSQL sends the
+/// error to the client before it aborts the transaction (and with it the cycle), so on a
+/// busy machine the next cycle from another session could still find the failed one's
+/// lock and do nothing. A round trip on the session waits for the abort, as a client's
+/// next statement would; the session stays open.
+fn session_is_idle(session: &mut Client) {
+    session.batch_execute("SELECT 1").unwrap();
+}
+
 /// Users refreshed exactly once so far.
 fn refreshed_once(db: &mut Client) -> i64 {
     one(db, "SELECT count(*) FROM users WHERE refreshed = 1")
@@ -225,9 +234,10 @@ fn a_cancelled_cycle_stops_its_workers_and_the_next_cycle_runs() {
     });
     wait_for_first_items(&mut db);
     cancel.cancel_query(postgres::NoTls).unwrap();
-    let (caller, ended) = cycle.join().unwrap();
+    let (mut caller, ended) = cycle.join().unwrap();
     let (code, _, _) = sql_error(ended);
     assert_eq!(code, "57014");
+    session_is_idle(&mut caller);
     let state = wait_for("the cancelled run to end", Duration::from_secs(30), || {
         let state: String = one(&mut db, "SELECT state FROM chunkwise.runs WHERE run_id = 1");
         (state != "running").then_some(state)
@@ -267,6 +277,7 @@ fn a_cycle_whose_source_fails_leaves_no_lock_behind() {
     let mut failing = Cluster::get().connect("cycle_source_fails");
     let (code, _, _) = sql_error(failing.batch_execute("CALL chunkwise.run_cycle('dm')"));
     assert_eq!(code, "22012", "the source's own error");
+    session_is_idle(&mut failing);
     db.batch_execute(
         "SELECT chunkwise.alter_task('dm', source => 'SELECT id AS key, seen AS last_activity, actions \
            FROM users WHERE refreshed = 0')",
