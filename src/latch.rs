@@ -1,5 +1,6 @@
-//! Naps of the extension's background processes (run workers, supervisors, the boot
-//! worker) on their latch, safe from a cancel.
+//! Naps and log lines of the extension's background processes (run workers, supervisors,
+//! the boot worker), safe from a cancel: neither lets one raise an ERROR between
+//! statements (see `cancels_held` for the log lines).
 //!
 //! pgrx's `BackgroundWorker::wait_latch` processes interrupts when it wakes
 //! (`CHECK_FOR_INTERRUPTS`). A `pg_cancel_backend` that reached a process while it napped
@@ -43,13 +44,9 @@ pub fn nap(timeout: Option<Duration>) {
         pg_sys::ResetLatch(pg_sys::MyLatch);
     }
     forget_cancel();
-    // SAFETY: HOLD_CANCEL_INTERRUPTS around CHECK_FOR_INTERRUPTS, as PostgreSQL's own code
-    // holds cancels off; an ERROR raised inside resets the count (errfinish).
-    unsafe {
-        pg_sys::QueryCancelHoldoffCount += 1;
+    cancels_held(|| {
         pg_sys::check_for_interrupts!();
-        pg_sys::QueryCancelHoldoffCount -= 1;
-    }
+    });
 }
 
 /// Drops a cancel that arrived after the statement it was meant for (an item, a nap): it
